@@ -370,14 +370,14 @@ impl Pipe {
     /// `source_device` is where its buffer lives.
     ///
     /// # Errors
-    /// [`CommandError::Encode`], [`CommandError::DescriptorTooLarge`] — then nothing was
-    /// queued and no event follows.
+    /// [`CommandError::Encode`], or [`CommandError::ExceedsLimits`] when the descriptor
+    /// breaks this pipe's [`Limits`](crate::Limits) — then nothing was queued and no
+    /// event follows.
     pub fn write(&mut self, desc: Descriptor) -> Result<OpId, CommandError> {
         let frame = desc.with_repr(|r| frame_to_vec(r)).map_err(CommandError::Encode)?;
-        let limit = crate::codec::usize_from(self.config.limits.max_frame_len);
-        if frame.len().saturating_sub(crate::frame::HEADER_LEN) > limit {
-            return Err(CommandError::DescriptorTooLarge { len: frame.len() });
-        }
+        // The peer checks the descriptor against its limits; check ours first so a
+        // message that would be refused is refused here, before anything is sent.
+        parse_frame::<DescriptorRepr<'_>>(&frame, &self.config.limits).map_err(CommandError::ExceedsLimits)?;
         let id = self.next_op_id();
         let targets = desc.tensors.iter().map(|t| t.target_device).collect();
         self.writes.push_back(WriteOp {

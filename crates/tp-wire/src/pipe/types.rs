@@ -219,11 +219,8 @@ pub enum CommandError {
     },
     /// The message cannot be encoded.
     Encode(EncodeError),
-    /// The encoded descriptor is larger than [`Limits::max_frame_len`].
-    DescriptorTooLarge {
-        /// Its length.
-        len: usize,
-    },
+    /// The message breaks the pipe's [`Limits`] (the peer would refuse it).
+    ExceedsLimits(DecodeError),
     /// The handshake is not finished, so the pipe has no channels to query.
     NotEstablished,
 }
@@ -239,7 +236,7 @@ impl fmt::Display for CommandError {
                 write!(f, "no channel joins {local} to {remote} (tensor {tensor})")
             }
             Self::Encode(e) => write!(f, "cannot encode the message: {e}"),
-            Self::DescriptorTooLarge { len } => write!(f, "descriptor of {len} bytes exceeds the frame limit"),
+            Self::ExceedsLimits(e) => write!(f, "message exceeds the limits: {e}"),
             Self::NotEstablished => f.write_str("pipe handshake not finished"),
         }
     }
