@@ -119,24 +119,53 @@ impl fmt::Display for AllocationError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::OutOfMemory { len } => write!(f, "allocator out of memory for {len} bytes"),
-            Self::TooManyBuffers { capacity } => write!(f, "allocator holds at most {capacity} buffers"),
+            Self::TooManyBuffers { capacity } => {
+                write!(f, "allocator holds at most {capacity} buffers")
+            }
             Self::UnsupportedDevice(d) => write!(f, "allocator cannot place memory on {d}"),
             Self::PayloadCount { expected, actual } => {
-                write!(f, "descriptor has {expected} payloads, allocation has {actual}")
+                write!(
+                    f,
+                    "descriptor has {expected} payloads, allocation has {actual}"
+                )
             }
             Self::TensorCount { expected, actual } => {
-                write!(f, "descriptor has {expected} tensors, allocation has {actual}")
+                write!(
+                    f,
+                    "descriptor has {expected} tensors, allocation has {actual}"
+                )
             }
-            Self::PayloadLength { index, expected, actual } => {
-                write!(f, "payload {index} is {expected} bytes, its buffer is {actual}")
+            Self::PayloadLength {
+                index,
+                expected,
+                actual,
+            } => {
+                write!(
+                    f,
+                    "payload {index} is {expected} bytes, its buffer is {actual}"
+                )
             }
-            Self::TensorLength { index, expected, actual } => {
-                write!(f, "tensor {index} is {expected} bytes, its buffer is {actual}")
+            Self::TensorLength {
+                index,
+                expected,
+                actual,
+            } => {
+                write!(
+                    f,
+                    "tensor {index} is {expected} bytes, its buffer is {actual}"
+                )
             }
             Self::PayloadDevice { index, actual } => {
-                write!(f, "payload {index} must be in cpu memory, its buffer is on {actual}")
+                write!(
+                    f,
+                    "payload {index} must be in cpu memory, its buffer is on {actual}"
+                )
             }
-            Self::TensorDevice { index, expected, actual } => write!(
+            Self::TensorDevice {
+                index,
+                expected,
+                actual,
+            } => write!(
                 f,
                 "tensor {index} must land on {expected} (the sender's target), its buffer is on {actual}"
             ),
@@ -155,14 +184,22 @@ pub trait Allocator {
     ///
     /// # Errors
     /// An [`AllocationError`] when it cannot.
-    fn payload(&mut self, index: usize, desc: &PayloadDesc<'_>) -> Result<Self::Buffer, AllocationError>;
+    fn payload(
+        &mut self,
+        index: usize,
+        desc: &PayloadDesc<'_>,
+    ) -> Result<Self::Buffer, AllocationError>;
 
     /// Allocates the buffer for tensor `index`: on `desc.target_device` when set,
     /// otherwise on a device of the allocator's choosing.
     ///
     /// # Errors
     /// An [`AllocationError`] when it cannot.
-    fn tensor(&mut self, index: usize, desc: &TensorDesc<'_>) -> Result<Self::Buffer, AllocationError>;
+    fn tensor(
+        &mut self,
+        index: usize,
+        desc: &TensorDesc<'_>,
+    ) -> Result<Self::Buffer, AllocationError>;
 }
 
 fn len_u64(n: usize) -> u64 {
@@ -173,7 +210,11 @@ fn len_u64(n: usize) -> u64 {
 ///
 /// # Errors
 /// The first mismatch found, in field order.
-pub fn validate<B: Buffer>(desc: &DescriptorRepr<'_>, payloads: &[B], tensors: &[B]) -> Result<(), AllocationError> {
+pub fn validate<B: Buffer>(
+    desc: &DescriptorRepr<'_>,
+    payloads: &[B],
+    tensors: &[B],
+) -> Result<(), AllocationError> {
     if payloads.len() != desc.payloads.len() {
         return Err(AllocationError::PayloadCount {
             expected: desc.payloads.len(),
@@ -238,7 +279,10 @@ impl<B: Buffer> Allocation<B> {
     ///
     /// # Errors
     /// The allocator's error, or a mismatch found by [`validate`].
-    pub fn new<A: Allocator<Buffer = B>>(desc: &DescriptorRepr<'_>, allocator: &mut A) -> Result<Self, AllocationError> {
+    pub fn new<A: Allocator<Buffer = B>>(
+        desc: &DescriptorRepr<'_>,
+        allocator: &mut A,
+    ) -> Result<Self, AllocationError> {
         let payloads = desc
             .payloads
             .iter()
@@ -283,7 +327,8 @@ impl HeapAllocator {
             return Err(AllocationError::OutOfMemory { len });
         }
         let mut v = alloc::vec::Vec::new();
-        v.try_reserve_exact(n).map_err(|_| AllocationError::OutOfMemory { len })?;
+        v.try_reserve_exact(n)
+            .map_err(|_| AllocationError::OutOfMemory { len })?;
         v.resize(n, 0);
         Ok(v)
     }
@@ -293,11 +338,19 @@ impl HeapAllocator {
 impl Allocator for HeapAllocator {
     type Buffer = alloc::vec::Vec<u8>;
 
-    fn payload(&mut self, _index: usize, desc: &PayloadDesc<'_>) -> Result<Self::Buffer, AllocationError> {
+    fn payload(
+        &mut self,
+        _index: usize,
+        desc: &PayloadDesc<'_>,
+    ) -> Result<Self::Buffer, AllocationError> {
         self.alloc(desc.length)
     }
 
-    fn tensor(&mut self, _index: usize, desc: &TensorDesc<'_>) -> Result<Self::Buffer, AllocationError> {
+    fn tensor(
+        &mut self,
+        _index: usize,
+        desc: &TensorDesc<'_>,
+    ) -> Result<Self::Buffer, AllocationError> {
         match desc.target_device {
             Some(d) if d != Device::CPU => Err(AllocationError::UnsupportedDevice(d)),
             _ => self.alloc(desc.length),
@@ -361,7 +414,10 @@ impl<'r> PoolAllocator<'r> {
     /// [`AllocationError::TooManyBuffers`] past `N` payloads or tensors,
     /// [`AllocationError::OutOfMemory`] when the region is exhausted,
     /// [`AllocationError::UnsupportedDevice`] for a non-CPU target.
-    pub fn allocate<const N: usize>(&mut self, desc: &DescriptorRepr<'_>) -> Result<PoolAllocation<'r, N>, AllocationError> {
+    pub fn allocate<const N: usize>(
+        &mut self,
+        desc: &DescriptorRepr<'_>,
+    ) -> Result<PoolAllocation<'r, N>, AllocationError> {
         let mut out = PoolAllocation {
             payloads: HVec::new(),
             tensors: HVec::new(),
@@ -389,11 +445,19 @@ impl<'r> PoolAllocator<'r> {
 impl<'r> Allocator for PoolAllocator<'r> {
     type Buffer = &'r mut [u8];
 
-    fn payload(&mut self, _index: usize, desc: &PayloadDesc<'_>) -> Result<Self::Buffer, AllocationError> {
+    fn payload(
+        &mut self,
+        _index: usize,
+        desc: &PayloadDesc<'_>,
+    ) -> Result<Self::Buffer, AllocationError> {
         self.take(desc.length)
     }
 
-    fn tensor(&mut self, _index: usize, desc: &TensorDesc<'_>) -> Result<Self::Buffer, AllocationError> {
+    fn tensor(
+        &mut self,
+        _index: usize,
+        desc: &TensorDesc<'_>,
+    ) -> Result<Self::Buffer, AllocationError> {
         match desc.target_device {
             Some(d) if d != Device::CPU => Err(AllocationError::UnsupportedDevice(d)),
             _ => self.take(desc.length),
@@ -418,7 +482,10 @@ mod tests {
     fn pool_out_of_memory_leaves_region_intact() {
         let mut region = [0u8; 10];
         let mut pool = PoolAllocator::new(&mut region);
-        let p = [PayloadDesc { length: 11, metadata: b"" }];
+        let p = [PayloadDesc {
+            length: 11,
+            metadata: b"",
+        }];
         assert!(matches!(
             pool.allocate::<2>(&desc(&p, &[])),
             Err(AllocationError::OutOfMemory { len: 11 })
@@ -430,7 +497,10 @@ mod tests {
     fn pool_too_many_buffers_rejected() {
         let mut region = [0u8; 10];
         let mut pool = PoolAllocator::new(&mut region);
-        let p = [PayloadDesc { length: 1, metadata: b"" }; 3];
+        let p = [PayloadDesc {
+            length: 1,
+            metadata: b"",
+        }; 3];
         assert_eq!(
             pool.allocate::<2>(&desc(&p, &[])).unwrap_err(),
             AllocationError::TooManyBuffers { capacity: 2 }
@@ -451,7 +521,11 @@ mod tests {
         let none: [&mut [u8]; 0] = [];
         assert_eq!(
             validate(&d, &none, &[&mut b[..]]),
-            Err(AllocationError::TensorLength { index: 0, expected: 4, actual: 3 })
+            Err(AllocationError::TensorLength {
+                index: 0,
+                expected: 4,
+                actual: 3
+            })
         );
         assert_eq!(
             validate(&d, &none, &[&mut a[..]]),
@@ -464,7 +538,10 @@ mod tests {
         let mut c = [0u8; 1];
         assert_eq!(
             validate(&d, &[&mut c[..]], &[]),
-            Err(AllocationError::PayloadCount { expected: 0, actual: 1 })
+            Err(AllocationError::PayloadCount {
+                expected: 0,
+                actual: 1
+            })
         );
     }
 
@@ -480,7 +557,10 @@ mod tests {
             Allocation::new(&desc(&[], &t), &mut HeapAllocator::default()).unwrap_err(),
             AllocationError::UnsupportedDevice(Device::cuda(1))
         );
-        let p = [PayloadDesc { length: 1 << 20, metadata: b"" }];
+        let p = [PayloadDesc {
+            length: 1 << 20,
+            metadata: b"",
+        }];
         assert_eq!(
             Allocation::new(&desc(&p, &[]), &mut HeapAllocator { max_len: 1024 }).unwrap_err(),
             AllocationError::OutOfMemory { len: 1 << 20 }

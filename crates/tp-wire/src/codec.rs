@@ -130,7 +130,12 @@ impl<'a> Reader<'a> {
     ///
     /// # Errors
     /// [`DecodeError::LimitExceeded`] or [`DecodeError::CountExceedsInput`].
-    pub fn count(&mut self, limit: Limit, max: u32, min_elem_len: usize) -> Result<u32, DecodeError> {
+    pub fn count(
+        &mut self,
+        limit: Limit,
+        max: u32,
+        min_elem_len: usize,
+    ) -> Result<u32, DecodeError> {
         let count = self.u32()?;
         if count > max {
             return Err(DecodeError::LimitExceeded {
@@ -286,7 +291,10 @@ mod tests {
         let mut r = Reader::new(&[0xff, 0xff, 0xff, 0xff, 0]);
         assert!(matches!(
             r.bytes(Limit::MetadataLen, 16),
-            Err(DecodeError::LimitExceeded { limit: Limit::MetadataLen, .. })
+            Err(DecodeError::LimitExceeded {
+                limit: Limit::MetadataLen,
+                ..
+            })
         ));
     }
 
@@ -295,7 +303,10 @@ mod tests {
         let mut r = Reader::new(&[10, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(
             r.count(Limit::ListLen, 100, 8),
-            Err(DecodeError::CountExceedsInput { count: 10, remaining: 4 })
+            Err(DecodeError::CountExceedsInput {
+                count: 10,
+                remaining: 4
+            })
         );
     }
 

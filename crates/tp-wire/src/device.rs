@@ -59,7 +59,10 @@ impl Device {
     }
 
     pub(crate) fn encode(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
-        w.u8(self.kind as u8)?;
+        w.u8(match self.kind {
+            DeviceKind::Cpu => 0,
+            DeviceKind::Cuda => 1,
+        })?;
         w.u32(self.index)
     }
 

@@ -134,7 +134,7 @@ impl core::error::Error for DecodeError {}
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, Eq, Hash, PartialEq)]
 pub enum EncodeError {
-    /// The output buffer is shorter than [`buffer_len`](crate::Encode::buffer_len).
+    /// The output buffer is shorter than [`buffer_len`](crate::packet::Packet::buffer_len).
     BufferTooSmall {
         /// The number of bytes the encoding needs.
         needed: usize,

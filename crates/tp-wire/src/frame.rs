@@ -86,12 +86,22 @@ impl FrameKind {
 
     /// The wire byte.
     pub const fn to_u8(self) -> u8 {
-        self as u8
+        match self {
+            Self::SpontaneousConnection => 1,
+            Self::RequestedConnection => 2,
+            Self::Brochure => 3,
+            Self::BrochureAnswer => 4,
+            Self::Descriptor => 5,
+            Self::DescriptorReply => 6,
+            Self::Goodbye => 7,
+        }
     }
 }
 
 /// The raw header as it lies on the wire (zerocopy view, no alignment needed).
-#[derive(Clone, Copy, Debug, Eq, FromBytes, Immutable, IntoBytes, KnownLayout, PartialEq, Unaligned)]
+#[derive(
+    Clone, Copy, Debug, Eq, FromBytes, Immutable, IntoBytes, KnownLayout, PartialEq, Unaligned,
+)]
 #[repr(C)]
 pub struct RawHeader {
     /// `TPIP`.
@@ -188,7 +198,10 @@ impl FrameHeader {
 /// # Errors
 /// Any header error, [`DecodeError::Truncated`] when the body is short, or
 /// [`DecodeError::TrailingBytes`] when `frame` is longer than header + body.
-pub fn split_frame<'a>(frame: &'a [u8], limits: &Limits) -> Result<(FrameHeader, &'a [u8]), DecodeError> {
+pub fn split_frame<'a>(
+    frame: &'a [u8],
+    limits: &Limits,
+) -> Result<(FrameHeader, &'a [u8]), DecodeError> {
     let header = FrameHeader::parse(frame, limits)?;
     let rest = frame.get(HEADER_LEN..).unwrap_or_default();
     let body_len = crate::codec::usize_from(header.body_len);
@@ -196,7 +209,9 @@ pub fn split_frame<'a>(frame: &'a [u8], limits: &Limits) -> Result<(FrameHeader,
         core::cmp::Ordering::Less => Err(DecodeError::Truncated {
             needed: body_len.saturating_sub(rest.len()),
         }),
-        core::cmp::Ordering::Greater => Err(DecodeError::TrailingBytes(rest.len().saturating_sub(body_len))),
+        core::cmp::Ordering::Greater => Err(DecodeError::TrailingBytes(
+            rest.len().saturating_sub(body_len),
+        )),
         core::cmp::Ordering::Equal => Ok((header, rest)),
     }
 }
@@ -222,7 +237,9 @@ mod tests {
     #[test]
     fn frame_header_emit_golden() {
         let mut buf = [0u8; HEADER_LEN];
-        FrameHeader::new(FrameKind::Descriptor, 16).emit(&mut buf).unwrap();
+        FrameHeader::new(FrameKind::Descriptor, 16)
+            .emit(&mut buf)
+            .unwrap();
         assert_eq!(buf, GOLDEN);
     }
 
@@ -231,7 +248,9 @@ mod tests {
         for n in 0..HEADER_LEN {
             assert_eq!(
                 FrameHeader::parse(&GOLDEN[..n], &Limits::DEFAULT),
-                Err(DecodeError::Truncated { needed: HEADER_LEN - n })
+                Err(DecodeError::Truncated {
+                    needed: HEADER_LEN - n
+                })
             );
         }
     }
@@ -240,9 +259,15 @@ mod tests {
     fn frame_header_unknown_version_rejected() {
         let mut b = GOLDEN;
         b[4] = 2;
-        assert_eq!(FrameHeader::parse(&b, &Limits::DEFAULT), Err(DecodeError::UnsupportedVersion(2)));
+        assert_eq!(
+            FrameHeader::parse(&b, &Limits::DEFAULT),
+            Err(DecodeError::UnsupportedVersion(2))
+        );
         b[4] = 0;
-        assert_eq!(FrameHeader::parse(&b, &Limits::DEFAULT), Err(DecodeError::UnsupportedVersion(0)));
+        assert_eq!(
+            FrameHeader::parse(&b, &Limits::DEFAULT),
+            Err(DecodeError::UnsupportedVersion(0))
+        );
     }
 
     #[test]
@@ -250,7 +275,10 @@ mod tests {
         for k in [0u8, 8, 0xff] {
             let mut b = GOLDEN;
             b[5] = k;
-            assert_eq!(FrameHeader::parse(&b, &Limits::DEFAULT), Err(DecodeError::UnknownKind(k)));
+            assert_eq!(
+                FrameHeader::parse(&b, &Limits::DEFAULT),
+                Err(DecodeError::UnknownKind(k))
+            );
         }
     }
 
@@ -258,10 +286,16 @@ mod tests {
     fn frame_header_bad_magic_and_flags_rejected() {
         let mut b = GOLDEN;
         b[0] = b'X';
-        assert_eq!(FrameHeader::parse(&b, &Limits::DEFAULT), Err(DecodeError::BadMagic));
+        assert_eq!(
+            FrameHeader::parse(&b, &Limits::DEFAULT),
+            Err(DecodeError::BadMagic)
+        );
         let mut b = GOLDEN;
         b[7] = 0x80;
-        assert_eq!(FrameHeader::parse(&b, &Limits::DEFAULT), Err(DecodeError::ReservedFlags(0x8000)));
+        assert_eq!(
+            FrameHeader::parse(&b, &Limits::DEFAULT),
+            Err(DecodeError::ReservedFlags(0x8000))
+        );
     }
 
     #[test]
@@ -270,7 +304,10 @@ mod tests {
         b[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             FrameHeader::parse(&b, &Limits::DEFAULT),
-            Err(DecodeError::LimitExceeded { limit: Limit::FrameLen, .. })
+            Err(DecodeError::LimitExceeded {
+                limit: Limit::FrameLen,
+                ..
+            })
         ));
     }
 }

@@ -31,14 +31,15 @@ use alloc::collections::{BTreeMap, VecDeque};
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use crate::Limits;
 use crate::device::Device;
 use crate::frame::{FrameHeader, HEADER_LEN};
 use crate::packet::{Descriptor, Greeting, Payload, Tensor};
 use crate::pipe::{
-    ChannelId, ChannelOp, CommandError, ConnId, Event, Io, IoErrorKind, LocalOffer, OpId, Pipe, PipeConfig, Side,
+    ChannelId, ChannelOp, CommandError, ConnId, Event, Io, IoErrorKind, LocalOffer, OpId, Pipe,
+    PipeConfig, Side,
 };
 use crate::time::Instant;
-use crate::Limits;
 
 /// A message with its bytes, as a user would write it.
 #[derive(Clone, Debug, Default, Eq, PartialEq)]
@@ -142,7 +143,11 @@ impl Rng {
     }
 
     fn below(&mut self, n: usize) -> usize {
-        if n == 0 { 0 } else { (self.next() % n as u64) as usize }
+        if n == 0 {
+            0
+        } else {
+            (self.next() % n as u64) as usize
+        }
     }
 }
 
@@ -243,12 +248,17 @@ impl Pair {
         knobs: Knobs,
         seed: u64,
     ) -> Self {
-        let client = Pipe::connect(config, client_offer, transport, String::from("server"), Instant::ZERO);
-        let mut links = Vec::new();
-        links.push(Link {
+        let client = Pipe::connect(
+            config,
+            client_offer,
+            transport,
+            String::from("server"),
+            Instant::ZERO,
+        );
+        let links = alloc::vec![Link {
             client: Some(ConnId(0)),
             ..Link::default()
-        });
+        }];
         Self {
             client: Peer::new(client),
             server: None,
@@ -290,7 +300,13 @@ impl Pair {
 
     /// Allocates buffers for `desc` (tensors on `devices`, or on their target device, or
     /// on the CPU) and calls [`Pipe::read`].
-    pub fn read(&mut self, side: Side, op: OpId, desc: &Descriptor, devices: &[Device]) -> Result<(), CommandError> {
+    pub fn read(
+        &mut self,
+        side: Side,
+        op: OpId,
+        desc: &Descriptor,
+        devices: &[Device],
+    ) -> Result<(), CommandError> {
         let peer = self.peer(side);
         let payloads: Vec<FakeBuf> = desc
             .payloads
@@ -306,7 +322,10 @@ impl Pair {
             .enumerate()
             .map(|(i, t)| FakeBuf {
                 len: t.length as usize,
-                device: t.target_device.or(devices.get(i).copied()).unwrap_or(Device::CPU),
+                device: t
+                    .target_device
+                    .or(devices.get(i).copied())
+                    .unwrap_or(Device::CPU),
             })
             .collect();
         peer.pipe.read(op, &payloads, &tensors)?;
@@ -314,7 +333,10 @@ impl Pair {
             op,
             Received {
                 payloads: payloads.iter().map(|b| alloc::vec![0u8; b.len]).collect(),
-                tensors: tensors.iter().map(|b| (alloc::vec![0u8; b.len], b.device)).collect(),
+                tensors: tensors
+                    .iter()
+                    .map(|b| (alloc::vec![0u8; b.len], b.device))
+                    .collect(),
             },
         );
         self.flush();
@@ -335,15 +357,26 @@ impl Pair {
     /// more, and its pending channel operations vanish.
     pub fn kill(&mut self, side: Side) {
         self.peer(side).dead = true;
-        let dir = if side == Side::Client { DIR_C2S } else { DIR_S2C };
+        let dir = if side == Side::Client {
+            DIR_C2S
+        } else {
+            DIR_S2C
+        };
         for link in &mut self.links {
             link.dirs[dir].closed = true;
             link.dirs[dir].wire.clear();
             link.dirs[dir].arrived.clear();
         }
         // Its channels break: the survivor's pending channel operations fail.
-        let other = if side == Side::Client { Side::Server } else { Side::Client };
-        let channels: Vec<ChannelId> = self.peer_opt(other).map(|p| p.channels.keys().copied().collect()).unwrap_or_default();
+        let other = if side == Side::Client {
+            Side::Server
+        } else {
+            Side::Client
+        };
+        let channels: Vec<ChannelId> = self
+            .peer_opt(other)
+            .map(|p| p.channels.keys().copied().collect())
+            .unwrap_or_default();
         for ch in channels {
             self.close_channel(other, ch);
         }
@@ -355,10 +388,10 @@ impl Pair {
         self.now = self.now + by;
         let now = self.now;
         for side in [Side::Client, Side::Server] {
-            if let Some(p) = self.peer_opt(side) {
-                if !p.dead {
-                    p.pipe.handle_timeout(now);
-                }
+            if let Some(p) = self.peer_opt(side)
+                && !p.dead
+            {
+                p.pipe.handle_timeout(now);
             }
         }
         self.flush();
@@ -394,7 +427,9 @@ impl Pair {
     fn flush_side(&mut self, side: Side) -> bool {
         let mut progressed = false;
         loop {
-            let Some(peer) = self.peer_opt(side) else { return progressed };
+            let Some(peer) = self.peer_opt(side) else {
+                return progressed;
+            };
             if peer.dead {
                 return progressed;
             }
@@ -438,7 +473,11 @@ impl Pair {
     }
 
     fn do_io(&mut self, side: Side, io: Io) {
-        let dir = if side == Side::Client { DIR_C2S } else { DIR_S2C };
+        let dir = if side == Side::Client {
+            DIR_C2S
+        } else {
+            DIR_S2C
+        };
         match io {
             Io::Connect { conn, .. } => {
                 assert_eq!(side, Side::Client, "only clients connect");
@@ -448,12 +487,19 @@ impl Pair {
                 });
             }
             Io::Send { conn, frame } => {
-                if let Some(l) = self.link_of(side, conn).filter(|&l| !self.links[l].dirs[dir].closed) {
+                if let Some(l) = self
+                    .link_of(side, conn)
+                    .filter(|&l| !self.links[l].dirs[dir].closed)
+                {
                     self.links[l].dirs[dir].wire.extend(frame);
                 }
             }
-            Io::SendPayload { conn, op, index, .. } => {
-                let link = self.link_of(side, conn).filter(|&l| !self.links[l].dirs[dir].closed);
+            Io::SendPayload {
+                conn, op, index, ..
+            } => {
+                let link = self
+                    .link_of(side, conn)
+                    .filter(|&l| !self.links[l].dirs[dir].closed);
                 let peer = self.peer(side);
                 let result = match link {
                     Some(l) => {
@@ -466,9 +512,18 @@ impl Pair {
                 self.peer(side).send_done.push_back((op, result));
             }
             Io::RecvFrame { conn } => {
-                self.peer(side).reads.entry(conn).or_default().push_back(PendingRead::Frame);
+                self.peer(side)
+                    .reads
+                    .entry(conn)
+                    .or_default()
+                    .push_back(PendingRead::Frame);
             }
-            Io::RecvPayload { conn, op, index, len } => {
+            Io::RecvPayload {
+                conn,
+                op,
+                index,
+                len,
+            } => {
                 self.peer(side)
                     .reads
                     .entry(conn)
@@ -489,7 +544,9 @@ impl Pair {
                 if let Some(reads) = peer.reads.remove(&conn) {
                     for r in reads {
                         if let PendingRead::Payload { op, .. } = r {
-                            peer.pipe.handle_payload_done(op, Err(IoErrorKind::Reset)).unwrap();
+                            peer.pipe
+                                .handle_payload_done(op, Err(IoErrorKind::Reset))
+                                .unwrap();
                         }
                     }
                 }
@@ -500,25 +557,41 @@ impl Pair {
     fn do_channel_op(&mut self, side: Side, op: ChannelOp) {
         let peer = self.peer(side);
         match op {
-            ChannelOp::Send { channel, op, tensor, .. } => {
+            ChannelOp::Send {
+                channel,
+                op,
+                tensor,
+                ..
+            } => {
                 let ch = peer.channels.entry(channel).or_default();
                 if ch.closed {
-                    peer.channel_done.push_back((channel, op, Err(IoErrorKind::Reset)));
+                    peer.channel_done
+                        .push_back((channel, op, Err(IoErrorKind::Reset)));
                 } else {
                     ch.sends.push_back((op, tensor));
                 }
             }
-            ChannelOp::Recv { channel, op, tensor, len } => {
+            ChannelOp::Recv {
+                channel,
+                op,
+                tensor,
+                len,
+            } => {
                 let ch = peer.channels.entry(channel).or_default();
                 if ch.closed {
-                    peer.channel_done.push_back((channel, op, Err(IoErrorKind::Reset)));
+                    peer.channel_done
+                        .push_back((channel, op, Err(IoErrorKind::Reset)));
                 } else {
                     ch.recvs.push_back((op, tensor, len as usize));
                 }
             }
             ChannelOp::Close { channel } => {
                 self.close_channel(side, channel);
-                let other = if side == Side::Client { Side::Server } else { Side::Client };
+                let other = if side == Side::Client {
+                    Side::Server
+                } else {
+                    Side::Client
+                };
                 if self.peer_opt(other).is_some() {
                     self.close_channel(other, channel);
                 }
@@ -537,7 +610,8 @@ impl Pair {
             .chain(ch.recvs.drain(..).map(|(op, _, _)| op))
             .collect();
         for op in failed {
-            peer.channel_done.push_back((channel, op, Err(IoErrorKind::Reset)));
+            peer.channel_done
+                .push_back((channel, op, Err(IoErrorKind::Reset)));
         }
     }
 
@@ -554,13 +628,24 @@ impl Pair {
             if l.server.is_none() && !l.dirs[DIR_C2S].arrived.is_empty() {
                 out.push(Action::Accept { link: i });
             }
-            for (dir, side, conn) in [(DIR_S2C, Side::Client, l.client), (DIR_C2S, Side::Server, l.server)] {
+            for (dir, side, conn) in [
+                (DIR_S2C, Side::Client, l.client),
+                (DIR_C2S, Side::Server, l.server),
+            ] {
                 if let Some(conn) = conn {
-                    out.push(Action::Read { side, conn, link: i, dir });
+                    out.push(Action::Read {
+                        side,
+                        conn,
+                        link: i,
+                        dir,
+                    });
                 }
             }
         }
-        for (side, peer) in [(Side::Client, Some(&self.client)), (Side::Server, self.server.as_ref())] {
+        for (side, peer) in [
+            (Side::Client, Some(&self.client)),
+            (Side::Server, self.server.as_ref()),
+        ] {
             let Some(peer) = peer else { continue };
             if peer.dead {
                 continue;
@@ -576,10 +661,16 @@ impl Pair {
             for (ch, s) in &self.client.channels {
                 if let Some(r) = server.channels.get(ch) {
                     if !s.sends.is_empty() && !r.recvs.is_empty() {
-                        out.push(Action::Transfer { from: Side::Client, channel: *ch });
+                        out.push(Action::Transfer {
+                            from: Side::Client,
+                            channel: *ch,
+                        });
                     }
                     if !r.sends.is_empty() && !s.recvs.is_empty() {
-                        out.push(Action::Transfer { from: Side::Server, channel: *ch });
+                        out.push(Action::Transfer {
+                            from: Side::Server,
+                            channel: *ch,
+                        });
                     }
                 }
             }
@@ -594,7 +685,9 @@ impl Pair {
         while !cands.is_empty() {
             let i = self.rng.below(cands.len());
             let action = cands.swap_remove(i);
-            if self.knobs.delay_percent > 0 && (self.rng.below(100) as u8) < self.knobs.delay_percent {
+            if self.knobs.delay_percent > 0
+                && (self.rng.below(100) as u8) < self.knobs.delay_percent
+            {
                 deferred.push(action);
                 continue;
             }
@@ -634,7 +727,12 @@ impl Pair {
                 true
             }
             Action::Accept { link } => self.accept(link),
-            Action::Read { side, conn, link, dir } => self.try_read(side, conn, link, dir),
+            Action::Read {
+                side,
+                conn,
+                link,
+                dir,
+            } => self.try_read(side, conn, link, dir),
             Action::SendDone { side } => {
                 let peer = self.peer(side);
                 let (op, result) = peer.send_done.pop_front().unwrap();
@@ -648,14 +746,42 @@ impl Pair {
                 true
             }
             Action::Transfer { from, channel } => {
-                let to = if from == Side::Client { Side::Server } else { Side::Client };
-                let (sop, tensor) = self.peer(from).channels.get_mut(&channel).unwrap().sends.pop_front().unwrap();
+                let to = if from == Side::Client {
+                    Side::Server
+                } else {
+                    Side::Client
+                };
+                let (sop, tensor) = self
+                    .peer(from)
+                    .channels
+                    .get_mut(&channel)
+                    .unwrap()
+                    .sends
+                    .pop_front()
+                    .unwrap();
                 let data = self.peer(from).writes[&sop].tensors[tensor].data.clone();
-                let (rop, rtensor, len) = self.peer(to).channels.get_mut(&channel).unwrap().recvs.pop_front().unwrap();
-                assert_eq!(data.len(), len, "channel send/recv length mismatch: the pipe paired the wrong tensors");
-                let dst = self.peer(to).allocations.get_mut(&rop).expect("recv without allocation");
+                let (rop, rtensor, len) = self
+                    .peer(to)
+                    .channels
+                    .get_mut(&channel)
+                    .unwrap()
+                    .recvs
+                    .pop_front()
+                    .unwrap();
+                assert_eq!(
+                    data.len(),
+                    len,
+                    "channel send/recv length mismatch: the pipe paired the wrong tensors"
+                );
+                let dst = self
+                    .peer(to)
+                    .allocations
+                    .get_mut(&rop)
+                    .expect("recv without allocation");
                 dst.tensors[rtensor].0.copy_from_slice(&data);
-                self.peer(from).channel_done.push_back((channel, sop, Ok(())));
+                self.peer(from)
+                    .channel_done
+                    .push_back((channel, sop, Ok(())));
                 self.peer(to).channel_done.push_back((channel, rop, Ok(())));
                 true
             }
@@ -664,7 +790,9 @@ impl Pair {
 
     fn accept(&mut self, link: usize) -> bool {
         let d = &self.links[link].dirs[DIR_C2S];
-        let Some(frame) = peek_frame(&d.arrived) else { return false };
+        let Some(frame) = peek_frame(&d.arrived) else {
+            return false;
+        };
         let len = frame.len();
         match Greeting::parse_frame(&frame, &self.config.limits) {
             Ok(Greeting::Spontaneous(g)) if self.server.is_none() => {
@@ -748,7 +876,9 @@ impl Pair {
                     true
                 } else if d.closed && d.wire.is_empty() {
                     peer.reads.get_mut(&conn).unwrap().pop_front();
-                    peer.pipe.handle_payload_done(op, Err(IoErrorKind::Eof)).unwrap();
+                    peer.pipe
+                        .handle_payload_done(op, Err(IoErrorKind::Eof))
+                        .unwrap();
                     peer.pipe.handle_connection_error(conn, IoErrorKind::Eof);
                     true
                 } else {
@@ -768,7 +898,11 @@ impl Pair {
 
     /// Injects raw bytes on the wire from `side` on `conn` (for malformed-input tests).
     pub fn inject(&mut self, side: Side, conn: ConnId, bytes: &[u8]) {
-        let dir = if side == Side::Client { DIR_C2S } else { DIR_S2C };
+        let dir = if side == Side::Client {
+            DIR_C2S
+        } else {
+            DIR_S2C
+        };
         if let Some(l) = self.link_of(side, conn) {
             self.links[l].dirs[dir].wire.extend(bytes.iter().copied());
         }
@@ -777,15 +911,35 @@ impl Pair {
 
 #[derive(Clone, Copy, Debug)]
 enum Action {
-    Deliver { link: usize, dir: usize },
-    Accept { link: usize },
-    Read { side: Side, conn: ConnId, link: usize, dir: usize },
-    SendDone { side: Side },
-    ChannelDone { side: Side },
-    Transfer { from: Side, channel: ChannelId },
+    Deliver {
+        link: usize,
+        dir: usize,
+    },
+    Accept {
+        link: usize,
+    },
+    Read {
+        side: Side,
+        conn: ConnId,
+        link: usize,
+        dir: usize,
+    },
+    SendDone {
+        side: Side,
+    },
+    ChannelDone {
+        side: Side,
+    },
+    Transfer {
+        from: Side,
+        channel: ChannelId,
+    },
 }
 
-fn header_of(bytes: &VecDeque<u8>, limits: &Limits) -> Option<Result<FrameHeader, crate::DecodeError>> {
+fn header_of(
+    bytes: &VecDeque<u8>,
+    limits: &Limits,
+) -> Option<Result<FrameHeader, crate::DecodeError>> {
     if bytes.len() < HEADER_LEN {
         return None;
     }

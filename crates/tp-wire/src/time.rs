@@ -30,12 +30,19 @@ impl Instant {
     }
 }
 
+impl Instant {
+    /// Adds a duration, saturating at the far future.
+    pub fn saturating_add(self, rhs: Duration) -> Self {
+        let ns = u64::try_from(rhs.as_nanos()).unwrap_or(u64::MAX);
+        Self(self.0.saturating_add(ns))
+    }
+}
+
 impl Add<Duration> for Instant {
     type Output = Self;
 
     /// Adds a duration, saturating at the far future.
     fn add(self, rhs: Duration) -> Self {
-        let ns = u64::try_from(rhs.as_nanos()).unwrap_or(u64::MAX);
-        Self(self.0.saturating_add(ns))
+        self.saturating_add(rhs)
     }
 }

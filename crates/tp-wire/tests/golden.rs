@@ -41,7 +41,10 @@ fn document_vectors() -> BTreeMap<String, Vec<u8>> {
     out
 }
 
-const PAYLOADS: [PayloadDesc<'static>; 1] = [PayloadDesc { length: 3, metadata: b"p" }];
+const PAYLOADS: [PayloadDesc<'static>; 1] = [PayloadDesc {
+    length: 3,
+    metadata: b"p",
+}];
 const TENSORS: [TensorDesc<'static>; 1] = [TensorDesc {
     length: 4,
     source_device: Device::CPU,
@@ -75,7 +78,9 @@ const PAIRS: [DevicePairChoice<'static>; 1] = [DevicePairChoice {
 const REPLY_DEVICES: [Device; 1] = [Device::cuda(0)];
 
 fn spontaneous() -> SpontaneousConnection<'static> {
-    SpontaneousConnection { context_name: "ctx" }
+    SpontaneousConnection {
+        context_name: "ctx",
+    }
 }
 fn requested() -> RequestedConnection {
     RequestedConnection {
@@ -130,24 +135,45 @@ fn framed<'a, P: Packet<'a>>(p: &P) -> Vec<u8> {
 }
 
 /// Checks emit, parse, and that every truncation is an error (never a misparse).
-fn check<'a, P: Packet<'a> + PartialEq + std::fmt::Debug>(name: &str, p: P, doc: &BTreeMap<String, Vec<u8>>, parse: fn(&[u8]) -> Result<(), DecodeError>) {
+fn check<'a, P: Packet<'a> + PartialEq + std::fmt::Debug>(
+    name: &str,
+    p: P,
+    doc: &BTreeMap<String, Vec<u8>>,
+    parse: fn(&[u8]) -> Result<(), DecodeError>,
+) {
     let bytes = framed(&p);
-    let want = doc.get(name).unwrap_or_else(|| panic!("docs/wire.md has no `hex golden:{name}` block"));
+    let want = doc
+        .get(name)
+        .unwrap_or_else(|| panic!("docs/wire.md has no `hex golden:{name}` block"));
     assert_eq!(&bytes, want, "{name}: encoding differs from docs/wire.md");
     parse(want).unwrap_or_else(|e| panic!("{name}: golden bytes do not parse: {e}"));
     for cut in 0..want.len() {
-        assert!(parse(&want[..cut]).is_err(), "{name}: truncation at {cut} parsed");
+        assert!(
+            parse(&want[..cut]).is_err(),
+            "{name}: truncation at {cut} parsed"
+        );
     }
     let mut longer = want.clone();
     longer.push(0);
-    assert!(parse(&longer).is_err(), "{name}: a trailing byte was accepted");
+    assert!(
+        parse(&longer).is_err(),
+        "{name}: a trailing byte was accepted"
+    );
     // The corpus seeds for the fuzz targets are these same bytes.
-    let seed = root().join(format!("fuzz/corpus/{}/seed-golden-{name}", fuzz_target(name)));
+    let seed = root().join(format!(
+        "fuzz/corpus/{}/seed-golden-{name}",
+        fuzz_target(name)
+    ));
     if std::env::var_os("TP_WRITE_CORPUS").is_some() {
         std::fs::create_dir_all(seed.parent().unwrap()).unwrap();
         std::fs::write(&seed, want).unwrap();
     } else {
-        assert_eq!(std::fs::read(&seed).ok().as_ref(), Some(want), "{name}: stale fuzz seed {}; run with TP_WRITE_CORPUS=1", seed.display());
+        assert_eq!(
+            std::fs::read(&seed).ok().as_ref(),
+            Some(want),
+            "{name}: stale fuzz seed {}; run with TP_WRITE_CORPUS=1",
+            seed.display()
+        );
     }
 }
 
@@ -166,28 +192,69 @@ fn parse_as<'a, P: Packet<'a>>(b: &'a [u8]) -> Result<(), DecodeError> {
 #[test]
 fn golden_vectors_match_the_document() {
     let doc = document_vectors();
-    check("spontaneous", spontaneous(), &doc, |b| parse_as::<SpontaneousConnection<'_>>(b));
-    check("requested", requested(), &doc, |b| parse_as::<RequestedConnection>(b));
-    check("brochure", brochure(), &doc, |b| parse_as::<BrochureRepr<'_>>(b));
-    check("brochure_answer", answer(), &doc, |b| parse_as::<BrochureAnswerRepr<'_>>(b));
-    check("descriptor", descriptor(), &doc, |b| parse_as::<DescriptorRepr<'_>>(b));
-    check("descriptor_reply", reply(), &doc, |b| parse_as::<DescriptorReplyRepr<'_>>(b));
-    check("goodbye", goodbye(), &doc, |b| parse_as::<GoodbyeRepr<'_>>(b));
+    check("spontaneous", spontaneous(), &doc, |b| {
+        parse_as::<SpontaneousConnection<'_>>(b)
+    });
+    check("requested", requested(), &doc, |b| {
+        parse_as::<RequestedConnection>(b)
+    });
+    check("brochure", brochure(), &doc, |b| {
+        parse_as::<BrochureRepr<'_>>(b)
+    });
+    check("brochure_answer", answer(), &doc, |b| {
+        parse_as::<BrochureAnswerRepr<'_>>(b)
+    });
+    check("descriptor", descriptor(), &doc, |b| {
+        parse_as::<DescriptorRepr<'_>>(b)
+    });
+    check("descriptor_reply", reply(), &doc, |b| {
+        parse_as::<DescriptorReplyRepr<'_>>(b)
+    });
+    check("goodbye", goodbye(), &doc, |b| {
+        parse_as::<GoodbyeRepr<'_>>(b)
+    });
 }
 
 #[test]
 fn golden_vectors_parse_to_the_same_values() {
     let doc = document_vectors();
     let l = Limits::DEFAULT;
-    assert_eq!(parse_frame::<SpontaneousConnection<'_>>(&doc["spontaneous"], &l).unwrap(), spontaneous());
-    assert_eq!(parse_frame::<RequestedConnection>(&doc["requested"], &l).unwrap(), requested());
-    assert_eq!(parse_frame::<BrochureRepr<'_>>(&doc["brochure"], &l).unwrap(), brochure());
-    assert_eq!(parse_frame::<BrochureAnswerRepr<'_>>(&doc["brochure_answer"], &l).unwrap(), answer());
-    assert_eq!(parse_frame::<DescriptorRepr<'_>>(&doc["descriptor"], &l).unwrap(), descriptor());
-    assert_eq!(parse_frame::<DescriptorReplyRepr<'_>>(&doc["descriptor_reply"], &l).unwrap(), reply());
-    assert_eq!(parse_frame::<GoodbyeRepr<'_>>(&doc["goodbye"], &l).unwrap(), goodbye());
-    assert!(matches!(Greeting::parse_frame(&doc["spontaneous"], &l), Ok(Greeting::Spontaneous(_))));
-    assert!(matches!(Greeting::parse_frame(&doc["requested"], &l), Ok(Greeting::Requested(_))));
+    assert_eq!(
+        parse_frame::<SpontaneousConnection<'_>>(&doc["spontaneous"], &l).unwrap(),
+        spontaneous()
+    );
+    assert_eq!(
+        parse_frame::<RequestedConnection>(&doc["requested"], &l).unwrap(),
+        requested()
+    );
+    assert_eq!(
+        parse_frame::<BrochureRepr<'_>>(&doc["brochure"], &l).unwrap(),
+        brochure()
+    );
+    assert_eq!(
+        parse_frame::<BrochureAnswerRepr<'_>>(&doc["brochure_answer"], &l).unwrap(),
+        answer()
+    );
+    assert_eq!(
+        parse_frame::<DescriptorRepr<'_>>(&doc["descriptor"], &l).unwrap(),
+        descriptor()
+    );
+    assert_eq!(
+        parse_frame::<DescriptorReplyRepr<'_>>(&doc["descriptor_reply"], &l).unwrap(),
+        reply()
+    );
+    assert_eq!(
+        parse_frame::<GoodbyeRepr<'_>>(&doc["goodbye"], &l).unwrap(),
+        goodbye()
+    );
+    assert!(matches!(
+        Greeting::parse_frame(&doc["spontaneous"], &l),
+        Ok(Greeting::Spontaneous(_))
+    ));
+    assert!(matches!(
+        Greeting::parse_frame(&doc["requested"], &l),
+        Ok(Greeting::Requested(_))
+    ));
     assert!(Greeting::parse_frame(&doc["descriptor"], &l).is_err());
 }
 
@@ -195,17 +262,32 @@ fn golden_vectors_parse_to_the_same_values() {
 fn owned_forms_round_trip_through_golden_bytes() {
     let doc = document_vectors();
     let l = Limits::DEFAULT;
-    let d = parse_frame::<DescriptorRepr<'_>>(&doc["descriptor"], &l).unwrap().to_owned();
+    let d = parse_frame::<DescriptorRepr<'_>>(&doc["descriptor"], &l)
+        .unwrap()
+        .to_owned();
     assert_eq!(d.with_repr(|r| frame_to_vec(r)).unwrap(), doc["descriptor"]);
-    let b = parse_frame::<BrochureRepr<'_>>(&doc["brochure"], &l).unwrap().to_owned();
+    let b = parse_frame::<BrochureRepr<'_>>(&doc["brochure"], &l)
+        .unwrap()
+        .to_owned();
     assert_eq!(b.with_repr(|r| frame_to_vec(r)).unwrap(), doc["brochure"]);
-    let a = parse_frame::<BrochureAnswerRepr<'_>>(&doc["brochure_answer"], &l).unwrap().to_owned();
-    assert_eq!(a.with_repr(|r| frame_to_vec(r)).unwrap(), doc["brochure_answer"]);
-    let r = parse_frame::<DescriptorReplyRepr<'_>>(&doc["descriptor_reply"], &l).unwrap().to_owned();
+    let a = parse_frame::<BrochureAnswerRepr<'_>>(&doc["brochure_answer"], &l)
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        a.with_repr(|r| frame_to_vec(r)).unwrap(),
+        doc["brochure_answer"]
+    );
+    let r = parse_frame::<DescriptorReplyRepr<'_>>(&doc["descriptor_reply"], &l)
+        .unwrap()
+        .to_owned();
     assert_eq!(frame_to_vec(&r.as_repr()).unwrap(), doc["descriptor_reply"]);
-    let g = parse_frame::<GoodbyeRepr<'_>>(&doc["goodbye"], &l).unwrap().to_owned();
+    let g = parse_frame::<GoodbyeRepr<'_>>(&doc["goodbye"], &l)
+        .unwrap()
+        .to_owned();
     assert_eq!(frame_to_vec(&g.as_repr()).unwrap(), doc["goodbye"]);
-    let s = parse_frame::<SpontaneousConnection<'_>>(&doc["spontaneous"], &l).unwrap().to_owned();
+    let s = parse_frame::<SpontaneousConnection<'_>>(&doc["spontaneous"], &l)
+        .unwrap()
+        .to_owned();
     assert_eq!(frame_to_vec(&s.as_repr()).unwrap(), doc["spontaneous"]);
 }
 
@@ -218,7 +300,10 @@ fn descriptor_over_limits_rejected_before_allocation() {
     };
     assert!(matches!(
         parse_frame::<DescriptorRepr<'_>>(&doc["descriptor"], &tight),
-        Err(DecodeError::LimitExceeded { limit: tp_wire::Limit::Tensors, .. })
+        Err(DecodeError::LimitExceeded {
+            limit: tp_wire::Limit::Tensors,
+            ..
+        })
     ));
     let tight = Limits {
         max_message_len: 6,
@@ -226,7 +311,11 @@ fn descriptor_over_limits_rejected_before_allocation() {
     };
     assert!(matches!(
         parse_frame::<DescriptorRepr<'_>>(&doc["descriptor"], &tight),
-        Err(DecodeError::LimitExceeded { limit: tp_wire::Limit::MessageLen, value: 7, .. })
+        Err(DecodeError::LimitExceeded {
+            limit: tp_wire::Limit::MessageLen,
+            value: 7,
+            ..
+        })
     ));
 }
 

@@ -138,7 +138,10 @@ impl<'a> Packet<'a> for BrochureRepr<'a> {
     }
 
     fn buffer_len(&self) -> usize {
-        self.transports.wire_len().saturating_add(self.channels.wire_len()).saturating_add(2)
+        self.transports
+            .wire_len()
+            .saturating_add(self.channels.wire_len())
+            .saturating_add(2)
     }
 
     fn encode(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
@@ -274,7 +277,11 @@ impl<'a> Packet<'a> for BrochureAnswerRepr<'a> {
             self.channels.wire_len(),
             bytes_len(self.transport.len()),
             bytes_len(self.address.len()),
-            if self.primary_registration.is_some() { 9 } else { 1 },
+            if self.primary_registration.is_some() {
+                9
+            } else {
+                1
+            },
             8,
             self.channel_registrations.wire_len(),
             self.pairs.wire_len(),
@@ -297,7 +304,8 @@ impl<'a> Packet<'a> for BrochureAnswerRepr<'a> {
             }
         }
         w.u64(self.reply_registration.0)?;
-        self.channel_registrations.encode("channel registration count", w)?;
+        self.channel_registrations
+            .encode("channel registration count", w)?;
         self.pairs.encode("device pair count", w)
     }
 }
@@ -423,7 +431,10 @@ fn device_reprs(v: &[OwnedChannelOffer]) -> Vec<Vec<DeviceDescriptor<'_>>> {
 }
 
 #[cfg(feature = "alloc")]
-fn channel_reprs<'a>(v: &'a [OwnedChannelOffer], devices: &'a [Vec<DeviceDescriptor<'a>>]) -> Vec<ChannelOffer<'a>> {
+fn channel_reprs<'a>(
+    v: &'a [OwnedChannelOffer],
+    devices: &'a [Vec<DeviceDescriptor<'a>>],
+) -> Vec<ChannelOffer<'a>> {
     v.iter()
         .zip(devices)
         .map(|(c, d)| ChannelOffer {

@@ -134,8 +134,12 @@ impl<'a> Greeting<'a> {
     pub fn parse_frame(frame: &'a [u8], limits: &Limits) -> Result<Self, DecodeError> {
         let (header, body) = split_frame(frame, limits)?;
         match header.kind {
-            FrameKind::SpontaneousConnection => SpontaneousConnection::parse(body, limits).map(Self::Spontaneous),
-            FrameKind::RequestedConnection => RequestedConnection::parse(body, limits).map(Self::Requested),
+            FrameKind::SpontaneousConnection => {
+                SpontaneousConnection::parse(body, limits).map(Self::Spontaneous)
+            }
+            FrameKind::RequestedConnection => {
+                RequestedConnection::parse(body, limits).map(Self::Requested)
+            }
             other => Err(DecodeError::UnexpectedKind {
                 expected: FrameKind::SpontaneousConnection.to_u8(),
                 found: other.to_u8(),

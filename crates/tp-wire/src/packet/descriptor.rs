@@ -66,7 +66,9 @@ impl<'a> Element<'a> for TensorDesc<'a> {
     }
 
     fn wire_len(&self) -> usize {
-        (8 + Device::WIRE_LEN + Device::option_len(self.target_device.as_ref()))
+        Device::option_len(self.target_device.as_ref())
+            .saturating_add(8)
+            .saturating_add(Device::WIRE_LEN)
             .saturating_add(bytes_len(self.metadata.len()))
     }
 
@@ -95,8 +97,13 @@ pub struct DescriptorRepr<'a> {
 impl DescriptorRepr<'_> {
     /// Sums the lengths of all payloads and tensors (`None` on overflow).
     pub fn total_len(&self) -> Option<u64> {
-        let p = self.payloads.iter().try_fold(0u64, |acc, p| acc.checked_add(p.length))?;
-        self.tensors.iter().try_fold(p, |acc, t| acc.checked_add(t.length))
+        let p = self
+            .payloads
+            .iter()
+            .try_fold(0u64, |acc, p| acc.checked_add(p.length))?;
+        self.tensors
+            .iter()
+            .try_fold(p, |acc, t| acc.checked_add(t.length))
     }
 
     /// Returns `true` when some tensor has no target device, so the reader must reply

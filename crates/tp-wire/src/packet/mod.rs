@@ -17,21 +17,21 @@ mod descriptor;
 mod goodbye;
 mod seq;
 
-pub use brochure::{
-    BrochureAnswerRepr, BrochureRepr, ChannelOffer, ChannelRegistration, DeviceDescriptor, DevicePairChoice,
-    TransportOffer,
-};
 #[cfg(feature = "alloc")]
 pub use brochure::{
     Brochure, BrochureAnswer, OwnedChannelOffer, OwnedChannelRegistration, OwnedDeviceDescriptor,
     OwnedDevicePairChoice, OwnedTransportOffer,
 };
-pub use connection::{Greeting, RegistrationId, RequestedConnection, SpontaneousConnection};
+pub use brochure::{
+    BrochureAnswerRepr, BrochureRepr, ChannelOffer, ChannelRegistration, DeviceDescriptor,
+    DevicePairChoice, TransportOffer,
+};
 #[cfg(feature = "alloc")]
 pub use connection::OwnedSpontaneousConnection;
-pub use descriptor::{DescriptorReplyRepr, DescriptorRepr, PayloadDesc, TensorDesc};
+pub use connection::{Greeting, RegistrationId, RequestedConnection, SpontaneousConnection};
 #[cfg(feature = "alloc")]
 pub use descriptor::{Descriptor, DescriptorReply, Payload, Tensor};
+pub use descriptor::{DescriptorReplyRepr, DescriptorRepr, PayloadDesc, TensorDesc};
 #[cfg(feature = "alloc")]
 pub use goodbye::Goodbye;
 pub use goodbye::{CloseReason, GoodbyeRepr};
@@ -143,4 +143,3 @@ pub fn parse_frame<'a, P: Packet<'a>>(frame: &'a [u8], limits: &Limits) -> Resul
     }
     P::parse(body, limits)
 }
-

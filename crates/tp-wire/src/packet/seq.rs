@@ -68,7 +68,12 @@ impl<'a, T: Element<'a>> Seq<'a, T> {
     }
 
     /// Reads a `u32` count and that many elements, validating each.
-    pub(crate) fn decode(r: &mut Reader<'a>, limit: Limit, max: u32, limits: &Limits) -> Result<Self, DecodeError> {
+    pub(crate) fn decode(
+        r: &mut Reader<'a>,
+        limit: Limit,
+        max: u32,
+        limits: &Limits,
+    ) -> Result<Self, DecodeError> {
         let count = r.count(limit, max, T::MIN_LEN)?;
         let start = r.rest();
         for _ in 0..count {
@@ -82,12 +87,18 @@ impl<'a, T: Element<'a>> Seq<'a, T> {
     /// Returns the encoded length: the count and the elements.
     pub(crate) fn wire_len(&self) -> usize {
         match self {
-            Self::Slice(s) => s.iter().fold(4usize, |acc, e| acc.saturating_add(e.wire_len())),
+            Self::Slice(s) => s
+                .iter()
+                .fold(4usize, |acc, e| acc.saturating_add(e.wire_len())),
             Self::Wire { bytes, .. } => bytes.len().saturating_add(4),
         }
     }
 
-    pub(crate) fn encode(&self, field: &'static str, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+    pub(crate) fn encode(
+        &self,
+        field: &'static str,
+        w: &mut Writer<'_>,
+    ) -> Result<(), EncodeError> {
         match self {
             Self::Slice(s) => {
                 w.count(field, s.len())?;

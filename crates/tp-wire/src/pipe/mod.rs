@@ -41,7 +41,7 @@
 //! The client starts on `ConnId(0)`, the connection it opened to the listener's URL. If
 //! the negotiated transport differs, it opens a replacement primary connection. It always
 //! opens one descriptor-reply connection, and `connections` connections for each selected
-//! channel, each starting with a [`RequestedConnection`](crate::packet::RequestedConnection).
+//! channel, each starting with a `RequestedConnection`.
 
 mod negotiate;
 mod types;
@@ -52,17 +52,18 @@ use alloc::vec::Vec;
 
 pub use negotiate::{NegotiationError, Selection, negotiate, negotiate_version};
 pub use types::{
-    ChannelId, ChannelOp, CommandError, ConnId, Endpoint, Event, Io, IoErrorKind, LocalChannel, LocalOffer,
-    LocalTransport, OpId, PeerMisbehaved, PipeConfig, PipeError,
+    ChannelId, ChannelOp, CommandError, ConnId, Endpoint, Event, Io, IoErrorKind, LocalChannel,
+    LocalOffer, LocalTransport, OpId, PeerMisbehaved, PipeConfig, PipeError,
 };
 
 use crate::allocation::{Buffer, validate};
 use crate::device::Device;
 use crate::frame::{FrameKind, MIN_VERSION, VERSION, split_frame};
 use crate::packet::{
-    Brochure, BrochureAnswer, BrochureAnswerRepr, BrochureRepr, Descriptor, DescriptorReply, DescriptorReplyRepr,
-    DescriptorRepr, GoodbyeRepr, OwnedChannelOffer, OwnedChannelRegistration, OwnedTransportOffer, Packet,
-    RegistrationId, RequestedConnection, SpontaneousConnection, frame_to_vec, parse_frame,
+    Brochure, BrochureAnswer, BrochureAnswerRepr, BrochureRepr, Descriptor, DescriptorReply,
+    DescriptorReplyRepr, DescriptorRepr, GoodbyeRepr, OwnedChannelOffer, OwnedChannelRegistration,
+    OwnedTransportOffer, Packet, RegistrationId, RequestedConnection, SpontaneousConnection,
+    frame_to_vec, parse_frame,
 };
 use crate::time::Instant;
 
@@ -126,11 +127,17 @@ struct WriteOp {
     op_error: Option<PipeError>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 enum ReadStage {
-    WaitingDescriptor { issued: bool },
+    WaitingDescriptor {
+        issued: bool,
+    },
     AwaitingRead(Descriptor),
-    Reading { pending: usize, failed: bool },
+    Reading {
+        pending: usize,
+        failed: bool,
+    },
+    #[default]
     DescriptorFailed,
 }
 
@@ -197,7 +204,14 @@ fn offer_channels(offer: &LocalOffer) -> Vec<OwnedChannelOffer> {
 }
 
 impl Pipe {
-    fn new(side: Side, config: PipeConfig, offer: LocalOffer, transport: &str, remote_name: String, now: Instant) -> Self {
+    fn new(
+        side: Side,
+        config: PipeConfig,
+        offer: LocalOffer,
+        transport: &str,
+        remote_name: String,
+        now: Instant,
+    ) -> Self {
         let mut live = BTreeSet::new();
         live.insert(ConnId(0));
         Self {
@@ -219,7 +233,7 @@ impl Pipe {
             pairs: BTreeMap::new(),
             pending_regs: BTreeMap::new(),
             registration_seed: 0,
-            deadline: config.handshake_timeout.map(|t| now + t),
+            deadline: config.handshake_timeout.map(|t| now.saturating_add(t)),
             error: None,
             next_op: 0,
             writes: VecDeque::new(),
@@ -232,7 +246,13 @@ impl Pipe {
 
     /// Starts the client end on `ConnId(0)`, a connection the driver opened with
     /// `transport` to the listener. `remote_name` is what [`Pipe::remote_name`] reports.
-    pub fn connect(config: PipeConfig, offer: LocalOffer, transport: &str, remote_name: String, now: Instant) -> Self {
+    pub fn connect(
+        config: PipeConfig,
+        offer: LocalOffer,
+        transport: &str,
+        remote_name: String,
+        now: Instant,
+    ) -> Self {
         let mut p = Self::new(Side::Client, config, offer, transport, remote_name, now);
         p.phase = Phase::ClientAwaitingAnswer;
         let brochure = Brochure {
@@ -244,14 +264,22 @@ impl Pipe {
         let hello = SpontaneousConnection {
             context_name: &p.offer.context_name,
         };
-        let frames = [frame_to_vec(&hello), brochure.with_repr(|b| frame_to_vec(b))];
+        let frames = [
+            frame_to_vec(&hello),
+            brochure.with_repr(|b| frame_to_vec(b)),
+        ];
         p.brochure = Some(brochure);
         for frame in frames {
             match frame {
-                Ok(frame) => p.io.push_back(Io::Send { conn: ConnId(0), frame }),
+                Ok(frame) => p.io.push_back(Io::Send {
+                    conn: ConnId(0),
+                    frame,
+                }),
                 Err(_) => {
                     // The local offer itself is unencodable (a name over 4 GiB): fail the pipe.
-                    p.fail(PipeError::Negotiation(NegotiationError::DuplicateEntry("local offer".to_string())));
+                    p.fail(PipeError::Negotiation(NegotiationError::DuplicateEntry(
+                        "local offer".to_string(),
+                    )));
                     return p;
                 }
             }
@@ -274,7 +302,14 @@ impl Pipe {
         registration_seed: u64,
         now: Instant,
     ) -> Self {
-        let mut p = Self::new(Side::Server, config, offer, transport, greeting.context_name.to_string(), now);
+        let mut p = Self::new(
+            Side::Server,
+            config,
+            offer,
+            transport,
+            greeting.context_name.to_string(),
+            now,
+        );
         p.registration_seed = registration_seed;
         p.phase = Phase::ServerAwaitingBrochure;
         p.recv_frame(ConnId(0), Expect::Brochure);
@@ -326,7 +361,10 @@ impl Pipe {
 
     /// Returns `true` when no operation is outstanding and no output is queued.
     pub fn is_idle(&self) -> bool {
-        self.writes.is_empty() && self.reads.is_empty() && self.io.is_empty() && self.chan_ops.is_empty()
+        self.writes.is_empty()
+            && self.reads.is_empty()
+            && self.io.is_empty()
+            && self.chan_ops.is_empty()
     }
 
     // ----- outputs -------------------------------------------------------------------
@@ -374,10 +412,13 @@ impl Pipe {
     /// breaks this pipe's [`Limits`](crate::Limits) — then nothing was queued and no
     /// event follows.
     pub fn write(&mut self, desc: Descriptor) -> Result<OpId, CommandError> {
-        let frame = desc.with_repr(|r| frame_to_vec(r)).map_err(CommandError::Encode)?;
+        let frame = desc
+            .with_repr(|r| frame_to_vec(r))
+            .map_err(CommandError::Encode)?;
         // The peer checks the descriptor against its limits; check ours first so a
         // message that would be refused is refused here, before anything is sent.
-        parse_frame::<DescriptorRepr<'_>>(&frame, &self.config.limits).map_err(CommandError::ExceedsLimits)?;
+        parse_frame::<DescriptorRepr<'_>>(&frame, &self.config.limits)
+            .map_err(CommandError::ExceedsLimits)?;
         let id = self.next_op_id();
         let targets = desc.tensors.iter().map(|t| t.target_device).collect();
         self.writes.push_back(WriteOp {
@@ -416,8 +457,17 @@ impl Pipe {
     /// # Errors
     /// A [`CommandError`] when `op` is not the next message awaiting its buffers or the
     /// buffers do not fit the descriptor. Nothing changes then; the call may be retried.
-    pub fn read<B: Buffer>(&mut self, op: OpId, payloads: &[B], tensors: &[B]) -> Result<(), CommandError> {
-        let pos = self.reads.iter().position(|r| r.id == op).ok_or(CommandError::UnknownOp(op))?;
+    pub fn read<B: Buffer>(
+        &mut self,
+        op: OpId,
+        payloads: &[B],
+        tensors: &[B],
+    ) -> Result<(), CommandError> {
+        let pos = self
+            .reads
+            .iter()
+            .position(|r| r.id == op)
+            .ok_or(CommandError::UnknownOp(op))?;
         let earlier_pending = self.reads.iter().take(pos).any(|r| {
             matches!(
                 r.stage,
@@ -439,11 +489,13 @@ impl Pipe {
         let mut channels = Vec::with_capacity(tensors.len());
         for (tensor, (t, b)) in desc.tensors.iter().zip(tensors).enumerate() {
             let local = b.device();
-            let ch = self.channel_for(local, t.source_device).ok_or(CommandError::NoChannel {
-                tensor,
-                local,
-                remote: t.source_device,
-            })?;
+            let ch = self
+                .channel_for(local, t.source_device)
+                .ok_or(CommandError::NoChannel {
+                    tensor,
+                    local,
+                    remote: t.source_device,
+                })?;
             channels.push(ch);
         }
         let desc = core::mem::take(
@@ -478,7 +530,15 @@ impl Pipe {
                 .map(|(_, b)| b.device())
                 .collect();
             if desc.tensors.iter().any(|t| t.target_device.is_none()) {
-                match (self.reply, frame_to_vec(&DescriptorReply { target_devices: reply }.as_repr())) {
+                match (
+                    self.reply,
+                    frame_to_vec(
+                        &DescriptorReply {
+                            target_devices: reply,
+                        }
+                        .as_repr(),
+                    ),
+                ) {
                     (Some(conn), Ok(frame)) => self.io.push_back(Io::Send { conn, frame }),
                     // Unreachable in practice: an established pipe has a reply connection
                     // and a decoded descriptor's device list always encodes. Fail safe.
@@ -535,7 +595,11 @@ impl Pipe {
     ///
     /// # Errors
     /// [`CommandError::UnknownOp`] if no operation of the pipe has I/O pending under `op`.
-    pub fn handle_payload_done(&mut self, op: OpId, result: Result<(), IoErrorKind>) -> Result<(), CommandError> {
+    pub fn handle_payload_done(
+        &mut self,
+        op: OpId,
+        result: Result<(), IoErrorKind>,
+    ) -> Result<(), CommandError> {
         self.io_done(op)?;
         if let Err(kind) = result {
             let conn = self.primary;
@@ -592,8 +656,14 @@ impl Pipe {
     /// # Errors
     /// [`CommandError::UnknownOp`] (with op 0) when the id is not one this pipe is
     /// waiting for; the driver closes that connection, the pipe is unaffected.
-    pub fn handle_requested_connection(&mut self, id: RegistrationId) -> Result<ConnId, CommandError> {
-        let role = self.pending_regs.remove(&id).ok_or(CommandError::UnknownOp(OpId(id.0)))?;
+    pub fn handle_requested_connection(
+        &mut self,
+        id: RegistrationId,
+    ) -> Result<ConnId, CommandError> {
+        let role = self
+            .pending_regs
+            .remove(&id)
+            .ok_or(CommandError::UnknownOp(OpId(id.0)))?;
         let conn = self.new_conn();
         match role {
             Role::Primary => {
@@ -634,15 +704,19 @@ impl Pipe {
         let limits = self.config.limits;
         match split_frame(frame, &limits) {
             Err(error) => self.fail(PipeError::Decode { conn, error }),
-            Ok((header, body)) if header.kind == FrameKind::Goodbye => match GoodbyeRepr::parse(body, &limits) {
-                Ok(g) => self.fail(PipeError::PeerClosed {
-                    reason: g.reason,
-                    message: g.message.to_string(),
-                }),
-                Err(error) => self.fail(PipeError::Decode { conn, error }),
-            },
+            Ok((header, body)) if header.kind == FrameKind::Goodbye => {
+                match GoodbyeRepr::parse(body, &limits) {
+                    Ok(g) => self.fail(PipeError::PeerClosed {
+                        reason: g.reason,
+                        message: g.message.to_string(),
+                    }),
+                    Err(error) => self.fail(PipeError::Decode { conn, error }),
+                }
+            }
             Ok((header, _)) if header.version != self.version => {
-                self.fail(PipeError::Peer(PeerMisbehaved::VersionChanged(header.version)));
+                self.fail(PipeError::Peer(PeerMisbehaved::VersionChanged(
+                    header.version,
+                )));
             }
             Ok(_) => {
                 let outcome = match expect {
@@ -749,9 +823,9 @@ impl Pipe {
         answer.transport.clone_from(&selection.transport);
         answer.address = address;
         answer.pairs.clone_from(&selection.pairs);
-        let frame = answer
-            .with_repr(|a| frame_to_vec(a))
-            .map_err(|_| PipeError::Negotiation(NegotiationError::DuplicateEntry("answer".to_string())))?;
+        let frame = answer.with_repr(|a| frame_to_vec(a)).map_err(|_| {
+            PipeError::Negotiation(NegotiationError::DuplicateEntry("answer".to_string()))
+        })?;
         self.version = version;
         self.install_pairs(&selection, Side::Server);
         self.transport = Some(selection.transport.clone());
@@ -767,7 +841,10 @@ impl Pipe {
         self.pending_regs = regs;
         // Channels that need no connections are ready at once.
         for i in 0..self.channels.len() {
-            self.channel_maybe_ready(ChannelId(u32::try_from(i).unwrap_or(u32::MAX)), Endpoint::Listen);
+            self.channel_maybe_ready(
+                ChannelId(u32::try_from(i).unwrap_or(u32::MAX)),
+                Endpoint::Listen,
+            );
         }
         self.phase = Phase::ServerAwaitingConnections;
         Ok(())
@@ -785,7 +862,9 @@ impl Pipe {
             .map_err(PipeError::Negotiation)?;
         let pairs_match = answer.pairs.len() == selection.pairs.len()
             && answer.pairs.iter().zip(&selection.pairs).all(|(a, s)| {
-                a.server_device == s.server_device && a.client_device == s.client_device && a.channel == s.channel
+                a.server_device == s.server_device
+                    && a.client_device == s.client_device
+                    && a.channel == s.channel
             });
         let channels_match = answer.channel_registrations.len() == selection.channels.len()
             && answer
@@ -794,11 +873,10 @@ impl Pipe {
                 .zip(&selection.channels)
                 .all(|(r, name)| {
                     r.channel == name
-                        && self
-                            .offer
-                            .channels
-                            .iter()
-                            .any(|c| &c.name == name && crate::codec::usize_from(c.connections) == r.ids.len())
+                        && self.offer.channels.iter().any(|c| {
+                            &c.name == name
+                                && crate::codec::usize_from(c.connections) == r.ids.len()
+                        })
                 });
         let switch = selection.transport != self.initial_transport;
         if answer.transport != selection.transport
@@ -820,7 +898,10 @@ impl Pipe {
                 transport: transport.clone(),
                 address: address.clone(),
             });
-            let frame = frame_to_vec(&RequestedConnection { registration_id: id }).map_err(|_| PipeError::Closed)?;
+            let frame = frame_to_vec(&RequestedConnection {
+                registration_id: id,
+            })
+            .map_err(|_| PipeError::Closed)?;
             p.io.push_back(Io::Send { conn: c, frame });
             Ok(c)
         };
@@ -903,7 +984,10 @@ impl Pipe {
         let desc = repr.to_owned();
         if let Some(r) = self.reads.iter_mut().find(|r| r.id == op) {
             r.stage = ReadStage::AwaitingRead(desc.clone());
-            self.events.push_back(Event::DescriptorReady { op, result: Ok(desc) });
+            self.events.push_back(Event::DescriptorReady {
+                op,
+                result: Ok(desc),
+            });
         }
         Ok(())
     }
@@ -912,7 +996,11 @@ impl Pipe {
         let reply: DescriptorReplyRepr<'_> = self.decode(conn, frame)?;
         let bad = PipeError::Peer(PeerMisbehaved::BadDescriptorReply);
         let pairs = &self.pairs;
-        let w = self.writes.iter_mut().find(|w| w.id == op).ok_or_else(|| bad.clone())?;
+        let w = self
+            .writes
+            .iter_mut()
+            .find(|w| w.id == op)
+            .ok_or_else(|| bad.clone())?;
         let missing = w.targets.iter().filter(|t| t.is_none()).count();
         if reply.target_devices.len() != missing || w.stage != WriteStage::AwaitingReply {
             return Err(bad);
@@ -948,12 +1036,8 @@ impl Pipe {
         let mut recv_replies = Vec::new();
         for w in &mut self.writes {
             if w.stage == WriteStage::Queued {
-                let missing = w
-                    .desc
-                    .tensors
-                    .iter()
-                    .enumerate()
-                    .find_map(|(tensor, t)| match t.target_device {
+                let missing = w.desc.tensors.iter().enumerate().find_map(|(tensor, t)| {
+                    match t.target_device {
                         Some(remote) if !self.pairs.contains_key(&(t.source_device, remote)) => {
                             Some(PipeError::NoChannel {
                                 tensor,
@@ -962,7 +1046,8 @@ impl Pipe {
                             })
                         }
                         _ => None,
-                    });
+                    }
+                });
                 if let Some(e) = missing {
                     w.op_error = Some(e);
                     w.stage = WriteStage::Issued;
@@ -994,7 +1079,8 @@ impl Pipe {
                 WriteStage::AwaitingReply => blocked = true,
                 WriteStage::ReadyToSend if !blocked => {
                     for (tensor, (t, target)) in w.desc.tensors.iter().zip(&w.targets).enumerate() {
-                        let channel = target.and_then(|target| self.pairs.get(&(t.source_device, target)).copied());
+                        let channel = target
+                            .and_then(|target| self.pairs.get(&(t.source_device, target)).copied());
                         if let Some(channel) = channel {
                             w.pending = w.pending.saturating_add(1);
                             self.chan_ops.push_back(ChannelOp::Send {
@@ -1155,11 +1241,5 @@ impl Pipe {
         self.phase = Phase::Closed;
         self.fail_waiting_reads(&error);
         self.events.push_back(Event::Closed { error });
-    }
-}
-
-impl Default for ReadStage {
-    fn default() -> Self {
-        Self::DescriptorFailed
     }
 }

@@ -82,7 +82,10 @@ pub fn negotiate_version(client: (u8, u8), server: (u8, u8)) -> Result<u8, Negot
     }
 }
 
-fn ranked<'a, T: Copy>(items: impl Iterator<Item = T>, key: impl Fn(&T) -> (i64, &'a str)) -> Result<Vec<T>, NegotiationError> {
+fn ranked<'a, T: Copy>(
+    items: impl Iterator<Item = T>,
+    key: impl Fn(&T) -> (i64, &'a str),
+) -> Result<Vec<T>, NegotiationError> {
     let mut v: Vec<T> = items.collect();
     v.sort_by(|a, b| {
         let (pa, na) = key(a);
@@ -160,11 +163,13 @@ pub fn negotiate(
     }
     let pairs = taken
         .into_iter()
-        .map(|((server_device, client_device), channel)| OwnedDevicePairChoice {
-            server_device,
-            client_device,
-            channel,
-        })
+        .map(
+            |((server_device, client_device), channel)| OwnedDevicePairChoice {
+                server_device,
+                client_device,
+                channel,
+            },
+        )
         .collect();
     Ok(Selection {
         transport,
@@ -177,7 +182,11 @@ fn unique_names_devices(c: &ChannelOffer<'_>) -> Result<(), NegotiationError> {
     let mut seen = BTreeSet::new();
     for d in c.devices.iter() {
         if !seen.insert(d.device) {
-            return Err(NegotiationError::DuplicateEntry(alloc::format!("device {} of channel {}", d.device, c.name)));
+            return Err(NegotiationError::DuplicateEntry(alloc::format!(
+                "device {} of channel {}",
+                d.device,
+                c.name
+            )));
         }
     }
     Ok(())
@@ -208,8 +217,18 @@ mod tests {
             channels: Seq::Slice(&[]),
         };
         let none = Seq::Slice(&[]);
-        assert_eq!(negotiate(&client, &Seq::Slice(&st_same), &none).unwrap().transport, "shm");
-        assert_eq!(negotiate(&client, &Seq::Slice(&st_other), &none).unwrap().transport, "tcp");
+        assert_eq!(
+            negotiate(&client, &Seq::Slice(&st_same), &none)
+                .unwrap()
+                .transport,
+            "shm"
+        );
+        assert_eq!(
+            negotiate(&client, &Seq::Slice(&st_other), &none)
+                .unwrap()
+                .transport,
+            "tcp"
+        );
         assert_eq!(
             negotiate(&client, &Seq::Slice(&[t("ibv", 1, b"")]), &none),
             Err(NegotiationError::NoCommonTransport)

@@ -91,11 +91,21 @@ impl fmt::Display for PeerMisbehaved {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::UnexpectedFrame { kind } => write!(f, "unexpected frame of kind {kind}"),
-            Self::InconsistentSelection => f.write_str("brochure answer disagrees with the negotiation rules"),
-            Self::BadVersion(v) => write!(f, "answer chose protocol version {v}, outside our range"),
-            Self::VersionChanged(v) => write!(f, "frame of version {v} after another version was negotiated"),
+            Self::InconsistentSelection => {
+                f.write_str("brochure answer disagrees with the negotiation rules")
+            }
+            Self::BadVersion(v) => {
+                write!(f, "answer chose protocol version {v}, outside our range")
+            }
+            Self::VersionChanged(v) => write!(
+                f,
+                "frame of version {v} after another version was negotiated"
+            ),
             Self::NoChannelForTarget { target, source } => {
-                write!(f, "descriptor targets {target} but no channel joins it to {source}")
+                write!(
+                    f,
+                    "descriptor targets {target} but no channel joins it to {source}"
+                )
             }
             Self::BadDescriptorReply => f.write_str("descriptor reply does not match its message"),
         }
@@ -167,11 +177,18 @@ impl PipeError {
                 ..
             } => Some(CloseReason::LimitExceeded),
             Self::Decode { .. } | Self::Peer(_) => Some(CloseReason::ProtocolViolation),
-            Self::Negotiation(NegotiationError::NoCommonVersion { .. }) => Some(CloseReason::VersionMismatch),
-            Self::Negotiation(NegotiationError::NoCommonTransport) => Some(CloseReason::NoCommonTransport),
+            Self::Negotiation(NegotiationError::NoCommonVersion { .. }) => {
+                Some(CloseReason::VersionMismatch)
+            }
+            Self::Negotiation(NegotiationError::NoCommonTransport) => {
+                Some(CloseReason::NoCommonTransport)
+            }
             Self::Negotiation(_) => Some(CloseReason::ProtocolViolation),
             Self::HandshakeTimeout => Some(CloseReason::HandshakeTimeout),
-            Self::PeerClosed { .. } | Self::Connection { .. } | Self::Channel { .. } | Self::NoChannel { .. } => None,
+            Self::PeerClosed { .. }
+            | Self::Connection { .. }
+            | Self::Channel { .. }
+            | Self::NoChannel { .. } => None,
         }
     }
 }
@@ -180,14 +197,22 @@ impl fmt::Display for PipeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Closed => f.write_str("pipe closed"),
-            Self::PeerClosed { reason, message } => write!(f, "peer closed the pipe: {reason}: {message}"),
+            Self::PeerClosed { reason, message } => {
+                write!(f, "peer closed the pipe: {reason}: {message}")
+            }
             Self::Connection { conn, kind } => write!(f, "connection {} failed: {kind}", conn.0),
             Self::Channel { channel, kind } => write!(f, "channel {} failed: {kind}", channel.0),
-            Self::Decode { conn, error } => write!(f, "bad frame on connection {}: {error}", conn.0),
+            Self::Decode { conn, error } => {
+                write!(f, "bad frame on connection {}: {error}", conn.0)
+            }
             Self::Peer(p) => write!(f, "peer broke the protocol: {p}"),
             Self::Negotiation(n) => write!(f, "handshake failed: {n}"),
             Self::HandshakeTimeout => f.write_str("handshake timed out"),
-            Self::NoChannel { tensor, local, remote } => {
+            Self::NoChannel {
+                tensor,
+                local,
+                remote,
+            } => {
                 write!(f, "no channel joins {local} to {remote} (tensor {tensor})")
             }
         }
@@ -230,9 +255,15 @@ impl fmt::Display for CommandError {
         match self {
             Self::UnknownOp(op) => write!(f, "no read operation {}", op.0),
             Self::NotAwaitingRead(op) => write!(f, "operation {} is not awaiting read", op.0),
-            Self::NotFirstInLine(op) => write!(f, "operation {} is not the next message to read", op.0),
+            Self::NotFirstInLine(op) => {
+                write!(f, "operation {} is not the next message to read", op.0)
+            }
             Self::Allocation(e) => write!(f, "allocation does not match the descriptor: {e}"),
-            Self::NoChannel { tensor, local, remote } => {
+            Self::NoChannel {
+                tensor,
+                local,
+                remote,
+            } => {
                 write!(f, "no channel joins {local} to {remote} (tensor {tensor})")
             }
             Self::Encode(e) => write!(f, "cannot encode the message: {e}"),
@@ -304,7 +335,7 @@ pub struct LocalOffer {
 /// out in the order they are polled.
 ///
 /// Every `SendPayload` and `RecvPayload` gets exactly one
-/// [`Pipe::handle_payload_done`], success or not, even after the connection closed:
+/// [`Pipe::handle_payload_done`](super::Pipe::handle_payload_done), success or not, even after the connection closed:
 /// that is how the pipe knows the user's memory is free again.
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub enum Io {
@@ -336,7 +367,7 @@ pub enum Io {
         len: u64,
     },
     /// Read one frame (12-byte header, then its body) and pass it to
-    /// [`Pipe::handle_frame`].
+    /// [`Pipe::handle_frame`](super::Pipe::handle_frame).
     RecvFrame {
         /// Where.
         conn: ConnId,
@@ -360,7 +391,7 @@ pub enum Io {
 }
 
 /// An action on a channel, for the driver. Each `Send`/`Recv` gets exactly one
-/// [`Pipe::handle_channel_done`]; per channel, the k-th send pairs with the peer's k-th
+/// [`Pipe::handle_channel_done`](super::Pipe::handle_channel_done); per channel, the k-th send pairs with the peer's k-th
 /// receive.
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub enum ChannelOp {
