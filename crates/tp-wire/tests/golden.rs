@@ -160,20 +160,19 @@ fn check<'a, P: Packet<'a> + PartialEq + std::fmt::Debug>(
         "{name}: a trailing byte was accepted"
     );
     // The corpus seeds for the fuzz targets are these same bytes.
-    let seed = root().join(format!(
-        "fuzz/corpus/{}/seed-golden-{name}",
-        fuzz_target(name)
-    ));
-    if std::env::var_os("TP_WRITE_CORPUS").is_some() {
-        std::fs::create_dir_all(seed.parent().unwrap()).unwrap();
-        std::fs::write(&seed, want).unwrap();
-    } else {
-        assert_eq!(
-            std::fs::read(&seed).ok().as_ref(),
-            Some(want),
-            "{name}: stale fuzz seed {}; run with TP_WRITE_CORPUS=1",
-            seed.display()
-        );
+    for target in [fuzz_target(name), "frame"] {
+        let seed = root().join(format!("fuzz/corpus/{target}/seed-golden-{name}"));
+        if std::env::var_os("TP_WRITE_CORPUS").is_some() {
+            std::fs::create_dir_all(seed.parent().unwrap()).unwrap();
+            std::fs::write(&seed, want).unwrap();
+        } else {
+            assert_eq!(
+                std::fs::read(&seed).ok().as_ref(),
+                Some(want),
+                "{name}: stale fuzz seed {}; run with TP_WRITE_CORPUS=1",
+                seed.display()
+            );
+        }
     }
 }
 

@@ -1,0 +1,2 @@
+mod packets;
+mod pipe;
