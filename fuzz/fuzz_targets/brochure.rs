@@ -5,5 +5,9 @@ use libfuzzer_sys::fuzz_target;
 use tp_wire::packet::{BrochureRepr, frame_to_vec};
 
 fuzz_target!(|data: &[u8]| {
-    tp_fuzz::check_packet::<BrochureRepr<'_>, _>(data, |p| p.to_owned(), |o| o.with_repr(|r| frame_to_vec(r)).unwrap());
+    tp_fuzz::check_packet::<BrochureRepr<'_>, _>(
+        data,
+        |p| p.to_owned(),
+        |o| o.with_repr(|r| frame_to_vec(r)).unwrap(),
+    );
 });

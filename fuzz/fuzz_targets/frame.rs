@@ -13,9 +13,13 @@ fuzz_target!(|data: &[u8]| {
             h.emit(&mut again).unwrap();
             assert_eq!(&again[..], &data[..12]);
         }
-        let Ok((header, body)) = split_frame(data, &limits) else { continue };
+        let Ok((header, body)) = split_frame(data, &limits) else {
+            continue;
+        };
         let _ = match header.kind {
-            FrameKind::SpontaneousConnection => SpontaneousConnection::parse(body, &limits).map(|_| ()),
+            FrameKind::SpontaneousConnection => {
+                SpontaneousConnection::parse(body, &limits).map(|_| ())
+            }
             FrameKind::RequestedConnection => RequestedConnection::parse(body, &limits).map(|_| ()),
             FrameKind::Brochure => BrochureRepr::parse(body, &limits).map(|_| ()),
             FrameKind::BrochureAnswer => BrochureAnswerRepr::parse(body, &limits).map(|_| ()),

@@ -14,12 +14,27 @@ use tp_wire::testing::{Knobs, Message, Pair, TestTensor, offer};
 
 #[derive(Arbitrary, Debug)]
 enum Action {
-    Write { server: bool, payloads: Vec<u8>, tensors: Vec<(u8, u8, Option<u8>)>, meta: u8 },
-    ReadDescriptor { server: bool },
+    Write {
+        server: bool,
+        payloads: Vec<u8>,
+        tensors: Vec<(u8, u8, Option<u8>)>,
+        meta: u8,
+    },
+    ReadDescriptor {
+        server: bool,
+    },
     Step(u8),
-    Inject { server: bool, conn: u8, bytes: Vec<u8> },
-    Close { server: bool },
-    Kill { server: bool },
+    Inject {
+        server: bool,
+        conn: u8,
+        bytes: Vec<u8>,
+    },
+    Close {
+        server: bool,
+    },
+    Kill {
+        server: bool,
+    },
     Time(u8),
 }
 
@@ -38,7 +53,11 @@ fn side(server: bool) -> Side {
 }
 
 fn device(b: u8) -> Device {
-    if b % 3 == 0 { Device::CPU } else { Device::cuda(u32::from(b % 3)) }
+    if b % 3 == 0 {
+        Device::CPU
+    } else {
+        Device::cuda(u32::from(b % 3))
+    }
 }
 
 #[derive(Default)]
@@ -55,7 +74,8 @@ fn observe(p: &mut Pair, s: Side, counts: &mut Counts) {
             Event::DescriptorReady { op, result } => {
                 *counts.descriptors.entry(op).or_default() += 1;
                 if let Ok(d) = result {
-                    let devices: Vec<Device> = (0..d.tensors.len()).map(|i| device(i as u8)).collect();
+                    let devices: Vec<Device> =
+                        (0..d.tensors.len()).map(|i| device(i as u8)).collect();
                     if p.read(s, op, &d, &devices).is_ok() {
                         counts.reads.insert(op, 0);
                     } else if p.read(s, op, &d, &[]).is_ok() {
@@ -71,8 +91,15 @@ fn observe(p: &mut Pair, s: Side, counts: &mut Counts) {
 
 fuzz_target!(|input: Input| {
     let domain: &[u8] = b"boot";
-    let other: &[u8] = if input.same_domain { b"boot" } else { b"elsewhere" };
-    let knobs = Knobs { max_chunk: usize::from(input.chunk).max(1), delay_percent: input.delay % 100 };
+    let other: &[u8] = if input.same_domain {
+        b"boot"
+    } else {
+        b"elsewhere"
+    };
+    let knobs = Knobs {
+        max_chunk: usize::from(input.chunk).max(1),
+        delay_percent: input.delay % 100,
+    };
     let mut p = Pair::new(
         PipeConfig::default(),
         offer("c", domain, u32::from(input.gpus.0 % 3)),
@@ -87,14 +114,23 @@ fuzz_target!(|input: Input| {
     let mut dead = [false, false];
     for action in input.actions.into_iter().take(64) {
         match action {
-            Action::Write { server, payloads, tensors, meta } => {
+            Action::Write {
+                server,
+                payloads,
+                tensors,
+                meta,
+            } => {
                 let s = side(server);
                 if dead[server as usize] || (s == Side::Server && p.server.is_none()) {
                     continue;
                 }
                 let msg = Message {
                     metadata: vec![meta; usize::from(meta % 8)],
-                    payloads: payloads.iter().take(4).map(|&n| (vec![n; usize::from(n)], vec![n])).collect(),
+                    payloads: payloads
+                        .iter()
+                        .take(4)
+                        .map(|&n| (vec![n; usize::from(n)], vec![n]))
+                        .collect(),
                     tensors: tensors
                         .iter()
                         .take(4)
@@ -121,7 +157,11 @@ fuzz_target!(|input: Input| {
                     p.step();
                 }
             }
-            Action::Inject { server, conn, bytes } => p.inject(side(server), ConnId(u32::from(conn % 8)), &bytes),
+            Action::Inject {
+                server,
+                conn,
+                bytes,
+            } => p.inject(side(server), ConnId(u32::from(conn % 8)), &bytes),
             Action::Close { server } => {
                 if !dead[server as usize] && !(server && p.server.is_none()) {
                     p.close(side(server));
@@ -156,10 +196,18 @@ fuzz_target!(|input: Input| {
             continue; // a killed side's pipe never runs again: nothing to check
         }
         for op in &issued_writes[i] {
-            assert_eq!(counts[i].writes.get(op), Some(&1), "write {op:?} completed wrongly");
+            assert_eq!(
+                counts[i].writes.get(op),
+                Some(&1),
+                "write {op:?} completed wrongly"
+            );
         }
         for op in &issued_reads[i] {
-            assert_eq!(counts[i].descriptors.get(op), Some(&1), "descriptor {op:?} delivered wrongly");
+            assert_eq!(
+                counts[i].descriptors.get(op),
+                Some(&1),
+                "descriptor {op:?} delivered wrongly"
+            );
         }
         for (op, n) in &counts[i].reads {
             assert_eq!(*n, 1, "read {op:?} completed {n} times");
