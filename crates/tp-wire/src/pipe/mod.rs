@@ -275,11 +275,9 @@ impl Pipe {
                     conn: ConnId(0),
                     frame,
                 }),
-                Err(_) => {
-                    // The local offer itself is unencodable (a name over 4 GiB): fail the pipe.
-                    p.fail(PipeError::Negotiation(NegotiationError::DuplicateEntry(
-                        "local offer".to_string(),
-                    )));
+                Err(e) => {
+                    // The local offer itself does not fit the format (a name over 4 GiB).
+                    p.fail(PipeError::Encode(e));
                     return p;
                 }
             }
@@ -654,8 +652,8 @@ impl Pipe {
     /// connection id the driver must use for it from now on.
     ///
     /// # Errors
-    /// [`CommandError::UnknownOp`] (with op 0) when the id is not one this pipe is
-    /// waiting for; the driver closes that connection, the pipe is unaffected.
+    /// [`CommandError::UnknownRegistration`] when the id is not one this pipe is waiting
+    /// for; the driver closes that connection, the pipe is unaffected.
     pub fn handle_requested_connection(
         &mut self,
         id: RegistrationId,
@@ -663,7 +661,7 @@ impl Pipe {
         let role = self
             .pending_regs
             .remove(&id)
-            .ok_or(CommandError::UnknownOp(OpId(id.0)))?;
+            .ok_or(CommandError::UnknownRegistration(id))?;
         let conn = self.new_conn();
         match role {
             Role::Primary => {
@@ -823,9 +821,9 @@ impl Pipe {
         answer.transport.clone_from(&selection.transport);
         answer.address = address;
         answer.pairs.clone_from(&selection.pairs);
-        let frame = answer.with_repr(|a| frame_to_vec(a)).map_err(|_| {
-            PipeError::Negotiation(NegotiationError::DuplicateEntry("answer".to_string()))
-        })?;
+        let frame = answer
+            .with_repr(|a| frame_to_vec(a))
+            .map_err(PipeError::Encode)?;
         self.version = version;
         self.install_pairs(&selection, Side::Server);
         self.transport = Some(selection.transport.clone());
@@ -901,7 +899,7 @@ impl Pipe {
             let frame = frame_to_vec(&RequestedConnection {
                 registration_id: id,
             })
-            .map_err(|_| PipeError::Closed)?;
+            .map_err(PipeError::Encode)?;
             p.io.push_back(Io::Send { conn: c, frame });
             Ok(c)
         };

@@ -155,6 +155,8 @@ pub enum PipeError {
     Negotiation(NegotiationError),
     /// The handshake did not complete within [`PipeConfig::handshake_timeout`].
     HandshakeTimeout,
+    /// A local value did not fit the wire format (a name or descriptor over 4 GiB).
+    Encode(EncodeError),
     /// Operation-specific, not sticky: no selected channel joins a tensor's source device
     /// to its target device. Nothing of the message was sent.
     NoChannel {
@@ -171,7 +173,7 @@ impl PipeError {
     /// The reason this side gives the peer in its goodbye, if it should send one.
     pub(crate) const fn goodbye_reason(&self) -> Option<CloseReason> {
         match self {
-            Self::Closed => Some(CloseReason::Normal),
+            Self::Closed | Self::Encode(_) => Some(CloseReason::Normal),
             Self::Decode {
                 error: DecodeError::LimitExceeded { .. },
                 ..
@@ -208,6 +210,7 @@ impl fmt::Display for PipeError {
             Self::Peer(p) => write!(f, "peer broke the protocol: {p}"),
             Self::Negotiation(n) => write!(f, "handshake failed: {n}"),
             Self::HandshakeTimeout => f.write_str("handshake timed out"),
+            Self::Encode(e) => write!(f, "cannot encode: {e}"),
             Self::NoChannel {
                 tensor,
                 local,
@@ -246,8 +249,8 @@ pub enum CommandError {
     Encode(EncodeError),
     /// The message breaks the pipe's [`Limits`] (the peer would refuse it).
     ExceedsLimits(DecodeError),
-    /// The handshake is not finished, so the pipe has no channels to query.
-    NotEstablished,
+    /// No connection with this registration id is awaited.
+    UnknownRegistration(RegistrationId),
 }
 
 impl fmt::Display for CommandError {
@@ -268,7 +271,7 @@ impl fmt::Display for CommandError {
             }
             Self::Encode(e) => write!(f, "cannot encode the message: {e}"),
             Self::ExceedsLimits(e) => write!(f, "message exceeds the limits: {e}"),
-            Self::NotEstablished => f.write_str("pipe handshake not finished"),
+            Self::UnknownRegistration(id) => write!(f, "no pipe awaits a connection with id {id}"),
         }
     }
 }
