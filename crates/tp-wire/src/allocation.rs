@@ -202,6 +202,15 @@ pub trait Allocator {
     ) -> Result<Self::Buffer, AllocationError>;
 }
 
+/// The length of a tensor a host-memory allocator may serve: refused when the sender
+/// imposed a device other than the CPU.
+fn host_tensor_len(desc: &TensorDesc<'_>) -> Result<u64, AllocationError> {
+    match desc.target_device {
+        Some(d) if d != Device::CPU => Err(AllocationError::UnsupportedDevice(d)),
+        _ => Ok(desc.length),
+    }
+}
+
 fn len_u64(n: usize) -> u64 {
     u64::try_from(n).unwrap_or(u64::MAX)
 }
@@ -351,10 +360,7 @@ impl Allocator for HeapAllocator {
         _index: usize,
         desc: &TensorDesc<'_>,
     ) -> Result<Self::Buffer, AllocationError> {
-        match desc.target_device {
-            Some(d) if d != Device::CPU => Err(AllocationError::UnsupportedDevice(d)),
-            _ => self.alloc(desc.length),
-        }
+        self.alloc(host_tensor_len(desc)?)
     }
 }
 
@@ -458,10 +464,7 @@ impl<'r> Allocator for PoolAllocator<'r> {
         _index: usize,
         desc: &TensorDesc<'_>,
     ) -> Result<Self::Buffer, AllocationError> {
-        match desc.target_device {
-            Some(d) if d != Device::CPU => Err(AllocationError::UnsupportedDevice(d)),
-            _ => self.take(desc.length),
-        }
+        self.take(host_tensor_len(desc)?)
     }
 }
 
