@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use tp_wire::packet::{
-    Descriptor, DescriptorRepr, Payload, Seq, Tensor, TensorDesc, emit_frame, frame_len,
-    frame_to_vec, parse_frame,
+    Descriptor, DescriptorRepr, Seq, Tensor, TensorDesc, emit_frame, frame_len, frame_to_vec,
+    parse_frame,
 };
 use tp_wire::{Device, Limits};
 
@@ -79,7 +79,7 @@ fn main() {
     };
     let owned: Descriptor = Descriptor {
         metadata: metadata.clone(),
-        payloads: vec![Payload::default(); 0],
+        payloads: Vec::new(),
         tensors: tensors
             .iter()
             .map(|t| Tensor {

@@ -538,9 +538,12 @@ impl Pipe {
                     ),
                 ) {
                     (Some(conn), Ok(frame)) => self.io.push_back(Io::Send { conn, frame }),
-                    // Unreachable in practice: an established pipe has a reply connection
-                    // and a decoded descriptor's device list always encodes. Fail safe.
-                    _ => self.fail(PipeError::Closed),
+                    (_, Err(e)) => self.fail(PipeError::Encode(e)),
+                    // Unreachable: a descriptor arrives only once established, and an
+                    // established pipe has its reply connection. Fail safe, not panic.
+                    (None, Ok(_)) => self.fail(PipeError::Peer(PeerMisbehaved::UnexpectedFrame {
+                        kind: FrameKind::Descriptor.to_u8(),
+                    })),
                 }
             }
             for (tensor, (t, channel)) in desc.tensors.iter().zip(channels).enumerate() {
