@@ -254,7 +254,7 @@ proptest! {
 
     #[test]
     fn mutations_never_panic_and_what_parses_is_canonical(frame in any_frame(), at in any::<prop::sample::Index>(), xor in 1u8..) {
-        let mut m = frame.clone();
+        let mut m = frame;
         let i = at.index(m.len());
         m[i] ^= xor;
         if let Ok(again) = parse_any(&m) {

@@ -98,12 +98,12 @@ proptest! {
                 Action::Step(n) => for _ in 0..n { p.step(); },
                 Action::Close(s) => { p.close(side(s)); closed = true; }
             }
-            for i in 0..2 { observe(&mut p, side(i == 1), &mut logs[i]); }
+            for (i, log) in logs.iter_mut().enumerate() { observe(&mut p, side(i == 1), log); }
         }
         // Settle, then check what arrived before closing.
         for _ in 0..8 {
             p.drive();
-            for i in 0..2 { observe(&mut p, side(i == 1), &mut logs[i]); }
+            for (i, log) in logs.iter_mut().enumerate() { observe(&mut p, side(i == 1), log); }
         }
         prop_assert_eq!(p.mismatches, 0);
         for i in 0..2 {
@@ -138,7 +138,7 @@ proptest! {
         p.close(Side::Server);
         for _ in 0..8 {
             p.drive();
-            for i in 0..2 { observe(&mut p, side(i == 1), &mut logs[i]); }
+            for (i, log) in logs.iter_mut().enumerate() { observe(&mut p, side(i == 1), log); }
         }
         for log in &logs {
             prop_assert_eq!(log.write_done.iter().map(|w| w.0).collect::<Vec<_>>(), log.writes.clone());
