@@ -5,8 +5,11 @@
 //! - `prop::pipe`: random interleavings of write, read and close through tp-wire's
 //!   deterministic harness; order and exactly-once must hold.
 //!
-//! Conformance suites for transports and channels (iceoryx2 style, one suite
-//! instantiated per backend) join here as those crates land.
+//! - `conformance::transport`: one suite of transport behaviours (tensorpipe.md §6.2
+//!   plus bad input), instantiated for every transport and run under two executors.
+//!   Channel suites join as tp-channel lands.
 
+#[cfg(test)]
+mod conformance;
 #[cfg(test)]
 mod prop;

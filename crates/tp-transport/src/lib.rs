@@ -1,18 +1,127 @@
-//! tp-transport: byte-stream transports for tp's pipes (step 2 of the roadmap).
+//! tp-transport: byte-stream transports for tp's pipes.
 //!
-//! **Status: not implemented yet.** This crate holds no code so far; nothing here works.
-//! It exists so the workspace has its final shape. The plan:
+//! A transport carries a pipe's control frames and payloads: ordered, reliable byte
+//! streams between two contexts. This crate holds the three traits every transport
+//! implements — [`Transport`] (the context: name, viability, domain descriptor, listen,
+//! connect), [`Listener`] and [`Connection`] — and the backends:
 //!
-//! - `lib.rs`: the traits — a transport context (name, `is_viable` with a reason,
-//!   domain descriptor, `listen`, `connect`), a listener (address, URL, `accept`) and a
-//!   connection (ordered vectored writes, exact-length reads into the caller's buffer,
-//!   length-prefixed frame reads bounded by [`tp_wire`]-style limits, close). Plain
-//!   futures over `polling`/`async-io`, usable from any executor.
-//! - `tcp`: `host:port`, IPv4 and IPv6, `TCP_NODELAY`, address guessing like the
-//!   original (`TP_SOCKET_IFNAME`, the hostname, `127.0.0.1` with a warning).
-//! - `shm`: abstract Unix socket bootstrap, memfd rings handed over with `SCM_RIGHTS`,
-//!   eventfd wake-ups with brief spinning then parking, peer credential checks, and a
-//!   sans-IO ring (core only, tested under miri).
-//! - `ibv` (feature `ibv`): RDMA write-with-immediate into the peer's inbox ring, with the
-//!   ring/ack protocol as a sans-IO module tested against an in-memory queue-pair model.
-#![forbid(unsafe_code)]
+//! | backend | feature | state |
+//! |---|---|---|
+//! | [`tcp`] | `tcp` (default) | done: IPv4/IPv6, ephemeral ports, `TCP_NODELAY`, address guessing |
+//! | `shm` | — | only its sans-IO ring ([`shm::ring`]) so far; the transport itself is not written yet |
+//! | `ibv` | — | not written yet |
+//!
+//! # The API is plain futures
+//!
+//! Every operation returns a future that works under any executor; I/O readiness comes
+//! from the `async-io` reactor (epoll through `polling`). Operations take `&self`, so a
+//! connection can have many reads and writes in flight at once. Each is queued *when it
+//! is issued* (when the method is called), and reads complete in issue order, as do
+//! writes. A future dropped before it started gives up its place; one dropped halfway
+//! through its I/O leaves the stream at an unknown position, so the connection closes and
+//! later operations fail with [`TransportError::Broken`].
+//!
+//! # Frames
+//!
+//! Besides raw exact-length reads and writes, a connection reads and writes
+//! length-prefixed frames: an 8-byte little-endian length, then the bytes.
+//! [`Connection::read_frame`] checks the length against the caller's limit before it
+//! allocates anything; a peer that announces more is cut off.
+//!
+//! # Close
+//!
+//! Closing a connection, a listener or a whole transport context fails every pending
+//! operation on it exactly once with [`TransportError::Closed`]; a peer's close shows up
+//! as [`TransportError::Eof`].
+
+#![deny(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod error;
+mod order;
+pub mod shm;
+mod signal;
+#[cfg(feature = "tcp")]
+pub mod tcp;
+
+use std::fmt;
+
+pub use error::{ErrorKind, TransportError};
+use futures::future::BoxFuture;
+
+/// A boxed connection.
+pub type BoxConnection = Box<dyn Connection>;
+/// A boxed listener.
+pub type BoxListener = Box<dyn Listener>;
+
+/// A transport context: the factory for listeners and connections of one kind.
+pub trait Transport: fmt::Debug + Send + Sync {
+    /// The registered name (`tcp`, `shm`, `ibv`); also the URL scheme.
+    fn name(&self) -> &'static str;
+
+    /// `Ok` when the transport works on this machine, else
+    /// [`TransportError::NotViable`] with the reason.
+    ///
+    /// # Errors
+    /// [`TransportError::NotViable`].
+    fn viability(&self) -> Result<(), TransportError>;
+
+    /// Returns `true` when [`Transport::viability`] is `Ok`.
+    fn is_viable(&self) -> bool {
+        self.viability().is_ok()
+    }
+
+    /// Two contexts can talk when their domain descriptors are byte-equal.
+    fn domain_descriptor(&self) -> &[u8];
+
+    /// Starts listening on `address` (transport-specific; port 0 or an empty name picks
+    /// one). The listener reports the address actually bound.
+    ///
+    /// # Errors
+    /// [`TransportError::BadAddress`], [`TransportError::Closed`], or an OS error.
+    fn listen(&self, address: &str) -> Result<BoxListener, TransportError>;
+
+    /// Connects to a listener's `address`.
+    fn connect(&self, address: &str) -> BoxFuture<'static, Result<BoxConnection, TransportError>>;
+
+    /// Closes the context: every listener and connection it made is closed, and later
+    /// calls fail with [`TransportError::Closed`]. Idempotent.
+    fn close(&self);
+}
+
+/// Accepts connections.
+pub trait Listener: fmt::Debug + Send + Sync {
+    /// The address actually bound (the ephemeral port resolved).
+    fn address(&self) -> &str;
+
+    /// `<transport>://<address>`.
+    fn url(&self) -> String;
+
+    /// The next incoming connection. Accepts complete in issue order.
+    fn accept(&self) -> BoxFuture<'_, Result<BoxConnection, TransportError>>;
+
+    /// Stops listening; pending and later accepts fail with [`TransportError::Closed`].
+    fn close(&self);
+}
+
+/// An ordered, reliable byte stream.
+pub trait Connection: fmt::Debug + Send + Sync {
+    /// Writes every buffer, in order, as one unit after all earlier writes.
+    fn write<'a>(&'a self, bufs: &'a [&'a [u8]]) -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// Fills `buf` entirely with the next bytes of the stream, after all earlier reads.
+    fn read_exact<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// Reads one length-prefixed frame of at most `limit` bytes.
+    ///
+    /// A larger announced length closes the connection with
+    /// [`TransportError::FrameTooLarge`] before any allocation.
+    fn read_frame(&self, limit: u64) -> BoxFuture<'_, Result<Vec<u8>, TransportError>>;
+
+    /// Writes `body` as one length-prefixed frame.
+    fn write_frame<'a>(&'a self, body: &'a [u8]) -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// Closes both directions; pending and later operations fail with
+    /// [`TransportError::Closed`]. Idempotent.
+    fn close(&self);
+}

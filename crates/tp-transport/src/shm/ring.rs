@@ -1,0 +1,584 @@
+//! A lock-free single-producer single-consumer byte ring over a shared region.
+//!
+//! Sans-IO and `core`-only: the ring is a [`RingHeader`] of atomics and `u64` markers
+//! followed by `capacity` data bytes, all addressed by offsets inside one byte region. No
+//! pointer is ever stored in the region, so each process maps it wherever it likes. The
+//! pointer-holding views, [`Producer`] and [`Consumer`], stay process-local.
+//!
+//! # Layout (offsets from the start of the region)
+//!
+//! | offset | field | written by |
+//! |---|---|---|
+//! | 0 | `magic: u64` = [`RING_MAGIC`] (published last, with Release) | creator |
+//! | 8 | `capacity: u64`, a power of two | creator |
+//! | 64 | `head: u64`, bytes ever written | producer |
+//! | 72 | `producer_parked: u32` | producer |
+//! | 76 | `producer_closed: u32` | producer |
+//! | 128 | `tail: u64`, bytes ever read | consumer |
+//! | 136 | `consumer_parked: u32` | consumer |
+//! | 140 | `consumer_closed: u32` | consumer |
+//! | 192 | data, `capacity` bytes; byte `n` of the stream lives at `n % capacity` | |
+//!
+//! `head` and `tail` never wrap (2^64 bytes is centuries at memory speed); `head - tail`
+//! is the number of readable bytes and is at most `capacity`.
+//!
+//! # Synchronisation
+//!
+//! - Data: the producer copies bytes into `[head, tail + capacity)` and then stores the
+//!   new `head` with Release; the consumer loads `head` with Acquire before reading
+//!   `[tail, head)`. Symmetrically the consumer frees space by storing `tail` with
+//!   Release, and the producer loads it with Acquire before overwriting. Each byte range
+//!   is therefore touched by one side at a time.
+//! - Parking: a side that finds nothing to do sets its `*_parked` flag, issues a SeqCst
+//!   fence, and checks the marker again before sleeping; the other side publishes its
+//!   marker, issues a SeqCst fence, and reads the flag. One of the two always sees the
+//!   other (Dekker), so a wake-up is never lost. [`Producer::wake_consumer`] and
+//!   [`Consumer::wake_producer`] say whether the peer must be woken (its eventfd written).
+
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+
+/// Written at offset 0 once the ring is initialised ("tpRING\0\x01").
+pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"tpRING\x00\x01");
+/// Size of the header; data starts here.
+pub const HEADER_LEN: usize = 192;
+
+/// The shared header. Only atomics: it may be mapped in several processes at once.
+#[derive(Debug)]
+#[repr(C, align(64))]
+pub struct RingHeader {
+    magic: AtomicU64,
+    capacity: AtomicU64,
+    _pad0: [u64; 6],
+    head: AtomicU64,
+    producer_parked: AtomicU32,
+    producer_closed: AtomicU32,
+    _pad1: [u64; 6],
+    tail: AtomicU64,
+    consumer_parked: AtomicU32,
+    consumer_closed: AtomicU32,
+    _pad2: [u64; 6],
+}
+
+const _: () = assert!(size_of::<RingHeader>() == HEADER_LEN);
+
+/// Why a region cannot hold or be read as a ring.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum RingError {
+    /// The region is not 64-byte aligned.
+    Misaligned,
+    /// The capacity is not a power of two of at least 64 bytes.
+    BadCapacity(u64),
+    /// The region is shorter than header plus capacity.
+    TooSmall {
+        /// Bytes the ring needs.
+        needed: usize,
+        /// Bytes the region has.
+        actual: usize,
+    },
+    /// The region does not start with [`RING_MAGIC`] (not a ring, or not initialised).
+    BadMagic,
+}
+
+impl core::fmt::Display for RingError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Misaligned => f.write_str("ring region is not 64-byte aligned"),
+            Self::BadCapacity(c) => write!(f, "ring capacity {c} is not a power of two >= 64"),
+            Self::TooSmall { needed, actual } => {
+                write!(
+                    f,
+                    "ring region of {actual} bytes is smaller than the {needed} it needs"
+                )
+            }
+            Self::BadMagic => f.write_str("region does not hold an initialised ring"),
+        }
+    }
+}
+
+impl core::error::Error for RingError {}
+
+/// Bytes a region must have for a ring of `capacity` data bytes.
+pub const fn region_len(capacity: usize) -> usize {
+    HEADER_LEN.saturating_add(capacity)
+}
+
+/// A process-local handle on a ring in some region: the pointers live here, never in
+/// the region.
+#[derive(Clone, Copy, Debug)]
+struct View {
+    header: NonNull<RingHeader>,
+    data: NonNull<u8>,
+    capacity: u64,
+}
+
+// SAFETY: a View only reaches the region through atomics (header) and through byte
+// ranges that the marker protocol hands to exactly one side at a time (data).
+unsafe impl Send for View {}
+
+impl View {
+    /// # Safety
+    /// `base` must point to `len` bytes that stay mapped, readable and writable for the
+    /// life of every view made from it, and that nothing but rings' views mutates.
+    unsafe fn new(base: NonNull<u8>, len: usize, capacity: u64) -> Result<Self, RingError> {
+        if base.as_ptr().align_offset(64) != 0 {
+            return Err(RingError::Misaligned);
+        }
+        if !capacity.is_power_of_two() || capacity < 64 {
+            return Err(RingError::BadCapacity(capacity));
+        }
+        let needed = usize::try_from(capacity)
+            .map(region_len)
+            .unwrap_or(usize::MAX);
+        if len < needed {
+            return Err(RingError::TooSmall {
+                needed,
+                actual: len,
+            });
+        }
+        // SAFETY: HEADER_LEN < needed <= len, so the offset stays inside the region.
+        let data = unsafe { base.add(HEADER_LEN) };
+        Ok(Self {
+            header: base.cast(),
+            data,
+            capacity,
+        })
+    }
+
+    fn header(&self) -> &RingHeader {
+        // SAFETY: the header is aligned, inside the region (checked in `new`), made only of
+        // atomics, and the region outlives the view (`new`'s contract).
+        unsafe { self.header.as_ref() }
+    }
+
+    /// Copies `src` into the ring at stream position `pos` (wrapping).
+    ///
+    /// # Safety
+    /// The producer must own `[pos, pos + src.len())` (within `capacity` of `tail`).
+    unsafe fn copy_in(&self, pos: u64, src: &[u8]) {
+        let (first, second) = self.split(pos, src.len());
+        let (a, b) = src.split_at(first);
+        // SAFETY: the two pieces are in bounds of the data area (split keeps them below
+        // capacity) and owned by the producer (caller's contract); src is a distinct
+        // local buffer.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                a.as_ptr(),
+                self.data.as_ptr().wrapping_add(self.offset(pos)),
+                first,
+            );
+        }
+        // SAFETY: as above; the second piece starts at offset 0 of the data area.
+        unsafe {
+            core::ptr::copy_nonoverlapping(b.as_ptr(), self.data.as_ptr(), second);
+        }
+    }
+
+    /// Copies out of the ring at stream position `pos` into `dst` (wrapping).
+    ///
+    /// # Safety
+    /// The consumer must own `[pos, pos + dst.len())` (below `head`).
+    unsafe fn copy_out(&self, pos: u64, dst: &mut [u8]) {
+        let (first, second) = self.split(pos, dst.len());
+        let (a, b) = dst.split_at_mut(first);
+        // SAFETY: in bounds (see `split`), owned by the consumer (caller's contract).
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                self.data.as_ptr().wrapping_add(self.offset(pos)),
+                a.as_mut_ptr(),
+                first,
+            );
+        }
+        // SAFETY: as above, second piece at offset 0.
+        unsafe {
+            core::ptr::copy_nonoverlapping(self.data.as_ptr(), b.as_mut_ptr(), second);
+        }
+    }
+
+    fn offset(&self, pos: u64) -> usize {
+        // The mask keeps the value below capacity, which fits usize (checked in `new`).
+        usize::try_from(pos & (self.capacity - 1)).unwrap_or(0)
+    }
+
+    /// Splits `len` bytes at `pos` into the part before the end of the data area and the
+    /// part that wraps to its start. `len` never exceeds capacity.
+    fn split(&self, pos: u64, len: usize) -> (usize, usize) {
+        let off = self.offset(pos);
+        let cap = usize::try_from(self.capacity).unwrap_or(usize::MAX);
+        let first = len.min(cap - off);
+        (first, len - first)
+    }
+}
+
+/// Initialises a ring of `capacity` data bytes at `base` and returns both ends.
+///
+/// # Errors
+/// [`RingError`] when the region is misaligned, too small or the capacity is not a power
+/// of two of at least 64.
+///
+/// # Safety
+/// `base` must point to `len` writable bytes that stay mapped while any end (or any end
+/// attached later with [`attach_producer`] or [`attach_consumer`]) lives, that no one else is using as a ring right now,
+/// and that only ring ends mutate afterwards.
+pub unsafe fn create(
+    base: NonNull<u8>,
+    len: usize,
+    capacity: u64,
+) -> Result<(Producer, Consumer), RingError> {
+    // SAFETY: forwarded contract.
+    let view = unsafe { View::new(base, len, capacity)? };
+    let h = view.header();
+    h.capacity.store(capacity, Ordering::Relaxed);
+    h.head.store(0, Ordering::Relaxed);
+    h.tail.store(0, Ordering::Relaxed);
+    for flag in [
+        &h.producer_parked,
+        &h.producer_closed,
+        &h.consumer_parked,
+        &h.consumer_closed,
+    ] {
+        flag.store(0, Ordering::Relaxed);
+    }
+    // SYNC POINT: pairs with the Acquire load of `magic` in `attach`: a process that sees
+    // the magic sees the initialised fields.
+    h.magic.store(RING_MAGIC, Ordering::Release);
+    Ok((Producer { view }, Consumer { view }))
+}
+
+/// Which end of an existing ring to attach to.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum End {
+    /// The writing end.
+    Producer,
+    /// The reading end.
+    Consumer,
+}
+
+/// Attaches to a ring another process created in a shared region.
+///
+/// # Errors
+/// [`RingError::BadMagic`] if the region holds no initialised ring; the checks of
+/// [`create`] on the capacity found in the header.
+///
+/// # Safety
+/// As for [`create`], and at most one producer and one consumer may exist per ring
+/// across all processes.
+pub unsafe fn attach_producer(base: NonNull<u8>, len: usize) -> Result<Producer, RingError> {
+    // SAFETY: forwarded contract.
+    unsafe { attach(base, len) }.map(|view| Producer { view })
+}
+
+/// The consumer counterpart of [`attach_producer`].
+///
+/// # Errors
+/// As [`attach_producer`].
+///
+/// # Safety
+/// As [`attach_producer`].
+pub unsafe fn attach_consumer(base: NonNull<u8>, len: usize) -> Result<Consumer, RingError> {
+    // SAFETY: forwarded contract.
+    unsafe { attach(base, len) }.map(|view| Consumer { view })
+}
+
+unsafe fn attach(base: NonNull<u8>, len: usize) -> Result<View, RingError> {
+    if base.as_ptr().align_offset(64) != 0 {
+        return Err(RingError::Misaligned);
+    }
+    if len < HEADER_LEN {
+        return Err(RingError::TooSmall {
+            needed: HEADER_LEN,
+            actual: len,
+        });
+    }
+    // SAFETY: aligned and at least HEADER_LEN bytes (checked above); atomics only.
+    let header = unsafe { base.cast::<RingHeader>().as_ref() };
+    // SYNC POINT: pairs with the Release store of `magic` in `create`.
+    if header.magic.load(Ordering::Acquire) != RING_MAGIC {
+        return Err(RingError::BadMagic);
+    }
+    let capacity = header.capacity.load(Ordering::Relaxed);
+    // SAFETY: forwarded contract; `new` re-checks the capacity against `len`.
+    unsafe { View::new(base, len, capacity) }
+}
+
+/// The writing end of a ring.
+#[derive(Debug)]
+pub struct Producer {
+    view: View,
+}
+
+/// The reading end of a ring.
+#[derive(Debug)]
+pub struct Consumer {
+    view: View,
+}
+
+impl Producer {
+    /// Bytes that can be written now.
+    pub fn writable(&self) -> usize {
+        let h = self.view.header();
+        let head = h.head.load(Ordering::Relaxed);
+        // SYNC POINT: pairs with the Release store of `tail` in Consumer::read: the space
+        // it frees is no longer being read.
+        let tail = h.tail.load(Ordering::Acquire);
+        usize::try_from(self.view.capacity - (head - tail)).unwrap_or(0)
+    }
+
+    /// Copies as much of `src` as fits and publishes it; returns the bytes written.
+    /// Call [`Producer::wake_consumer`] afterwards to learn whether to signal the peer.
+    pub fn write(&mut self, src: &[u8]) -> usize {
+        let n = src.len().min(self.writable());
+        if n == 0 {
+            return 0;
+        }
+        let h = self.view.header();
+        let head = h.head.load(Ordering::Relaxed);
+        // SAFETY: [head, head + n) is free space owned by the producer: n <= writable.
+        unsafe { self.view.copy_in(head, src.get(..n).unwrap_or_default()) };
+        // SYNC POINT: pairs with the Acquire load of `head` in Consumer::readable: the
+        // bytes copied above are visible before the new head.
+        h.head.store(head + n as u64, Ordering::Release);
+        n
+    }
+
+    /// After a write: returns `true` if the consumer is parked and must be woken. Clears
+    /// its parked flag, so exactly one wake-up is sent per park.
+    pub fn wake_consumer(&self) -> bool {
+        let h = self.view.header();
+        // SYNC POINT: SeqCst fence pairs with the one in Consumer::park (Dekker): either
+        // the consumer sees our new head before sleeping, or we see its flag here.
+        fence(Ordering::SeqCst);
+        h.consumer_parked.swap(0, Ordering::AcqRel) != 0
+    }
+
+    /// Announces that the producer waits for space. Returns `false` if space appeared
+    /// meanwhile (do not sleep); `true` means: sleep until woken.
+    pub fn park(&self) -> bool {
+        let h = self.view.header();
+        h.producer_parked.store(1, Ordering::Relaxed);
+        // SYNC POINT: pairs with the fence in Consumer::wake_producer.
+        fence(Ordering::SeqCst);
+        if self.writable() > 0 || self.peer_closed() {
+            h.producer_parked.store(0, Ordering::Relaxed);
+            false
+        } else {
+            true
+        }
+    }
+
+    /// Marks the producer closed: the consumer reads what is left, then sees the end.
+    pub fn close(&self) {
+        // SYNC POINT: Release pairs with the Acquire in Consumer::peer_closed, after the
+        // final head store.
+        self.view
+            .header()
+            .producer_closed
+            .store(1, Ordering::Release);
+    }
+
+    /// Returns `true` once the consumer closed its end.
+    pub fn peer_closed(&self) -> bool {
+        // SYNC POINT: pairs with the Release store in Consumer::close.
+        self.view.header().consumer_closed.load(Ordering::Acquire) != 0
+    }
+}
+
+impl Consumer {
+    /// Bytes that can be read now.
+    pub fn readable(&self) -> usize {
+        let h = self.view.header();
+        let tail = h.tail.load(Ordering::Relaxed);
+        // SYNC POINT: pairs with the Release store of `head` in Producer::write.
+        let head = h.head.load(Ordering::Acquire);
+        usize::try_from(head - tail).unwrap_or(0)
+    }
+
+    /// Copies up to `dst.len()` readable bytes into `dst` and frees their space; returns
+    /// the bytes read. Call [`Consumer::wake_producer`] afterwards.
+    pub fn read(&mut self, dst: &mut [u8]) -> usize {
+        let n = dst.len().min(self.readable());
+        if n == 0 {
+            return 0;
+        }
+        let h = self.view.header();
+        let tail = h.tail.load(Ordering::Relaxed);
+        // SAFETY: [tail, tail + n) holds published bytes owned by the consumer: n <= readable.
+        unsafe {
+            self.view
+                .copy_out(tail, dst.get_mut(..n).unwrap_or_default())
+        };
+        // SYNC POINT: pairs with the Acquire load of `tail` in Producer::writable: we are
+        // done reading these bytes before the producer may overwrite them.
+        h.tail.store(tail + n as u64, Ordering::Release);
+        n
+    }
+
+    /// After a read: returns `true` if the producer is parked and must be woken.
+    pub fn wake_producer(&self) -> bool {
+        // SYNC POINT: pairs with the fence in Producer::park.
+        fence(Ordering::SeqCst);
+        self.view.header().producer_parked.swap(0, Ordering::AcqRel) != 0
+    }
+
+    /// Announces that the consumer waits for data. Returns `false` if data (or the end)
+    /// appeared meanwhile; `true` means: sleep until woken.
+    pub fn park(&self) -> bool {
+        let h = self.view.header();
+        h.consumer_parked.store(1, Ordering::Relaxed);
+        // SYNC POINT: pairs with the fence in Producer::wake_consumer.
+        fence(Ordering::SeqCst);
+        if self.readable() > 0 || self.peer_closed() {
+            h.consumer_parked.store(0, Ordering::Relaxed);
+            false
+        } else {
+            true
+        }
+    }
+
+    /// Marks the consumer closed: the producer's further writes are pointless.
+    pub fn close(&self) {
+        // SYNC POINT: pairs with the Acquire in Producer::peer_closed.
+        self.view
+            .header()
+            .consumer_closed
+            .store(1, Ordering::Release);
+    }
+
+    /// Returns `true` once the producer closed its end (read what is left first).
+    pub fn peer_closed(&self) -> bool {
+        // SYNC POINT: pairs with the Release store in Producer::close.
+        self.view.header().producer_closed.load(Ordering::Acquire) != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[repr(C, align(64))]
+    struct Region<const N: usize>([u8; N]);
+
+    fn region<const N: usize>() -> Box<Region<N>> {
+        Box::new(Region([0u8; N]))
+    }
+
+    fn base<const N: usize>(r: &mut Region<N>) -> NonNull<u8> {
+        NonNull::from(&mut r.0).cast()
+    }
+
+    #[test]
+    fn ring_write_read_wraps_around() {
+        let mut r = region::<{ HEADER_LEN + 64 }>();
+        // SAFETY: the region outlives both ends, which are dropped at the end of the test.
+        let (mut p, mut c) = unsafe { create(base(&mut r), HEADER_LEN + 64, 64) }.unwrap();
+        let mut out = [0u8; 64];
+        for round in 0..10u8 {
+            let data: Vec<u8> = (0..40).map(|i| i ^ round).collect();
+            assert_eq!(p.write(&data), 40);
+            assert_eq!(c.readable(), 40);
+            assert_eq!(c.read(&mut out[..40]), 40);
+            assert_eq!(&out[..40], &data[..]);
+        }
+    }
+
+    #[test]
+    fn ring_full_write_is_partial_and_empty_read_is_zero() {
+        let mut r = region::<{ HEADER_LEN + 64 }>();
+        // SAFETY: as above.
+        let (mut p, mut c) = unsafe { create(base(&mut r), HEADER_LEN + 64, 64) }.unwrap();
+        assert_eq!(c.read(&mut [0u8; 8]), 0);
+        assert_eq!(p.write(&[1u8; 100]), 64);
+        assert_eq!(p.writable(), 0);
+        assert_eq!(p.write(&[1u8; 1]), 0);
+        assert!(p.park(), "full ring: the producer may sleep");
+        let mut out = [0u8; 10];
+        assert_eq!(c.read(&mut out), 10);
+        assert!(c.wake_producer(), "the parked producer is woken once");
+        assert!(!c.wake_producer());
+        assert_eq!(p.writable(), 10);
+    }
+
+    #[test]
+    fn ring_park_refuses_when_work_is_there() {
+        let mut r = region::<{ HEADER_LEN + 64 }>();
+        // SAFETY: as above.
+        let (mut p, c) = unsafe { create(base(&mut r), HEADER_LEN + 64, 64) }.unwrap();
+        assert!(c.park());
+        p.write(b"x");
+        assert!(p.wake_consumer());
+        assert!(!c.park(), "data is there: do not sleep");
+        p.close();
+        assert!(c.peer_closed());
+    }
+
+    #[test]
+    fn ring_attach_checks_magic_alignment_and_size() {
+        let mut r = region::<{ HEADER_LEN + 128 }>();
+        let b = base(&mut r);
+        // SAFETY: the region outlives every end made in this test.
+        let r1 = unsafe { attach_consumer(b, HEADER_LEN + 128) };
+        assert_eq!(r1.unwrap_err(), RingError::BadMagic);
+        // SAFETY: as above.
+        let r2 = unsafe { create(b, HEADER_LEN + 128, 100) };
+        assert_eq!(r2.unwrap_err(), RingError::BadCapacity(100));
+        // SAFETY: as above.
+        let r3 = unsafe { create(b, HEADER_LEN + 64, 128) };
+        assert!(matches!(r3, Err(RingError::TooSmall { .. })));
+        // SAFETY: as above.
+        let (mut p, _unused_consumer) = unsafe { create(b, HEADER_LEN + 128, 128) }.unwrap();
+        // SAFETY: as above; the first consumer is never used, so one consumer reads.
+        let mut c2 = unsafe { attach_consumer(b, HEADER_LEN + 128) }.unwrap();
+        p.write(b"hello");
+        let mut out = [0u8; 5];
+        assert_eq!(c2.read(&mut out), 5);
+        assert_eq!(&out, b"hello");
+        let misaligned = NonNull::new(b.as_ptr().wrapping_add(1)).unwrap();
+        // SAFETY: rejected before the region is touched.
+        let r4 = unsafe { attach_producer(misaligned, 64) };
+        assert_eq!(r4.unwrap_err(), RingError::Misaligned);
+    }
+
+    #[test]
+    fn ring_two_threads_stream_every_byte_in_order() {
+        const TOTAL: usize = if cfg!(miri) { 2_000 } else { 1 << 20 };
+        let mut r = region::<{ HEADER_LEN + 256 }>();
+        // SAFETY: the scope below ends both threads before the region is dropped.
+        let (mut p, mut c) = unsafe { create(base(&mut r), HEADER_LEN + 256, 256) }.unwrap();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                let mut sent = 0usize;
+                let mut chunk = 1usize;
+                while sent < TOTAL {
+                    let n = chunk.min(TOTAL - sent);
+                    let data: Vec<u8> = (sent..sent + n).map(|i| (i % 251) as u8).collect();
+                    let w = p.write(&data);
+                    sent += w;
+                    chunk = chunk % 97 + 13;
+                    if w == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+                p.close();
+            });
+            s.spawn(move || {
+                let mut got = 0usize;
+                let mut buf = [0u8; 77];
+                loop {
+                    let n = c.read(&mut buf);
+                    for (k, b) in buf[..n].iter().enumerate() {
+                        assert_eq!(*b, ((got + k) % 251) as u8, "byte {} corrupted", got + k);
+                    }
+                    got += n;
+                    if n == 0 {
+                        if c.peer_closed() && c.readable() == 0 {
+                            break;
+                        }
+                        std::thread::yield_now();
+                    }
+                }
+                assert_eq!(got, TOTAL);
+            });
+        });
+    }
+}

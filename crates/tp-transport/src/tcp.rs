@@ -1,0 +1,591 @@
+//! The TCP transport (the original's "uv").
+//!
+//! Addresses are `host:port`: `127.0.0.1:5000`, `[::1]:0`, `example.com:80`; a bare IP
+//! (`10.0.0.1`, `::1`) means port 0, and port 0 asks the OS for an ephemeral port, which
+//! [`Listener::address`] then reports. An empty address listens on the guessed address
+//! ([`guess_address`]). Every connection sets `TCP_NODELAY`.
+//!
+//! Reads land directly in the caller's buffer, and the socket is read only while a read
+//! is pending: a reader that stops reading leaves the bytes in the kernel and the
+//! writer's window fills (backpressure).
+//!
+//! A peer that closes, resets or vanishes shows up as [`TransportError::Eof`].
+//! Host names are resolved with the system resolver (blocking, once per call).
+
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::net::{
+    IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener as StdListener, TcpStream, ToSocketAddrs,
+};
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::Poll;
+
+use async_io::Async;
+use futures::future::BoxFuture;
+use futures::{AsyncReadExt, AsyncWriteExt, FutureExt};
+
+use crate::order::Order;
+use crate::signal::Signal;
+use crate::{BoxConnection, BoxListener, Connection, Listener, Transport, TransportError};
+
+/// The domain descriptor: any two TCP contexts can try to reach each other.
+pub const DOMAIN_DESCRIPTOR: &[u8] = b"tcp:*";
+
+trait Closable: Send + Sync {
+    fn close(&self);
+}
+
+#[derive(Default)]
+struct Ctx {
+    closed: Signal,
+    children: Mutex<Vec<Weak<dyn Closable>>>,
+}
+
+impl Ctx {
+    fn adopt(&self, child: Weak<dyn Closable>) {
+        let mut children = self.children.lock().unwrap_or_else(PoisonError::into_inner);
+        children.retain(|c| c.strong_count() > 0);
+        children.push(child);
+    }
+}
+
+/// A TCP transport context.
+#[derive(Clone, Default)]
+pub struct TcpTransport {
+    ctx: Arc<Ctx>,
+}
+
+impl std::fmt::Debug for TcpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpTransport")
+            .field("closed", &self.ctx.closed.is_fired())
+            .finish()
+    }
+}
+
+impl TcpTransport {
+    /// Creates a context.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// Where a guessed address came from.
+#[non_exhaustive]
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum AddressSource {
+    /// The interface named by `TP_SOCKET_IFNAME`.
+    Interface(String),
+    /// The machine's host name, resolved.
+    Hostname(String),
+    /// Nothing better was found: `127.0.0.1`, reachable from this machine only.
+    Loopback,
+}
+
+/// Guesses the address other machines can reach this one at, as the original does:
+/// the interface named by `TP_SOCKET_IFNAME`, else the first bindable address of the
+/// host name, else `127.0.0.1` (with a warning).
+pub fn guess_address() -> (IpAddr, AddressSource) {
+    if let Ok(name) = std::env::var("TP_SOCKET_IFNAME") {
+        match interface_address(&name) {
+            Some(ip) => return (ip, AddressSource::Interface(name)),
+            None => {
+                tracing::warn!(interface = %name, "TP_SOCKET_IFNAME names no interface with an address; guessing instead")
+            }
+        }
+    }
+    if let Some((ip, host)) = hostname_address() {
+        return (ip, AddressSource::Hostname(host));
+    }
+    tracing::warn!(
+        "no address found for this host; using 127.0.0.1, reachable from this machine only"
+    );
+    (IpAddr::V4(Ipv4Addr::LOCALHOST), AddressSource::Loopback)
+}
+
+/// The address of interface `name`, IPv4 preferred.
+pub fn interface_address(name: &str) -> Option<IpAddr> {
+    let addrs = if_addrs::get_if_addrs().ok()?;
+    let mut mine: Vec<IpAddr> = addrs
+        .into_iter()
+        .filter(|a| a.name == name)
+        .map(|a| a.ip())
+        .collect();
+    mine.sort_by_key(|ip| !ip.is_ipv4());
+    mine.into_iter().next()
+}
+
+fn hostname_address() -> Option<(IpAddr, String)> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .filter(|h| !h.is_empty())?;
+    let ip = (host.as_str(), 0)
+        .to_socket_addrs()
+        .ok()?
+        .find(|sa| StdListener::bind(*sa).is_ok())?
+        .ip();
+    Some((ip, host))
+}
+
+/// Parses a TCP address; see the module docs for the accepted forms.
+///
+/// # Errors
+/// [`TransportError::BadAddress`].
+pub fn parse_address(address: &str) -> Result<SocketAddr, TransportError> {
+    if address.is_empty() {
+        return Ok(SocketAddr::new(guess_address().0, 0));
+    }
+    if let Ok(sa) = address.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    let bare = address
+        .strip_prefix('[')
+        .and_then(|a| a.strip_suffix(']'))
+        .unwrap_or(address);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, 0));
+    }
+    let (host, port) = address
+        .rsplit_once(':')
+        .ok_or_else(|| TransportError::bad_address(address, "expected host:port"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| TransportError::bad_address(address, "port must be a number in 0..=65535"))?;
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| TransportError::bad_address(address, e))?
+        .next()
+        .ok_or_else(|| TransportError::bad_address(address, "host name resolves to no address"))
+}
+
+impl Transport for TcpTransport {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn viability(&self) -> Result<(), TransportError> {
+        Ok(())
+    }
+
+    fn domain_descriptor(&self) -> &[u8] {
+        DOMAIN_DESCRIPTOR
+    }
+
+    fn listen(&self, address: &str) -> Result<BoxListener, TransportError> {
+        if self.ctx.closed.is_fired() {
+            return Err(TransportError::Closed);
+        }
+        let sa = parse_address(address)?;
+        let listener = Async::<StdListener>::bind(sa).map_err(|e| TransportError::io("bind", e))?;
+        let local = listener
+            .get_ref()
+            .local_addr()
+            .map_err(|e| TransportError::io("getsockname", e))?;
+        let inner = Arc::new(ListenerInner {
+            listener,
+            address: local.to_string(),
+            accepts: Order::default(),
+            closed: Signal::default(),
+            ctx: Arc::downgrade(&self.ctx),
+        });
+        let weak: Weak<dyn Closable> = Arc::downgrade(&inner) as Weak<dyn Closable>;
+        self.ctx.adopt(weak);
+        Ok(Box::new(TcpListener { inner }))
+    }
+
+    fn connect(&self, address: &str) -> BoxFuture<'static, Result<BoxConnection, TransportError>> {
+        let ctx = self.ctx.clone();
+        let parsed = parse_address(address);
+        async move {
+            let sa = parsed?;
+            if sa.port() == 0 {
+                return Err(TransportError::bad_address(
+                    &sa.to_string(),
+                    "cannot connect to port 0",
+                ));
+            }
+            if ctx.closed.is_fired() {
+                return Err(TransportError::Closed);
+            }
+            let stream = Async::<TcpStream>::connect(sa)
+                .await
+                .map_err(|e| TransportError::io("connect", e))?;
+            let conn = TcpConnection::new(stream)?;
+            ctx.adopt(Arc::downgrade(&conn.inner) as Weak<dyn Closable>);
+            if ctx.closed.is_fired() {
+                conn.close();
+            }
+            Ok(Box::new(conn) as BoxConnection)
+        }
+        .boxed()
+    }
+
+    fn close(&self) {
+        self.ctx.closed.fire();
+        let children = std::mem::take(
+            &mut *self
+                .ctx
+                .children
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for child in children.iter().filter_map(Weak::upgrade) {
+            child.close();
+        }
+    }
+}
+
+struct ListenerInner {
+    listener: Async<StdListener>,
+    address: String,
+    accepts: Order,
+    closed: Signal,
+    ctx: Weak<Ctx>,
+}
+
+impl Closable for ListenerInner {
+    fn close(&self) {
+        self.closed.fire();
+    }
+}
+
+/// A TCP listener.
+pub struct TcpListener {
+    inner: Arc<ListenerInner>,
+}
+
+impl std::fmt::Debug for TcpListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpListener")
+            .field("address", &self.inner.address)
+            .finish()
+    }
+}
+
+impl Drop for TcpListener {
+    fn drop(&mut self) {
+        self.inner.close();
+    }
+}
+
+impl Listener for TcpListener {
+    fn address(&self) -> &str {
+        &self.inner.address
+    }
+
+    fn url(&self) -> String {
+        format!("tcp://{}", self.inner.address)
+    }
+
+    fn accept(&self) -> BoxFuture<'_, Result<BoxConnection, TransportError>> {
+        let turn = self.inner.accepts.turn();
+        let inner = &self.inner;
+        async move {
+            turn.ready().await;
+            let mut accept = pin!(inner.listener.accept());
+            let accepted = poll_fn(|cx| {
+                if inner.closed.poll_fired(cx).is_ready() {
+                    return Poll::Ready(Err(TransportError::Closed));
+                }
+                accept
+                    .as_mut()
+                    .poll(cx)
+                    .map_err(|e| TransportError::io("accept", e))
+            })
+            .await;
+            let (stream, _) = accepted?;
+            let conn = TcpConnection::new(stream)?;
+            if let Some(ctx) = inner.ctx.upgrade() {
+                ctx.adopt(Arc::downgrade(&conn.inner) as Weak<dyn Closable>);
+            }
+            Ok(Box::new(conn) as BoxConnection)
+        }
+        .boxed()
+    }
+
+    fn close(&self) {
+        self.inner.close();
+    }
+}
+
+struct ConnInner {
+    stream: Async<TcpStream>,
+    reads: Order,
+    writes: Order,
+    closed: AtomicBool,
+    broken: AtomicBool,
+}
+
+impl ConnInner {
+    fn check(&self) -> Result<(), TransportError> {
+        if self.broken.load(Ordering::Acquire) {
+            Err(TransportError::Broken)
+        } else if self.closed.load(Ordering::Acquire) {
+            Err(TransportError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Maps an I/O outcome, taking a local close into account.
+    fn map_err(&self, op: &'static str, e: io::Error) -> TransportError {
+        if self.check().is_err() {
+            return self.check().err().unwrap_or(TransportError::Closed);
+        }
+        match e.kind() {
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset => TransportError::Eof,
+            _ => TransportError::io(op, e),
+        }
+    }
+
+    async fn read_into(&self, buf: &mut [u8]) -> Result<(), TransportError> {
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = buf.get_mut(done..).unwrap_or_default();
+            match (&self.stream).read(rest).await {
+                Ok(0) => return Err(self.map_err("read", io::ErrorKind::UnexpectedEof.into())),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.map_err("read", e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_from(&self, bufs: &[&[u8]]) -> Result<(), TransportError> {
+        let mut bufs: Vec<&[u8]> = bufs.iter().copied().filter(|b| !b.is_empty()).collect();
+        while !bufs.is_empty() {
+            let slices: Vec<IoSlice<'_>> = bufs.iter().take(64).map(|b| IoSlice::new(b)).collect();
+            let mut n = match (&self.stream).write_vectored(&slices).await {
+                Ok(0) => return Err(self.map_err("write", io::ErrorKind::WriteZero.into())),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.map_err("write", e)),
+            };
+            while n > 0 {
+                let Some(first) = bufs.first_mut() else { break };
+                if n >= first.len() {
+                    n -= first.len();
+                    bufs.remove(0);
+                } else {
+                    *first = first.get(n..).unwrap_or_default();
+                    n = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Closable for ConnInner {
+    fn close(&self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            // Wakes every pending read and write with an error; ignore "not connected".
+            let _ = self.stream.get_ref().shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// Marks the connection broken if an operation is dropped halfway through its I/O.
+struct Halfway<'a> {
+    inner: &'a ConnInner,
+    armed: bool,
+}
+
+impl Drop for Halfway<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.inner.broken.store(true, Ordering::Release);
+            self.inner.close();
+        }
+    }
+}
+
+/// A TCP connection.
+pub struct TcpConnection {
+    inner: Arc<ConnInner>,
+}
+
+impl std::fmt::Debug for TcpConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpConnection")
+            .field("peer", &self.inner.stream.get_ref().peer_addr().ok())
+            .finish()
+    }
+}
+
+impl Drop for TcpConnection {
+    fn drop(&mut self) {
+        self.inner.close();
+    }
+}
+
+impl TcpConnection {
+    fn new(stream: Async<TcpStream>) -> Result<Self, TransportError> {
+        stream
+            .get_ref()
+            .set_nodelay(true)
+            .map_err(|e| TransportError::io("set TCP_NODELAY", e))?;
+        Ok(Self {
+            inner: Arc::new(ConnInner {
+                stream,
+                reads: Order::default(),
+                writes: Order::default(),
+                closed: AtomicBool::new(false),
+                broken: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The peer's address.
+    ///
+    /// # Errors
+    /// The OS error of `getpeername`.
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.stream.get_ref().peer_addr()
+    }
+}
+
+impl Connection for TcpConnection {
+    fn write<'a>(&'a self, bufs: &'a [&'a [u8]]) -> BoxFuture<'a, Result<(), TransportError>> {
+        let turn = self.inner.writes.turn();
+        async move {
+            turn.ready().await;
+            self.inner.check()?;
+            let mut guard = Halfway {
+                inner: &self.inner,
+                armed: true,
+            };
+            let r = self.inner.write_from(bufs).await;
+            guard.armed = false;
+            r
+        }
+        .boxed()
+    }
+
+    fn read_exact<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, Result<(), TransportError>> {
+        let turn = self.inner.reads.turn();
+        async move {
+            turn.ready().await;
+            self.inner.check()?;
+            let mut guard = Halfway {
+                inner: &self.inner,
+                armed: true,
+            };
+            let r = self.inner.read_into(buf).await;
+            guard.armed = false;
+            r
+        }
+        .boxed()
+    }
+
+    fn read_frame(&self, limit: u64) -> BoxFuture<'_, Result<Vec<u8>, TransportError>> {
+        let turn = self.inner.reads.turn();
+        async move {
+            turn.ready().await;
+            self.inner.check()?;
+            let mut guard = Halfway {
+                inner: &self.inner,
+                armed: true,
+            };
+            let mut len = [0u8; 8];
+            let r = async {
+                self.inner.read_into(&mut len).await?;
+                let len = u64::from_le_bytes(len);
+                if len > limit {
+                    self.inner.close();
+                    return Err(TransportError::FrameTooLarge { len, limit });
+                }
+                let n = usize::try_from(len)
+                    .map_err(|_| TransportError::FrameTooLarge { len, limit })?;
+                let mut body = Vec::new();
+                body.try_reserve_exact(n).map_err(|_| {
+                    TransportError::io("allocate frame", io::ErrorKind::OutOfMemory.into())
+                })?;
+                body.resize(n, 0);
+                self.inner.read_into(&mut body).await?;
+                Ok(body)
+            }
+            .await;
+            guard.armed = false;
+            r
+        }
+        .boxed()
+    }
+
+    fn write_frame<'a>(&'a self, body: &'a [u8]) -> BoxFuture<'a, Result<(), TransportError>> {
+        let turn = self.inner.writes.turn();
+        async move {
+            turn.ready().await;
+            self.inner.check()?;
+            let mut guard = Halfway {
+                inner: &self.inner,
+                armed: true,
+            };
+            let len = u64::try_from(body.len()).unwrap_or(u64::MAX).to_le_bytes();
+            let r = self.inner.write_from(&[&len, body]).await;
+            guard.armed = false;
+            r
+        }
+        .boxed()
+    }
+
+    fn close(&self) {
+        self.inner.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_address_accepts_the_documented_forms() {
+        assert_eq!(
+            parse_address("127.0.0.1:80").unwrap(),
+            "127.0.0.1:80".parse().unwrap()
+        );
+        assert_eq!(
+            parse_address("[::1]:0").unwrap(),
+            "[::1]:0".parse().unwrap()
+        );
+        assert_eq!(parse_address("::1").unwrap(), "[::1]:0".parse().unwrap());
+        assert_eq!(parse_address("[::1]").unwrap(), "[::1]:0".parse().unwrap());
+        assert_eq!(
+            parse_address("10.1.2.3").unwrap(),
+            "10.1.2.3:0".parse().unwrap()
+        );
+        assert_eq!(parse_address("localhost:7").unwrap().port(), 7);
+    }
+
+    #[test]
+    fn parse_address_rejects_bad_ports_and_garbage() {
+        for bad in ["127.0.0.1:70000", "127.0.0.1:x", "nohostport", "host:-1"] {
+            assert!(
+                matches!(parse_address(bad), Err(TransportError::BadAddress { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn guess_address_falls_back_to_something_bindable() {
+        let (ip, _) = guess_address();
+        assert!(StdListener::bind(SocketAddr::new(ip, 0)).is_ok(), "{ip}");
+    }
+
+    #[test]
+    fn interface_address_finds_loopback() {
+        assert_eq!(
+            interface_address("lo"),
+            Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
+        );
+        assert_eq!(interface_address("no-such-interface-0"), None);
+    }
+}
