@@ -10,6 +10,10 @@
 //! writer's window fills (backpressure).
 //!
 //! A peer that closes, resets or vanishes shows up as [`TransportError::Eof`].
+//!
+//! `TP_TCP_SPIN_US=<µs>` makes a read spin that long on the socket before parking on the
+//! reactor: much lower latency on an otherwise idle machine, worse on a busy one (see
+//! BENCHMARKS.md). Off by default.
 //! Host names are resolved with the system resolver (blocking, once per call).
 
 use std::future::poll_fn;
@@ -318,6 +322,7 @@ struct ConnInner {
     writes: Order,
     closed: AtomicBool,
     broken: AtomicBool,
+    spin: Spin,
 }
 
 impl ConnInner {
@@ -348,6 +353,19 @@ impl ConnInner {
         let mut done = 0;
         while done < buf.len() {
             let rest = buf.get_mut(done..).unwrap_or_default();
+            // With TP_TCP_SPIN_US set, spin on the non-blocking socket before parking on
+            // the reactor: a reply already on its way arrives without a sleep and wake-up.
+            match self.spin.read(self.stream.get_ref(), rest) {
+                Some(Ok(0)) => {
+                    return Err(self.map_err("read", io::ErrorKind::UnexpectedEof.into()));
+                }
+                Some(Ok(n)) => {
+                    done += n;
+                    continue;
+                }
+                Some(Err(e)) => return Err(self.map_err("read", e)),
+                None => {}
+            }
             match (&self.stream).read(rest).await {
                 Ok(0) => return Err(self.map_err("read", io::ErrorKind::UnexpectedEof.into())),
                 Ok(n) => done += n,
@@ -380,6 +398,54 @@ impl ConnInner {
             }
         }
         Ok(())
+    }
+}
+
+/// Optional spinning before a read parks on the reactor, set by `TP_TCP_SPIN_US`
+/// (microseconds; default 0, off).
+///
+/// On an idle VM a parked thread takes tens of microseconds to wake (baseline.md), so
+/// spinning on the non-blocking socket for a reply already on its way cuts small-message
+/// round trips several-fold (BENCHMARKS.md). But when the peer needs this core — a busy
+/// machine — spinning delays it instead, so it is off unless asked for.
+#[derive(Debug)]
+struct Spin {
+    budget: std::time::Duration,
+}
+
+impl Spin {
+    fn from_env() -> Self {
+        let us = std::env::var("TP_TCP_SPIN_US")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            .min(1_000);
+        Self {
+            budget: std::time::Duration::from_micros(us),
+        }
+    }
+
+    /// Tries non-blocking reads within the budget; `None` when nothing arrived (park).
+    fn read(&self, stream: &TcpStream, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        use std::io::Read;
+        if self.budget.is_zero() {
+            return None;
+        }
+        let start = std::time::Instant::now();
+        loop {
+            match (&*stream).read(buf) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                other => return Some(other),
+            }
+            if start.elapsed() >= self.budget {
+                return None;
+            }
+            std::hint::spin_loop();
+        }
     }
 }
 
@@ -439,6 +505,7 @@ impl TcpConnection {
                 writes: Order::default(),
                 closed: AtomicBool::new(false),
                 broken: AtomicBool::new(false),
+                spin: Spin::from_env(),
             }),
         })
     }

@@ -1,0 +1,264 @@
+//! `tp bench limits`: this machine's physical limits, and the raw-socket reference
+//! (`tp bench raw-server`) that other benchmarks measure their regime against.
+//!
+//! Raw TCP runs across two processes, like baseline.md's C programs: this one and a
+//! `tp bench raw-server` child, with blocking std sockets and `TCP_NODELAY`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::CommonArgs;
+use crate::stats::{Summary, size_label};
+
+/// The block header both echo servers understand: size, count, kind.
+pub(crate) const PINGPONG: u64 = 0;
+pub(crate) const STREAM: u64 = 1;
+pub(crate) const END: u64 = 2;
+
+pub(crate) fn header(size: usize, count: usize, kind: u64) -> [u8; 24] {
+    let mut h = [0u8; 24];
+    h[..8].copy_from_slice(&(size as u64).to_le_bytes());
+    h[8..16].copy_from_slice(&(count as u64).to_le_bytes());
+    h[16..].copy_from_slice(&kind.to_le_bytes());
+    h
+}
+
+pub(crate) fn parse_header(h: &[u8; 24]) -> (usize, usize, u64) {
+    let word = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().unwrap_or_default());
+    (word(0) as usize, word(8) as usize, word(16))
+}
+
+/// Runs the raw echo server: prints `LISTENING <addr>`, serves one connection.
+pub(crate) fn raw_server() -> Result<(), String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    println!(
+        "LISTENING {}",
+        listener.local_addr().map_err(|e| e.to_string())?
+    );
+    std::io::stdout().flush().ok();
+    let (mut s, _) = listener.accept().map_err(|e| e.to_string())?;
+    s.set_nodelay(true).map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    loop {
+        let mut h = [0u8; 24];
+        if s.read_exact(&mut h).is_err() {
+            return Ok(());
+        }
+        let (size, count, kind) = parse_header(&h);
+        buf.resize(size, 0);
+        match kind {
+            PINGPONG => {
+                for _ in 0..count {
+                    s.read_exact(&mut buf).map_err(|e| e.to_string())?;
+                    s.write_all(&buf).map_err(|e| e.to_string())?;
+                }
+            }
+            STREAM => {
+                for _ in 0..count {
+                    s.read_exact(&mut buf).map_err(|e| e.to_string())?;
+                }
+                s.write_all(&[1]).map_err(|e| e.to_string())?;
+            }
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// Spawns `tp <args>` and waits for its `LISTENING <addr>` line.
+pub(crate) fn spawn_server(args: &[&str]) -> Result<(Child, String), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("spawning the server: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout from the server")?;
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let addr = line
+        .trim()
+        .strip_prefix("LISTENING ")
+        .ok_or_else(|| format!("server said {line:?}"))?
+        .to_string();
+    Ok((child, addr))
+}
+
+/// A raw TCP client connected to a fresh `tp bench raw-server` child.
+pub(crate) struct RawTcp {
+    child: Child,
+    stream: TcpStream,
+}
+
+impl RawTcp {
+    pub(crate) fn start() -> Result<Self, String> {
+        let (child, addr) = spawn_server(&["bench", "raw-server"])?;
+        let stream = TcpStream::connect(&addr).map_err(|e| e.to_string())?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        Ok(Self { child, stream })
+    }
+
+    /// `count` round trips of `size` bytes; returns each one's duration.
+    pub(crate) fn pingpong(&mut self, size: usize, count: usize) -> Result<Vec<Duration>, String> {
+        let mut buf = vec![0x5au8; size];
+        self.stream
+            .write_all(&header(size, count, PINGPONG))
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::with_capacity(count);
+        for _ in 0..count {
+            let t = Instant::now();
+            self.stream.write_all(&buf).map_err(|e| e.to_string())?;
+            self.stream
+                .read_exact(&mut buf)
+                .map_err(|e| e.to_string())?;
+            out.push(t.elapsed());
+        }
+        Ok(out)
+    }
+
+    /// Streams `total` bytes in `chunk`-byte writes; returns GB/s.
+    pub(crate) fn stream(&mut self, chunk: usize, total: usize) -> Result<f64, String> {
+        let count = (total / chunk).max(1);
+        let buf = vec![0xa5u8; chunk];
+        self.stream
+            .write_all(&header(chunk, count, STREAM))
+            .map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        for _ in 0..count {
+            self.stream.write_all(&buf).map_err(|e| e.to_string())?;
+        }
+        let mut ack = [0u8; 1];
+        self.stream
+            .read_exact(&mut ack)
+            .map_err(|e| e.to_string())?;
+        Ok((count * chunk) as f64 / t.elapsed().as_secs_f64() / 1e9)
+    }
+}
+
+impl Drop for RawTcp {
+    fn drop(&mut self) {
+        let _ = self.stream.write_all(&header(0, 0, END));
+        let _ = self.child.wait();
+    }
+}
+
+/// The regime indicator every benchmark prints: raw TCP 8 B ping-pong p50 across two
+/// processes, 1,500 round trips, as baseline.md's sentinel.
+pub(crate) struct Regime {
+    pub(crate) tcp_8b_p50_us: f64,
+}
+
+impl Regime {
+    pub(crate) fn measure() -> Result<Self, String> {
+        let mut raw = RawTcp::start()?;
+        raw.pingpong(8, 100)?;
+        let mut s = raw.pingpong(8, 1500)?;
+        Ok(Self {
+            tcp_8b_p50_us: Summary::of(&mut s).p50_us,
+        })
+    }
+
+    /// baseline.md: ≈12 µs when the VM is busy, ≈54 µs when idle.
+    pub(crate) fn label(&self) -> &'static str {
+        if self.tcp_8b_p50_us < 30.0 {
+            "busy VM"
+        } else {
+            "idle VM"
+        }
+    }
+
+    pub(crate) fn json(&self) -> String {
+        format!(
+            "{{\"tcp_8b_p50_us\":{:.2},\"label\":\"{}\"}}",
+            self.tcp_8b_p50_us,
+            self.label()
+        )
+    }
+
+    pub(crate) fn line(&self) -> String {
+        format!(
+            "regime: raw TCP 8 B ping-pong p50 {:.1} µs -> {} (baseline.md: ~12 µs busy, ~54 µs idle)",
+            self.tcp_8b_p50_us,
+            self.label()
+        )
+    }
+}
+
+/// Hot-buffer memcpy bandwidth, best of 5 repetitions of ~4 GB. The buffers are
+/// page-aligned with the destination offset by half a page: heap buffers that share a
+/// page offset make `rep movsb` crawl on this CPU (4K aliasing), which measures the
+/// allocator, not the machine.
+fn memcpy_gbps(size: usize) -> f64 {
+    let mut src_buf = vec![0x11u8; size + 8192];
+    let mut dst_buf = vec![0u8; size + 8192];
+    let src_at = src_buf.as_ptr().align_offset(4096);
+    let dst_at = dst_buf.as_ptr().align_offset(4096) + 2048;
+    let src = &mut src_buf[src_at..src_at + size];
+    src.fill(0x11);
+    let src = &*src;
+    let dst = &mut dst_buf[dst_at..dst_at + size];
+    let reps = (4_000_000_000 / size).clamp(4, 100_000);
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        for _ in 0..reps {
+            dst.copy_from_slice(std::hint::black_box(src));
+            std::hint::black_box(&mut *dst);
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (size * reps) as f64 / best / 1e9
+}
+
+pub(crate) fn run(args: &CommonArgs) -> Result<(), String> {
+    let regime = Regime::measure()?;
+    let mut rows: Vec<(String, f64, &str)> = Vec::new();
+    for size in [64 << 10, 1 << 20, 16 << 20, 64 << 20] {
+        rows.push((
+            format!("memcpy {} (hot buffers)", size_label(size)),
+            memcpy_gbps(size),
+            "GB/s",
+        ));
+    }
+    let mut raw = RawTcp::start()?;
+    for size in [8usize, 1024, 65536] {
+        raw.pingpong(size, 100)?;
+        let mut s = raw.pingpong(size, if size > 1024 { 5_000 } else { 20_000 })?;
+        rows.push((
+            format!("tcp loopback (NODELAY) {} RTT p50", size_label(size)),
+            Summary::of(&mut s).p50_us,
+            "µs",
+        ));
+    }
+    for chunk in [64 << 10, 1 << 20] {
+        raw.stream(chunk, 256 << 20)?;
+        let gbps = raw.stream(chunk, 2 << 30)?;
+        rows.push((
+            format!("tcp loopback stream, {} chunks", size_label(chunk)),
+            gbps,
+            "GB/s",
+        ));
+    }
+    drop(raw);
+    if args.json {
+        let items: Vec<String> = rows
+            .iter()
+            .map(|(k, v, u)| format!("{{\"quantity\":\"{k}\",\"value\":{v:.3},\"unit\":\"{u}\"}}"))
+            .collect();
+        println!(
+            "{{\"bench\":\"limits\",\"regime\":{},\"results\":[{}]}}",
+            regime.json(),
+            items.join(",")
+        );
+    } else {
+        println!("tp bench limits\n{}\n", regime.line());
+        for (k, v, u) in rows {
+            println!("{k:<44} {v:>10.2} {u}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! `tp`: tp's command-line tool.
+//!
+//! - `tp bench transport --transport tcp`: a ping-pong over a raw transport connection,
+//!   like the original's `benchmark_transport`.
+//! - `tp bench limits`: this machine's physical limits, measured in the same run.
+//!
+//! `tp demo` and the pipe, channel and RPC benchmarks arrive with the later steps.
+
+mod limits;
+mod stats;
+mod transport;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "tp", version, about = "tp: move tensors between processes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Ping-pong over one transport connection (both ends spawned unless --mode is given).
+    Transport(transport::TransportArgs),
+    /// This machine's limits: memcpy bandwidth, raw loopback TCP round trip and streaming.
+    Limits(CommonArgs),
+    /// The raw-socket echo server the other benchmarks spawn (internal).
+    #[command(hide = true)]
+    RawServer,
+}
+
+/// Options every benchmark takes.
+#[derive(Debug, Args, Clone)]
+pub(crate) struct CommonArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Which end(s) this process runs.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, ValueEnum)]
+pub(crate) enum Mode {
+    /// Spawn the listening end as a child process and run the connecting end here.
+    Both,
+    /// Listen, print `LISTENING <address>`, echo until the peer closes.
+    Listen,
+    /// Connect to --address and time the round trips.
+    Connect,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bench(Bench::Transport(args)) => transport::run(&args),
+        Command::Bench(Bench::Limits(args)) => limits::run(&args),
+        Command::Bench(Bench::RawServer) => limits::raw_server(),
+    };
+    if let Err(e) = result {
+        eprintln!("tp: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,218 @@
+//! `tp bench transport`: the original's `benchmark_transport`, on tp's transports.
+//!
+//! The connecting end writes `size` bytes and reads them back, timing each round trip;
+//! the listening end echoes. Sizes are run in order; each gets 5 warm-up round trips,
+//! then a calibrated count that takes about `--seconds` (or `--round-trips`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use tp_transport::{Connection, Transport};
+
+use crate::limits::{END, PINGPONG, RawTcp, Regime, header, parse_header, spawn_server};
+use crate::stats::{Summary, parse_sizes, size_label};
+use crate::{CommonArgs, Mode};
+
+#[derive(Debug, Args)]
+pub(crate) struct TransportArgs {
+    /// Which transport.
+    #[arg(long, default_value = "tcp")]
+    transport: String,
+    /// Which end(s) to run here.
+    #[arg(long, value_enum, default_value = "both")]
+    mode: Mode,
+    /// Listen: the address to bind; connect: the listener's address.
+    #[arg(long)]
+    address: Option<String>,
+    /// Message sizes, comma separated (K, M, G suffixes).
+    #[arg(long, default_value = "8,1K,64K,1M,16M,64M")]
+    sizes: String,
+    /// Round trips per size (default: calibrated to --seconds).
+    #[arg(long)]
+    round_trips: Option<usize>,
+    /// Target time per size when calibrating.
+    #[arg(long, default_value_t = 1.5)]
+    seconds: f64,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+fn make(name: &str) -> Result<Arc<dyn Transport>, String> {
+    match name {
+        "tcp" => Ok(Arc::new(tp_transport::tcp::TcpTransport::new())),
+        "shm" | "ibv" => Err(format!("transport {name} is not implemented yet")),
+        other => Err(format!("unknown transport {other:?} (known: tcp)")),
+    }
+}
+
+pub(crate) fn run(args: &TransportArgs) -> Result<(), String> {
+    let transport = make(&args.transport)?;
+    match args.mode {
+        Mode::Listen => listen(&transport, args.address.as_deref().unwrap_or("127.0.0.1:0")),
+        Mode::Connect => {
+            let addr = args
+                .address
+                .as_deref()
+                .ok_or("--mode connect needs --address")?;
+            connect(&transport, addr, args)
+        }
+        Mode::Both => {
+            let regime = Regime::measure()?;
+            let bind = args.address.clone().unwrap_or_else(|| "127.0.0.1:0".into());
+            let (mut child, addr) = spawn_server(&[
+                "bench",
+                "transport",
+                "--transport",
+                &args.transport,
+                "--mode",
+                "listen",
+                "--address",
+                &bind,
+            ])?;
+            let result = connect_and_report(&transport, &addr, args, Some(&regime));
+            let _ = child.wait();
+            result
+        }
+    }
+}
+
+fn listen(transport: &Arc<dyn Transport>, address: &str) -> Result<(), String> {
+    let listener = transport.listen(address).map_err(|e| e.to_string())?;
+    println!("LISTENING {}", listener.address());
+    async_io::block_on(async {
+        let conn = listener.accept().await.map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        loop {
+            let mut h = [0u8; 24];
+            if conn.read_exact(&mut h).await.is_err() {
+                return Ok(());
+            }
+            let (size, count, kind) = parse_header(&h);
+            if kind != PINGPONG {
+                return Ok(());
+            }
+            buf.resize(size, 0);
+            for _ in 0..count {
+                conn.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+                conn.write(&[&buf]).await.map_err(|e| e.to_string())?;
+            }
+        }
+    })
+}
+
+async fn block(
+    conn: &dyn Connection,
+    buf: &mut [u8],
+    count: usize,
+) -> Result<Vec<Duration>, String> {
+    conn.write(&[&header(buf.len(), count, PINGPONG)])
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = Instant::now();
+        conn.write(&[buf]).await.map_err(|e| e.to_string())?;
+        conn.read_exact(buf).await.map_err(|e| e.to_string())?;
+        out.push(t.elapsed());
+    }
+    Ok(out)
+}
+
+fn connect(transport: &Arc<dyn Transport>, addr: &str, args: &TransportArgs) -> Result<(), String> {
+    let regime = Regime::measure()?;
+    connect_and_report(transport, addr, args, Some(&regime))
+}
+
+fn connect_and_report(
+    transport: &Arc<dyn Transport>,
+    addr: &str,
+    args: &TransportArgs,
+    regime: Option<&Regime>,
+) -> Result<(), String> {
+    let sizes = parse_sizes(&args.sizes)?;
+    let mut raw = RawTcp::start()?;
+    let rows = async_io::block_on(async {
+        let conn = transport.connect(addr).await.map_err(|e| e.to_string())?;
+        let mut rows = Vec::new();
+        for &size in &sizes {
+            let mut buf = vec![0x3cu8; size];
+            let warm = block(conn.as_ref(), &mut buf, 5).await?;
+            let est = warm.iter().sum::<Duration>().as_secs_f64() / 5.0;
+            let count = args
+                .round_trips
+                .unwrap_or(((args.seconds / est.max(1e-9)) as usize).clamp(20, 300_000));
+            let mut samples = block(conn.as_ref(), &mut buf, count).await?;
+            // The reference: raw blocking TCP, same size and count, same run.
+            let mut raw_samples = raw.pingpong(size, count.min(20_000))?;
+            rows.push((
+                size,
+                Summary::of(&mut samples),
+                Summary::of(&mut raw_samples),
+            ));
+        }
+        conn.write(&[&header(0, 0, END)])
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(rows)
+    })?;
+    if args.common.json {
+        let items: Vec<String> = rows
+            .iter()
+            .map(|(size, s, raw)| {
+                format!(
+                    "{{\"size\":{size},\"round_trips\":{},\"avg_us\":{:.3},\"p50_us\":{:.3},\"p90_us\":{:.3},\"p99_us\":{:.3},\"throughput_gbps\":{:.3},\"raw_tcp_p50_us\":{:.3},\"raw_tcp_throughput_gbps\":{:.3}}}",
+                    s.count,
+                    s.avg_us,
+                    s.p50_us,
+                    s.p90_us,
+                    s.p99_us,
+                    s.throughput_gbps(*size),
+                    raw.p50_us,
+                    raw.throughput_gbps(*size)
+                )
+            })
+            .collect();
+        let regime = regime.map_or("null".to_string(), Regime::json);
+        println!(
+            "{{\"bench\":\"transport\",\"transport\":\"{}\",\"regime\":{regime},\"results\":[{}]}}",
+            args.transport,
+            items.join(",")
+        );
+    } else {
+        println!("tp bench transport --transport {}", args.transport);
+        if let Some(r) = regime {
+            println!("{}", r.line());
+        }
+        println!(
+            "\n{:>8} {:>11} {:>10} {:>10} {:>10} {:>10} {:>9} {:>12} {:>9}",
+            "size",
+            "round trips",
+            "avg µs",
+            "p50 µs",
+            "p90 µs",
+            "p99 µs",
+            "GB/s",
+            "raw p50 µs",
+            "p50/raw"
+        );
+        for (size, s, raw) in rows {
+            println!(
+                "{:>8} {:>11} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>9.3} {:>12.2} {:>9.2}",
+                size_label(size),
+                s.count,
+                s.avg_us,
+                s.p50_us,
+                s.p90_us,
+                s.p99_us,
+                s.throughput_gbps(size),
+                raw.p50_us,
+                s.p50_us / raw.p50_us.max(1e-9)
+            );
+        }
+        println!(
+            "\nthroughput = 2 x size / p50 round trip (baseline.md's definition); raw = blocking TCP ping-pong between two processes, same run"
+        );
+    }
+    Ok(())
+}
