@@ -243,7 +243,7 @@ pub unsafe fn create(
     // SYNC POINT: pairs with the Acquire load of `magic` in `attach`: a process that sees
     // the magic sees the initialised fields.
     h.magic.store(RING_MAGIC, Ordering::Release);
-    Ok((Producer { view }, Consumer { view }))
+    Ok((Producer { view, head: 0 }, Consumer { view, tail: 0 }))
 }
 
 /// Which end of an existing ring to attach to.
@@ -266,7 +266,10 @@ pub enum End {
 /// across all processes.
 pub unsafe fn attach_producer(base: NonNull<u8>, len: usize) -> Result<Producer, RingError> {
     // SAFETY: forwarded contract.
-    unsafe { attach(base, len) }.map(|view| Producer { view })
+    unsafe { attach(base, len) }.map(|view| {
+        let head = view.header().head.load(Ordering::Relaxed);
+        Producer { view, head }
+    })
 }
 
 /// The consumer counterpart of [`attach_producer`].
@@ -278,7 +281,10 @@ pub unsafe fn attach_producer(base: NonNull<u8>, len: usize) -> Result<Producer,
 /// As [`attach_producer`].
 pub unsafe fn attach_consumer(base: NonNull<u8>, len: usize) -> Result<Consumer, RingError> {
     // SAFETY: forwarded contract.
-    unsafe { attach(base, len) }.map(|view| Consumer { view })
+    unsafe { attach(base, len) }.map(|view| {
+        let tail = view.header().tail.load(Ordering::Relaxed);
+        Consumer { view, tail }
+    })
 }
 
 unsafe fn attach(base: NonNull<u8>, len: usize) -> Result<View, RingError> {
@@ -302,27 +308,31 @@ unsafe fn attach(base: NonNull<u8>, len: usize) -> Result<View, RingError> {
     unsafe { View::new(base, len, capacity) }
 }
 
-/// The writing end of a ring.
+/// The writing end of a ring. It keeps its own `head` locally and only publishes it, so
+/// a peer scribbling on the shared header cannot move it.
 #[derive(Debug)]
 pub struct Producer {
     view: View,
+    head: u64,
 }
 
-/// The reading end of a ring.
+/// The reading end of a ring. It keeps its own `tail` locally (see [`Producer`]).
 #[derive(Debug)]
 pub struct Consumer {
     view: View,
+    tail: u64,
 }
 
 impl Producer {
     /// Bytes that can be written now.
     pub fn writable(&self) -> usize {
-        let h = self.view.header();
-        let head = h.head.load(Ordering::Relaxed);
         // SYNC POINT: pairs with the Release store of `tail` in Consumer::read: the space
         // it frees is no longer being read.
-        let tail = h.tail.load(Ordering::Acquire);
-        usize::try_from(self.view.capacity - (head - tail)).unwrap_or(0)
+        let tail = self.view.header().tail.load(Ordering::Acquire);
+        // `tail` comes from the peer: a value outside [head - capacity, head] (a broken or
+        // hostile peer) yields no space rather than an out-of-range copy.
+        let used = self.head.wrapping_sub(tail);
+        usize::try_from(self.view.capacity.saturating_sub(used)).unwrap_or(0)
     }
 
     /// Copies as much of `src` as fits and publishes it; returns the bytes written.
@@ -332,13 +342,14 @@ impl Producer {
         if n == 0 {
             return 0;
         }
-        let h = self.view.header();
-        let head = h.head.load(Ordering::Relaxed);
-        // SAFETY: [head, head + n) is free space owned by the producer: n <= writable.
+        let head = self.head;
+        // SAFETY: [head, head + n) is free space owned by the producer: n <= writable, and
+        // copy_in masks offsets into the data area whatever the markers hold.
         unsafe { self.view.copy_in(head, src.get(..n).unwrap_or_default()) };
+        self.head = head.wrapping_add(n as u64);
         // SYNC POINT: pairs with the Acquire load of `head` in Consumer::readable: the
         // bytes copied above are visible before the new head.
-        h.head.store(head + n as u64, Ordering::Release);
+        self.view.header().head.store(self.head, Ordering::Release);
         n
     }
 
@@ -387,11 +398,11 @@ impl Producer {
 impl Consumer {
     /// Bytes that can be read now.
     pub fn readable(&self) -> usize {
-        let h = self.view.header();
-        let tail = h.tail.load(Ordering::Relaxed);
         // SYNC POINT: pairs with the Release store of `head` in Producer::write.
-        let head = h.head.load(Ordering::Acquire);
-        usize::try_from(head - tail).unwrap_or(0)
+        let head = self.view.header().head.load(Ordering::Acquire);
+        // `head` comes from the peer: never report more than the ring holds.
+        let avail = head.wrapping_sub(self.tail).min(self.view.capacity);
+        usize::try_from(avail).unwrap_or(0)
     }
 
     /// Copies up to `dst.len()` readable bytes into `dst` and frees their space; returns
@@ -401,16 +412,17 @@ impl Consumer {
         if n == 0 {
             return 0;
         }
-        let h = self.view.header();
-        let tail = h.tail.load(Ordering::Relaxed);
-        // SAFETY: [tail, tail + n) holds published bytes owned by the consumer: n <= readable.
+        let tail = self.tail;
+        // SAFETY: [tail, tail + n) holds published bytes owned by the consumer: n <= readable
+        // <= capacity, and copy_out masks offsets into the data area.
         unsafe {
             self.view
                 .copy_out(tail, dst.get_mut(..n).unwrap_or_default())
         };
+        self.tail = tail.wrapping_add(n as u64);
         // SYNC POINT: pairs with the Acquire load of `tail` in Producer::writable: we are
         // done reading these bytes before the producer may overwrite them.
-        h.tail.store(tail + n as u64, Ordering::Release);
+        self.view.header().tail.store(self.tail, Ordering::Release);
         n
     }
 
@@ -455,6 +467,7 @@ impl Consumer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
 
     #[repr(C, align(64))]
     struct Region<const N: usize>([u8; N]);
@@ -540,6 +553,26 @@ mod tests {
     }
 
     #[test]
+    fn ring_survives_a_peer_scribbling_on_the_header() {
+        let mut r = region::<{ HEADER_LEN + 64 }>();
+        // SAFETY: as above.
+        let (mut p, mut c) = unsafe { create(base(&mut r), HEADER_LEN + 64, 64) }.unwrap();
+        // A hostile peer sets its marker far ahead / behind.
+        p.view.header().tail.store(u64::MAX / 2, Ordering::Relaxed);
+        assert_eq!(
+            p.writable(),
+            0,
+            "nonsense tail: no space, no out-of-range write"
+        );
+        assert_eq!(p.write(b"abc"), 0);
+        p.view.header().tail.store(0, Ordering::Relaxed);
+        c.view.header().head.store(u64::MAX - 3, Ordering::Relaxed);
+        assert!(c.readable() <= 64, "never more than the ring holds");
+        let mut out = [0u8; 128];
+        assert!(c.read(&mut out) <= 64);
+    }
+
+    #[test]
     fn ring_two_threads_stream_every_byte_in_order() {
         const TOTAL: usize = if cfg!(miri) { 2_000 } else { 1 << 20 };
         let mut r = region::<{ HEADER_LEN + 256 }>();
@@ -547,6 +580,7 @@ mod tests {
         let (mut p, mut c) = unsafe { create(base(&mut r), HEADER_LEN + 256, 256) }.unwrap();
         std::thread::scope(|s| {
             s.spawn(move || {
+                let start = Instant::now();
                 let mut sent = 0usize;
                 let mut chunk = 1usize;
                 while sent < TOTAL {
@@ -556,6 +590,10 @@ mod tests {
                     sent += w;
                     chunk = chunk % 97 + 13;
                     if w == 0 {
+                        assert!(
+                            start.elapsed() < Duration::from_secs(60),
+                            "consumer stalled"
+                        );
                         std::thread::yield_now();
                     }
                 }
