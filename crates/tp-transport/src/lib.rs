@@ -39,6 +39,8 @@
 
 mod error;
 mod order;
+mod ordered;
+mod registry;
 pub mod shm;
 mod signal;
 #[cfg(feature = "tcp")]

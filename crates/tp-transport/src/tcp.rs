@@ -22,8 +22,7 @@ use std::net::{
     IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener as StdListener, TcpStream, ToSocketAddrs,
 };
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Weak};
 use std::task::Poll;
 
 use async_io::Async;
@@ -31,40 +30,24 @@ use futures::future::BoxFuture;
 use futures::{AsyncReadExt, AsyncWriteExt, FutureExt};
 
 use crate::order::Order;
+use crate::ordered::{Ordered, Stream};
+use crate::registry::{Closable, Registry};
 use crate::signal::Signal;
 use crate::{BoxConnection, BoxListener, Connection, Listener, Transport, TransportError};
 
 /// The domain descriptor: any two TCP contexts can try to reach each other.
 pub const DOMAIN_DESCRIPTOR: &[u8] = b"tcp:*";
 
-trait Closable: Send + Sync {
-    fn close(&self);
-}
-
-#[derive(Default)]
-struct Ctx {
-    closed: Signal,
-    children: Mutex<Vec<Weak<dyn Closable>>>,
-}
-
-impl Ctx {
-    fn adopt(&self, child: Weak<dyn Closable>) {
-        let mut children = self.children.lock().unwrap_or_else(PoisonError::into_inner);
-        children.retain(|c| c.strong_count() > 0);
-        children.push(child);
-    }
-}
-
 /// A TCP transport context.
 #[derive(Clone, Default)]
 pub struct TcpTransport {
-    ctx: Arc<Ctx>,
+    ctx: Arc<Registry>,
 }
 
 impl std::fmt::Debug for TcpTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TcpTransport")
-            .field("closed", &self.ctx.closed.is_fired())
+            .field("closed", &self.ctx.is_closed())
             .finish()
     }
 }
@@ -180,7 +163,7 @@ impl Transport for TcpTransport {
     }
 
     fn listen(&self, address: &str) -> Result<BoxListener, TransportError> {
-        if self.ctx.closed.is_fired() {
+        if self.ctx.is_closed() {
             return Err(TransportError::Closed);
         }
         let sa = parse_address(address)?;
@@ -196,8 +179,7 @@ impl Transport for TcpTransport {
             closed: Signal::default(),
             ctx: Arc::downgrade(&self.ctx),
         });
-        let weak: Weak<dyn Closable> = Arc::downgrade(&inner) as Weak<dyn Closable>;
-        self.ctx.adopt(weak);
+        self.ctx.adopt(Arc::downgrade(&inner) as Weak<dyn Closable>);
         Ok(Box::new(TcpListener { inner }))
     }
 
@@ -212,7 +194,7 @@ impl Transport for TcpTransport {
                     "cannot connect to port 0",
                 ));
             }
-            if ctx.closed.is_fired() {
+            if ctx.is_closed() {
                 return Err(TransportError::Closed);
             }
             let stream = Async::<TcpStream>::connect(sa)
@@ -220,26 +202,13 @@ impl Transport for TcpTransport {
                 .map_err(|e| TransportError::io("connect", e))?;
             let conn = TcpConnection::new(stream)?;
             ctx.adopt(Arc::downgrade(&conn.inner) as Weak<dyn Closable>);
-            if ctx.closed.is_fired() {
-                conn.close();
-            }
             Ok(Box::new(conn) as BoxConnection)
         }
         .boxed()
     }
 
     fn close(&self) {
-        self.ctx.closed.fire();
-        let children = std::mem::take(
-            &mut *self
-                .ctx
-                .children
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
-        for child in children.iter().filter_map(Weak::upgrade) {
-            child.close();
-        }
+        self.ctx.close_all();
     }
 }
 
@@ -248,7 +217,7 @@ struct ListenerInner {
     address: String,
     accepts: Order,
     closed: Signal,
-    ctx: Weak<Ctx>,
+    ctx: Weak<Registry>,
 }
 
 impl Closable for ListenerInner {
@@ -316,61 +285,39 @@ impl Listener for TcpListener {
     }
 }
 
-struct ConnInner {
+/// The raw byte stream under a [`TcpConnection`].
+#[derive(Debug)]
+struct TcpIo {
     stream: Async<TcpStream>,
-    reads: Order,
-    writes: Order,
-    closed: AtomicBool,
-    broken: AtomicBool,
     spin: Spin,
 }
 
-impl ConnInner {
-    fn check(&self) -> Result<(), TransportError> {
-        if self.broken.load(Ordering::Acquire) {
-            Err(TransportError::Broken)
-        } else if self.closed.load(Ordering::Acquire) {
-            Err(TransportError::Closed)
-        } else {
-            Ok(())
-        }
+/// A peer that closes, resets or vanishes is the end of the stream.
+fn map_io(op: &'static str, e: io::Error) -> TransportError {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::ConnectionReset => TransportError::Eof,
+        _ => TransportError::io(op, e),
     }
+}
 
-    /// Maps an I/O outcome, taking a local close into account.
-    fn map_err(&self, op: &'static str, e: io::Error) -> TransportError {
-        if self.check().is_err() {
-            return self.check().err().unwrap_or(TransportError::Closed);
-        }
-        match e.kind() {
-            io::ErrorKind::UnexpectedEof
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::ConnectionReset => TransportError::Eof,
-            _ => TransportError::io(op, e),
-        }
-    }
-
+impl Stream for TcpIo {
     async fn read_into(&self, buf: &mut [u8]) -> Result<(), TransportError> {
         let mut done = 0;
         while done < buf.len() {
             let rest = buf.get_mut(done..).unwrap_or_default();
             // With TP_TCP_SPIN_US set, spin on the non-blocking socket before parking on
             // the reactor: a reply already on its way arrives without a sleep and wake-up.
-            match self.spin.read(self.stream.get_ref(), rest) {
-                Some(Ok(0)) => {
-                    return Err(self.map_err("read", io::ErrorKind::UnexpectedEof.into()));
-                }
-                Some(Ok(n)) => {
-                    done += n;
-                    continue;
-                }
-                Some(Err(e)) => return Err(self.map_err("read", e)),
-                None => {}
-            }
-            match (&self.stream).read(rest).await {
-                Ok(0) => return Err(self.map_err("read", io::ErrorKind::UnexpectedEof.into())),
+            let got = match self.spin.read(self.stream.get_ref(), rest) {
+                Some(r) => r,
+                None => (&self.stream).read(rest).await,
+            };
+            match got {
+                Ok(0) => return Err(TransportError::Eof),
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.map_err("read", e)),
+                Err(e) => return Err(map_io("read", e)),
             }
         }
         Ok(())
@@ -381,10 +328,10 @@ impl ConnInner {
         while !bufs.is_empty() {
             let slices: Vec<IoSlice<'_>> = bufs.iter().take(64).map(|b| IoSlice::new(b)).collect();
             let mut n = match (&self.stream).write_vectored(&slices).await {
-                Ok(0) => return Err(self.map_err("write", io::ErrorKind::WriteZero.into())),
+                Ok(0) => return Err(map_io("write", io::ErrorKind::WriteZero.into())),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(self.map_err("write", e)),
+                Err(e) => return Err(map_io("write", e)),
             };
             while n > 0 {
                 let Some(first) = bufs.first_mut() else { break };
@@ -398,6 +345,11 @@ impl ConnInner {
             }
         }
         Ok(())
+    }
+
+    fn shutdown(&self) {
+        // Wakes every pending read and write with an error; ignore "not connected".
+        let _ = self.stream.get_ref().shutdown(Shutdown::Both);
     }
 }
 
@@ -449,39 +401,15 @@ impl Spin {
     }
 }
 
-impl Closable for ConnInner {
-    fn close(&self) {
-        if !self.closed.swap(true, Ordering::AcqRel) {
-            // Wakes every pending read and write with an error; ignore "not connected".
-            let _ = self.stream.get_ref().shutdown(Shutdown::Both);
-        }
-    }
-}
-
-/// Marks the connection broken if an operation is dropped halfway through its I/O.
-struct Halfway<'a> {
-    inner: &'a ConnInner,
-    armed: bool,
-}
-
-impl Drop for Halfway<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            self.inner.broken.store(true, Ordering::Release);
-            self.inner.close();
-        }
-    }
-}
-
 /// A TCP connection.
 pub struct TcpConnection {
-    inner: Arc<ConnInner>,
+    inner: Arc<Ordered<TcpIo>>,
 }
 
 impl std::fmt::Debug for TcpConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TcpConnection")
-            .field("peer", &self.inner.stream.get_ref().peer_addr().ok())
+            .field("peer", &self.peer_addr().ok())
             .finish()
     }
 }
@@ -499,14 +427,10 @@ impl TcpConnection {
             .set_nodelay(true)
             .map_err(|e| TransportError::io("set TCP_NODELAY", e))?;
         Ok(Self {
-            inner: Arc::new(ConnInner {
+            inner: Arc::new(Ordered::new(TcpIo {
                 stream,
-                reads: Order::default(),
-                writes: Order::default(),
-                closed: AtomicBool::new(false),
-                broken: AtomicBool::new(false),
                 spin: Spin::from_env(),
-            }),
+            })),
         })
     }
 
@@ -515,96 +439,29 @@ impl TcpConnection {
     /// # Errors
     /// The OS error of `getpeername`.
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.stream.get_ref().peer_addr()
+        self.inner.stream.stream.get_ref().peer_addr()
     }
 }
 
 impl Connection for TcpConnection {
     fn write<'a>(&'a self, bufs: &'a [&'a [u8]]) -> BoxFuture<'a, Result<(), TransportError>> {
-        let turn = self.inner.writes.turn();
-        async move {
-            turn.ready().await;
-            self.inner.check()?;
-            let mut guard = Halfway {
-                inner: &self.inner,
-                armed: true,
-            };
-            let r = self.inner.write_from(bufs).await;
-            guard.armed = false;
-            r
-        }
-        .boxed()
+        self.inner.write(bufs)
     }
 
     fn read_exact<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, Result<(), TransportError>> {
-        let turn = self.inner.reads.turn();
-        async move {
-            turn.ready().await;
-            self.inner.check()?;
-            let mut guard = Halfway {
-                inner: &self.inner,
-                armed: true,
-            };
-            let r = self.inner.read_into(buf).await;
-            guard.armed = false;
-            r
-        }
-        .boxed()
+        self.inner.read_exact(buf)
     }
 
     fn read_frame(&self, limit: u64) -> BoxFuture<'_, Result<Vec<u8>, TransportError>> {
-        let turn = self.inner.reads.turn();
-        async move {
-            turn.ready().await;
-            self.inner.check()?;
-            let mut guard = Halfway {
-                inner: &self.inner,
-                armed: true,
-            };
-            let mut len = [0u8; 8];
-            let r = async {
-                self.inner.read_into(&mut len).await?;
-                let len = u64::from_le_bytes(len);
-                if len > limit {
-                    self.inner.close();
-                    return Err(TransportError::FrameTooLarge { len, limit });
-                }
-                let n = usize::try_from(len)
-                    .map_err(|_| TransportError::FrameTooLarge { len, limit })?;
-                let mut body = Vec::new();
-                body.try_reserve_exact(n).map_err(|_| {
-                    TransportError::io("allocate frame", io::ErrorKind::OutOfMemory.into())
-                })?;
-                body.resize(n, 0);
-                self.inner.read_into(&mut body).await?;
-                Ok(body)
-            }
-            .await;
-            guard.armed = false;
-            r
-        }
-        .boxed()
+        self.inner.read_frame(limit)
     }
 
     fn write_frame<'a>(&'a self, body: &'a [u8]) -> BoxFuture<'a, Result<(), TransportError>> {
-        let turn = self.inner.writes.turn();
-        async move {
-            turn.ready().await;
-            self.inner.check()?;
-            let mut guard = Halfway {
-                inner: &self.inner,
-                armed: true,
-            };
-            let len = u64::try_from(body.len()).unwrap_or(u64::MAX).to_le_bytes();
-            let r = self.inner.write_from(&[&len, body]).await;
-            guard.armed = false;
-            r
-        }
-        .boxed()
+        self.inner.write_frame(body)
     }
 
     fn close(&self) {
-        self.inner.close();
+        Connection::close(&*self.inner);
     }
 }
 

@@ -1,0 +1,89 @@
+//! Shared-memory segments: sealed memfds mapped `MAP_SHARED`.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::ptr::NonNull;
+
+use rustix::fs::{MemfdFlags, Mode, SealFlags};
+use rustix::mm::{MapFlags, ProtFlags};
+
+/// The largest segment a peer may hand us (a ring of 1 GiB plus its header).
+pub(crate) const MAX_SEGMENT: u64 = (1 << 30) + 4096;
+
+/// A mapped memfd. Unmapped on drop; the memory itself lives until the last process
+/// holding the fd or a mapping lets go.
+#[derive(Debug)]
+pub(crate) struct Segment {
+    base: NonNull<u8>,
+    len: usize,
+    fd: OwnedFd,
+}
+
+// SAFETY: the mapping is plain shared memory; every access to it goes through the ring,
+// whose protocol makes concurrent use sound.
+unsafe impl Send for Segment {}
+// SAFETY: as above.
+unsafe impl Sync for Segment {}
+
+impl Segment {
+    /// Creates a `len`-byte segment, mode 0600, sealed against shrinking and growing so
+    /// the peer can map it without fearing SIGBUS.
+    pub(crate) fn create(len: usize) -> io::Result<Self> {
+        let fd = rustix::fs::memfd_create("tp-shm", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+        rustix::fs::fchmod(&fd, Mode::RUSR | Mode::WUSR)?;
+        rustix::fs::ftruncate(&fd, len as u64)?;
+        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
+        Self::map(fd, len)
+    }
+
+    /// Maps a segment the peer sent, after checking it is a sealed memfd of sane size.
+    pub(crate) fn open(fd: OwnedFd) -> io::Result<Self> {
+        let seals = rustix::fs::fcntl_get_seals(&fd)?;
+        if !seals.contains(SealFlags::SHRINK) {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "peer segment is not sealed against shrinking"));
+        }
+        let size = rustix::fs::fstat(&fd)?.st_size;
+        let size = u64::try_from(size).unwrap_or(0);
+        if size == 0 || size > MAX_SEGMENT {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("peer segment of {size} bytes")));
+        }
+        Self::map(fd, usize::try_from(size).map_err(|_| io::ErrorKind::InvalidData)?)
+    }
+
+    fn map(fd: OwnedFd, len: usize) -> io::Result<Self> {
+        // SAFETY: a fresh shared mapping of a memfd we hold; nothing else in this process
+        // aliases it, and it is unmapped only in Drop.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                fd.as_fd(),
+                0,
+            )?
+        };
+        let base = NonNull::new(ptr.cast::<u8>()).ok_or(io::ErrorKind::Other)?;
+        Ok(Self { base, len, fd })
+    }
+
+    pub(crate) fn base(&self) -> NonNull<u8> {
+        self.base
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        // SAFETY: base/len are exactly what mmap returned, and no view into the mapping
+        // outlives the Segment (rings hold an Arc to it).
+        let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
