@@ -36,7 +36,7 @@ fn bench_transport_tcp_runs_both_ends_and_prints_json() {
 fn bench_transport_rejects_unknown_and_unbuilt_transports() {
     for (name, why) in [
         ("carrier-pigeon", "unknown transport"),
-        ("shm", "not implemented yet"),
+        ("ibv", "not implemented yet"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_tp"))
             .args(["bench", "transport", "--transport", name, "--sizes", "8"])
@@ -44,5 +44,85 @@ fn bench_transport_rejects_unknown_and_unbuilt_transports() {
             .expect("run tp");
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains(why), "{name}");
+    }
+}
+
+#[test]
+fn bench_transport_shm_runs_both_ends() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tp"))
+        .args([
+            "bench",
+            "transport",
+            "--transport",
+            "shm",
+            "--sizes",
+            "8,4M",
+            "--round-trips",
+            "20",
+            "--json",
+        ])
+        .output()
+        .expect("run tp");
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(json.matches("\"round_trips\":20").count(), 2, "{json}");
+}
+
+/// A peer process killed while this side has operations pending: they fail with EOF,
+/// promptly, for every transport.
+#[test]
+fn killed_peer_fails_pending_operations() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    use tp_transport::{ErrorKind, Transport};
+
+    let transports: [(&str, Box<dyn Transport>); 2] = [
+        ("tcp", Box::new(tp_transport::tcp::TcpTransport::new())),
+        ("shm", Box::new(tp_transport::shm::ShmTransport::default())),
+    ];
+    for (name, transport) in transports {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tp"))
+            .args([
+                "bench",
+                "transport",
+                "--transport",
+                name,
+                "--mode",
+                "listen",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn listener");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line.trim().strip_prefix("LISTENING ").unwrap().to_string();
+        let conn = async_io::block_on(transport.connect(&addr)).expect("connect");
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            child.kill().unwrap();
+            child.wait().unwrap();
+        });
+        let start = Instant::now();
+        let mut reads = [[0u8; 8]; 3];
+        let results = async_io::block_on(futures::future::join_all(
+            reads.iter_mut().map(|b| conn.read_exact(b)),
+        ));
+        killer.join().unwrap();
+        for r in results {
+            assert_eq!(r.unwrap_err().kind(), ErrorKind::Eof, "{name}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{name}: took {:?}",
+            start.elapsed()
+        );
     }
 }

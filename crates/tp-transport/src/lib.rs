@@ -41,6 +41,7 @@ mod error;
 mod order;
 mod ordered;
 mod registry;
+#[cfg(feature = "shm")]
 pub mod shm;
 mod signal;
 #[cfg(feature = "tcp")]

@@ -29,7 +29,8 @@ impl Segment {
     /// Creates a `len`-byte segment, mode 0600, sealed against shrinking and growing so
     /// the peer can map it without fearing SIGBUS.
     pub(crate) fn create(len: usize) -> io::Result<Self> {
-        let fd = rustix::fs::memfd_create("tp-shm", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+        let fd =
+            rustix::fs::memfd_create("tp-shm", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
         rustix::fs::fchmod(&fd, Mode::RUSR | Mode::WUSR)?;
         rustix::fs::ftruncate(&fd, len as u64)?;
         rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
@@ -40,14 +41,23 @@ impl Segment {
     pub(crate) fn open(fd: OwnedFd) -> io::Result<Self> {
         let seals = rustix::fs::fcntl_get_seals(&fd)?;
         if !seals.contains(SealFlags::SHRINK) {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "peer segment is not sealed against shrinking"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "peer segment is not sealed against shrinking",
+            ));
         }
         let size = rustix::fs::fstat(&fd)?.st_size;
         let size = u64::try_from(size).unwrap_or(0);
         if size == 0 || size > MAX_SEGMENT {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("peer segment of {size} bytes")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("peer segment of {size} bytes"),
+            ));
         }
-        Self::map(fd, usize::try_from(size).map_err(|_| io::ErrorKind::InvalidData)?)
+        Self::map(
+            fd,
+            usize::try_from(size).map_err(|_| io::ErrorKind::InvalidData)?,
+        )
     }
 
     fn map(fd: OwnedFd, len: usize) -> io::Result<Self> {
@@ -85,5 +95,66 @@ impl Drop for Segment {
         // SAFETY: base/len are exactly what mmap returned, and no view into the mapping
         // outlives the Segment (rings hold an Arc to it).
         let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A ring end together with the mapping it points into: the mapping cannot be dropped
+/// while the end exists, which is the contract [`super::ring`]'s constructors need.
+#[derive(Debug)]
+pub(crate) struct Mapped<E> {
+    end: E,
+    segment: Segment,
+}
+
+impl<E> Mapped<E> {
+    /// The segment's fd (to send to the peer).
+    pub(crate) fn fd(&self) -> &OwnedFd {
+        self.segment.fd()
+    }
+}
+
+impl<E> std::ops::Deref for Mapped<E> {
+    type Target = E;
+
+    fn deref(&self) -> &E {
+        &self.end
+    }
+}
+
+impl<E> std::ops::DerefMut for Mapped<E> {
+    fn deref_mut(&mut self) -> &mut E {
+        &mut self.end
+    }
+}
+
+fn ring_error(e: super::ring::RingError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+impl Mapped<super::ring::Consumer> {
+    /// Creates a fresh ring of `capacity` bytes in a new segment and keeps its reading
+    /// end; the peer attaches the writing end through the segment's fd.
+    pub(crate) fn inbox(capacity: usize) -> io::Result<Self> {
+        let segment = Segment::create(super::ring::region_len(capacity))?;
+        let cap = u64::try_from(capacity).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // SAFETY: the mapping is region_len(capacity) bytes, 64-byte aligned (page
+        // aligned), and lives in `segment` beside the end for as long as the end; the
+        // producer end made here is dropped, the peer's is the only writer.
+        let (_, end) = unsafe { super::ring::create(segment.base(), segment.len(), cap) }
+            .map_err(ring_error)?;
+        Ok(Self { end, segment })
+    }
+}
+
+impl Mapped<super::ring::Producer> {
+    /// Maps the peer's inbox segment and attaches as its writer.
+    pub(crate) fn outbox(fd: OwnedFd) -> io::Result<Self> {
+        let segment = Segment::open(fd)?;
+        // SAFETY: the mapping lives in `segment` beside the end; it is sealed against
+        // shrinking (checked by `open`), so its pages cannot vanish; this is its only
+        // producer; `attach_producer` checks the magic, alignment and sizes.
+        let end = unsafe { super::ring::attach_producer(segment.base(), segment.len()) }
+            .map_err(ring_error)?;
+        Ok(Self { end, segment })
     }
 }

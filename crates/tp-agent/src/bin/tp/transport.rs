@@ -41,15 +41,34 @@ pub(crate) struct TransportArgs {
 fn make(name: &str) -> Result<Arc<dyn Transport>, String> {
     match name {
         "tcp" => Ok(Arc::new(tp_transport::tcp::TcpTransport::new())),
-        "shm" | "ibv" => Err(format!("transport {name} is not implemented yet")),
-        other => Err(format!("unknown transport {other:?} (known: tcp)")),
+        "shm" => {
+            let t = tp_transport::shm::ShmTransport::default();
+            t.viability().map_err(|e| e.to_string())?;
+            Ok(Arc::new(t))
+        }
+        "ibv" => Err("transport ibv is not implemented yet".to_string()),
+        other => Err(format!("unknown transport {other:?} (known: tcp, shm)")),
+    }
+}
+
+/// Where a listener binds by default: loopback for tcp, a fresh name for shm.
+fn default_bind(transport: &str) -> &'static str {
+    if transport == "tcp" {
+        "127.0.0.1:0"
+    } else {
+        ""
     }
 }
 
 pub(crate) fn run(args: &TransportArgs) -> Result<(), String> {
     let transport = make(&args.transport)?;
     match args.mode {
-        Mode::Listen => listen(&transport, args.address.as_deref().unwrap_or("127.0.0.1:0")),
+        Mode::Listen => listen(
+            &transport,
+            args.address
+                .as_deref()
+                .unwrap_or(default_bind(&args.transport)),
+        ),
         Mode::Connect => {
             let addr = args
                 .address
@@ -59,7 +78,10 @@ pub(crate) fn run(args: &TransportArgs) -> Result<(), String> {
         }
         Mode::Both => {
             let regime = Regime::measure()?;
-            let bind = args.address.clone().unwrap_or_else(|| "127.0.0.1:0".into());
+            let bind = args
+                .address
+                .clone()
+                .unwrap_or_else(|| default_bind(&args.transport).into());
             let (mut child, addr) = spawn_server(&[
                 "bench",
                 "transport",
