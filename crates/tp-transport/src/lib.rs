@@ -7,8 +7,8 @@
 //!
 //! | backend | feature | state |
 //! |---|---|---|
-//! | [`tcp`] | `tcp` (default) | done: IPv4/IPv6, ephemeral ports, `TCP_NODELAY`, address guessing |
-//! | `shm` | — | only its sans-IO ring ([`shm::ring`]) so far; the transport itself is not written yet |
+//! | [`tcp`] | `tcp` (default) | IPv4/IPv6, ephemeral ports, `TCP_NODELAY`, address guessing |
+//! | [`shm`] | `shm` (default, Linux) | memfd rings, eventfd parking, `SCM_RIGHTS` bootstrap, peer checks |
 //! | `ibv` | — | not written yet |
 //!
 //! # The API is plain futures

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use tp_transport::{Connection, Transport};
 
-use crate::limits::{END, PINGPONG, RawTcp, Regime, header, parse_header, spawn_server};
+use crate::limits::{PINGPONG, RawTcp, Regime, header, parse_header, spawn_server};
 use crate::stats::{Summary, parse_sizes, size_label};
 use crate::{CommonArgs, Mode};
 
@@ -92,7 +92,8 @@ pub(crate) fn run(args: &TransportArgs) -> Result<(), String> {
                 "--address",
                 &bind,
             ])?;
-            let result = connect_and_report(&transport, &addr, args, Some(&regime));
+            let result =
+                connect_and_report(&transport, &addr, args, Some(&regime), Some(child.id()));
             let _ = child.wait();
             result
         }
@@ -143,7 +144,7 @@ async fn block(
 
 fn connect(transport: &Arc<dyn Transport>, addr: &str, args: &TransportArgs) -> Result<(), String> {
     let regime = Regime::measure()?;
-    connect_and_report(transport, addr, args, Some(&regime))
+    connect_and_report(transport, addr, args, Some(&regime), None)
 }
 
 fn connect_and_report(
@@ -151,6 +152,7 @@ fn connect_and_report(
     addr: &str,
     args: &TransportArgs,
     regime: Option<&Regime>,
+    server_pid: Option<u32>,
 ) -> Result<(), String> {
     let sizes = parse_sizes(&args.sizes)?;
     let mut raw = RawTcp::start()?;
@@ -173,11 +175,24 @@ fn connect_and_report(
                 Summary::of(&mut raw_samples),
             ));
         }
-        conn.write(&[&header(0, 0, END)])
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok::<_, String>(rows)
+        // Idle pair: both ends hold a pending read for IDLE and should sleep, not spin.
+        let before = (
+            cpu_ticks("self"),
+            server_pid.map(|p| cpu_ticks(&p.to_string())),
+        );
+        let mut one = [0u8; 1];
+        let read = conn.read_exact(&mut one);
+        let _ = futures::future::select(read, async_io::Timer::after(IDLE)).await;
+        let after = (
+            cpu_ticks("self"),
+            server_pid.map(|p| cpu_ticks(&p.to_string())),
+        );
+        let idle = IdleCpu::new(before, after);
+        // The abandoned read broke the connection; the server sees it end and exits.
+        drop(conn);
+        Ok::<_, String>((rows, idle))
     })?;
+    let (rows, idle) = rows;
     if args.common.json {
         let items: Vec<String> = rows
             .iter()
@@ -197,8 +212,11 @@ fn connect_and_report(
             .collect();
         let regime = regime.map_or("null".to_string(), Regime::json);
         println!(
-            "{{\"bench\":\"transport\",\"transport\":\"{}\",\"regime\":{regime},\"results\":[{}]}}",
+            "{{\"bench\":\"transport\",\"transport\":\"{}\",\"regime\":{regime},\"idle_cpu_percent\":{{\"client\":{:.2},\"server\":{}}},\"results\":[{}]}}",
             args.transport,
+            idle.client,
+            idle.server
+                .map_or("null".to_string(), |v| format!("{v:.2}")),
             items.join(",")
         );
     } else {
@@ -233,8 +251,51 @@ fn connect_and_report(
             );
         }
         println!(
-            "\nthroughput = 2 x size / p50 round trip (baseline.md's definition); raw = blocking TCP ping-pong between two processes, same run"
+            "\nidle pair, {} s with a read pending on each end: client {:.2}% of a core, server {}",
+            IDLE.as_secs(),
+            idle.client,
+            idle.server
+                .map_or("not measured (--mode connect)".to_string(), |v| format!(
+                    "{v:.2}% of a core"
+                ))
+        );
+        println!(
+            "throughput = 2 x size / p50 round trip (baseline.md's definition); raw = blocking TCP ping-pong between two processes, same run"
         );
     }
     Ok(())
+}
+
+const IDLE: Duration = Duration::from_secs(3);
+
+/// CPU time (user + system, clock ticks) of `/proc/<pid>`, or 0 if unreadable.
+fn cpu_ticks(pid: &str) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the parenthesised command name come state (field 3) ... utime (14), stime (15).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    get(11) + get(12)
+}
+
+/// CPU use of both ends over the idle window, in percent of one core.
+struct IdleCpu {
+    client: f64,
+    server: Option<f64>,
+}
+
+impl IdleCpu {
+    fn new(before: (u64, Option<u64>), after: (u64, Option<u64>)) -> Self {
+        // Linux reports these in USER_HZ = 100 ticks per second.
+        let pct = |ticks: u64| ticks as f64 / 100.0 / IDLE.as_secs_f64() * 100.0;
+        Self {
+            client: pct(after.0.saturating_sub(before.0)),
+            server: before.1.zip(after.1).map(|(b, a)| pct(a.saturating_sub(b))),
+        }
+    }
 }
