@@ -126,3 +126,70 @@ fn killed_peer_fails_pending_operations() {
         );
     }
 }
+
+/// shm admits only peers of the same user unless told otherwise: a peer running as
+/// `nobody` is refused by a default listener and admitted by an `AnyUid` one.
+#[test]
+fn shm_listener_checks_the_peer_uid() {
+    use std::time::Duration;
+
+    use tp_transport::Transport;
+    use tp_transport::shm::{PeerCheck, ShmConfig, ShmTransport};
+
+    let root = std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false);
+    let setpriv = Command::new("setpriv").arg("--version").output().is_ok();
+    if !root || !setpriv {
+        eprintln!("skipped: running a peer as another user needs root and setpriv");
+        return;
+    }
+    for (peer_check, admitted) in [(PeerCheck::SameUid, false), (PeerCheck::AnyUid, true)] {
+        let t = ShmTransport::new(ShmConfig {
+            peer_check,
+            ..ShmConfig::default()
+        });
+        let listener = t.listen("").unwrap();
+        let mut child = Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                env!("CARGO_BIN_EXE_tp"),
+            ])
+            .args([
+                "bench",
+                "transport",
+                "--transport",
+                "shm",
+                "--mode",
+                "connect",
+                "--shm-peer",
+                "any-uid",
+            ])
+            .args([
+                "--address",
+                listener.address(),
+                "--sizes",
+                "8",
+                "--round-trips",
+                "1",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn peer as nobody");
+        let accepted = async_io::block_on(futures::future::select(
+            listener.accept(),
+            async_io::Timer::after(Duration::from_secs(10)),
+        ));
+        let got_conn = matches!(accepted, futures::future::Either::Left((Ok(_), _)));
+        drop(accepted);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(got_conn, admitted, "peer check {peer_check:?}");
+    }
+}

@@ -34,15 +34,35 @@ pub(crate) struct TransportArgs {
     /// Target time per size when calibrating.
     #[arg(long, default_value_t = 1.5)]
     seconds: f64,
+    /// shm: which peers may connect.
+    #[arg(long, value_enum, default_value = "same-uid")]
+    shm_peer: ShmPeer,
     #[command(flatten)]
     common: CommonArgs,
 }
 
-fn make(name: &str) -> Result<Arc<dyn Transport>, String> {
+/// Which peers an shm end accepts.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, clap::ValueEnum)]
+enum ShmPeer {
+    /// Only processes of the same user (SO_PEERCRED).
+    SameUid,
+    /// Anyone who can reach the socket.
+    AnyUid,
+}
+
+fn make(name: &str, shm_peer: ShmPeer) -> Result<Arc<dyn Transport>, String> {
     match name {
         "tcp" => Ok(Arc::new(tp_transport::tcp::TcpTransport::new())),
         "shm" => {
-            let t = tp_transport::shm::ShmTransport::default();
+            use tp_transport::shm::{PeerCheck, ShmConfig, ShmTransport};
+            let peer_check = match shm_peer {
+                ShmPeer::SameUid => PeerCheck::SameUid,
+                ShmPeer::AnyUid => PeerCheck::AnyUid,
+            };
+            let t = ShmTransport::new(ShmConfig {
+                peer_check,
+                ..ShmConfig::default()
+            });
             t.viability().map_err(|e| e.to_string())?;
             Ok(Arc::new(t))
         }
@@ -61,7 +81,7 @@ fn default_bind(transport: &str) -> &'static str {
 }
 
 pub(crate) fn run(args: &TransportArgs) -> Result<(), String> {
-    let transport = make(&args.transport)?;
+    let transport = make(&args.transport, args.shm_peer)?;
     match args.mode {
         Mode::Listen => listen(
             &transport,
