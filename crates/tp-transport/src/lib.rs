@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | [`tcp`] | `tcp` (default) | IPv4/IPv6, ephemeral ports, `TCP_NODELAY`, address guessing |
 //! | [`shm`] | `shm` (default, Linux) | memfd rings, eventfd parking, `SCM_RIGHTS` bootstrap, peer checks |
-//! | `ibv` | — | not written yet |
+//! | [`ibv`] | — | only its sans-IO ring/ack protocol ([`ibv::proto`]), tested against a queue-pair model; the verbs glue is not written yet |
 //!
 //! # The API is plain futures
 //!
@@ -38,6 +38,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod error;
+pub mod ibv;
 mod order;
 mod ordered;
 mod registry;
