@@ -234,6 +234,14 @@ pub(crate) fn run(args: &CommonArgs) -> Result<(), String> {
             "µs",
         ));
     }
+    {
+        let mut s = eventfd_pingpong(20_000)?;
+        rows.push((
+            "eventfd ping-pong, 2 processes, RTT p50".to_string(),
+            Summary::of(&mut s).p50_us,
+            "µs",
+        ));
+    }
     for chunk in [64 << 10, 1 << 20] {
         raw.stream(chunk, 256 << 20)?;
         let gbps = raw.stream(chunk, 2 << 30)?;
@@ -261,4 +269,75 @@ pub(crate) fn run(args: &CommonArgs) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Ping-pongs an eventfd pair with a child process; returns each round trip.
+///
+/// The child takes the parent's eventfds with `pidfd_getfd` (same user, no Yama here),
+/// then echoes: it blocks reading "ping", writes "pong", until it reads the stop value.
+fn eventfd_pingpong(count: usize) -> Result<Vec<Duration>, String> {
+    use std::os::fd::AsRawFd;
+
+    use rustix::event::{EventfdFlags, eventfd};
+    let ping = eventfd(0, EventfdFlags::CLOEXEC).map_err(|e| e.to_string())?;
+    let pong = eventfd(0, EventfdFlags::CLOEXEC).map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .args([
+            "bench",
+            "eventfd-peer",
+            "--pid",
+            &std::process::id().to_string(),
+            "--fds",
+        ])
+        .args([ping.as_raw_fd().to_string(), pong.as_raw_fd().to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().ok_or("no stdout")?)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    if line.trim() != "READY" {
+        let _ = child.kill();
+        return Err(format!("eventfd peer: {line:?}"));
+    }
+    let mut buf = [0u8; 8];
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count + 100 {
+        let t = Instant::now();
+        rustix::io::write(&ping, &1u64.to_ne_bytes()).map_err(|e| e.to_string())?;
+        rustix::io::read(&pong, &mut buf).map_err(|e| e.to_string())?;
+        if i >= 100 {
+            out.push(t.elapsed());
+        }
+    }
+    rustix::io::write(&ping, &STOP.to_ne_bytes()).map_err(|e| e.to_string())?;
+    let _ = child.wait();
+    Ok(out)
+}
+
+const STOP: u64 = 1 << 40;
+
+/// The child side of [`eventfd_pingpong`].
+pub(crate) fn eventfd_peer(pid: i32, fds: &[i32]) -> Result<(), String> {
+    use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
+    let pid = Pid::from_raw(pid).ok_or("bad pid")?;
+    let pidfd = pidfd_open(pid, PidfdFlags::empty()).map_err(|e| format!("pidfd_open: {e}"))?;
+    let take = |fd: Option<&i32>| -> Result<std::os::fd::OwnedFd, String> {
+        let fd = *fd.ok_or("missing fd")?;
+        pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty()).map_err(|e| format!("pidfd_getfd: {e}"))
+    };
+    let ping = take(fds.first())?;
+    let pong = take(fds.get(1))?;
+    println!("READY");
+    std::io::stdout().flush().ok();
+    let mut buf = [0u8; 8];
+    loop {
+        rustix::io::read(&ping, &mut buf).map_err(|e| e.to_string())?;
+        if u64::from_ne_bytes(buf) >= STOP {
+            return Ok(());
+        }
+        rustix::io::write(&pong, &1u64.to_ne_bytes()).map_err(|e| e.to_string())?;
+    }
 }

@@ -35,6 +35,16 @@ enum Bench {
     /// The raw-socket echo server the other benchmarks spawn (internal).
     #[command(hide = true)]
     RawServer,
+    /// The eventfd ping-pong peer `bench limits` spawns (internal).
+    #[command(hide = true)]
+    EventfdPeer {
+        /// The parent's pid.
+        #[arg(long)]
+        pid: i32,
+        /// The parent's ping and pong eventfd numbers.
+        #[arg(long, num_args = 2)]
+        fds: Vec<i32>,
+    },
 }
 
 /// Options every benchmark takes.
@@ -62,6 +72,7 @@ fn main() {
         Command::Bench(Bench::Transport(args)) => transport::run(&args),
         Command::Bench(Bench::Limits(args)) => limits::run(&args),
         Command::Bench(Bench::RawServer) => limits::raw_server(),
+        Command::Bench(Bench::EventfdPeer { pid, fds }) => limits::eventfd_peer(pid, &fds),
     };
     if let Err(e) = result {
         eprintln!("tp: {e}");
