@@ -171,3 +171,51 @@ impl<S: Stream> crate::registry::Closable for Ordered<S> {
         Self::close(self);
     }
 }
+
+/// Implements [`Connection`] and `Drop` (close) for a public connection type whose
+/// `inner` field is an `Arc<Ordered<_>>`.
+macro_rules! ordered_connection {
+    ($ty:ty) => {
+        impl $crate::Connection for $ty {
+            fn write<'a>(
+                &'a self,
+                bufs: &'a [&'a [u8]],
+            ) -> futures::future::BoxFuture<'a, Result<(), $crate::TransportError>> {
+                self.inner.write(bufs)
+            }
+
+            fn read_exact<'a>(
+                &'a self,
+                buf: &'a mut [u8],
+            ) -> futures::future::BoxFuture<'a, Result<(), $crate::TransportError>> {
+                self.inner.read_exact(buf)
+            }
+
+            fn read_frame(
+                &self,
+                limit: u64,
+            ) -> futures::future::BoxFuture<'_, Result<Vec<u8>, $crate::TransportError>> {
+                self.inner.read_frame(limit)
+            }
+
+            fn write_frame<'a>(
+                &'a self,
+                body: &'a [u8],
+            ) -> futures::future::BoxFuture<'a, Result<(), $crate::TransportError>> {
+                self.inner.write_frame(body)
+            }
+
+            fn close(&self) {
+                self.inner.close();
+            }
+        }
+
+        impl Drop for $ty {
+            fn drop(&mut self) {
+                self.inner.close();
+            }
+        }
+    };
+}
+
+pub(crate) use ordered_connection;

@@ -1,5 +1,7 @@
 //! A one-way "closed" signal that futures can wait on.
 
+use std::future::Future;
+use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
@@ -39,5 +41,21 @@ impl Signal {
             waiters.push(cx.waker().clone());
         }
         Poll::Pending
+    }
+
+    /// Runs `fut` unless the signal fires first, in which case it is dropped and the
+    /// result is [`TransportError::Closed`](crate::TransportError::Closed).
+    pub(crate) async fn or_closed<T>(
+        &self,
+        fut: impl Future<Output = T>,
+    ) -> Result<T, crate::TransportError> {
+        let mut fut = pin!(fut);
+        std::future::poll_fn(|cx| {
+            if self.poll_fired(cx).is_ready() {
+                return Poll::Ready(Err(crate::TransportError::Closed));
+            }
+            fut.as_mut().poll(cx).map(Ok)
+        })
+        .await
     }
 }

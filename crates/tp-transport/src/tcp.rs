@@ -16,14 +16,11 @@
 //! BENCHMARKS.md). Off by default.
 //! Host names are resolved with the system resolver (blocking, once per call).
 
-use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::net::{
     IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener as StdListener, TcpStream, ToSocketAddrs,
 };
-use std::pin::pin;
 use std::sync::{Arc, Weak};
-use std::task::Poll;
 
 use async_io::Async;
 use futures::future::BoxFuture;
@@ -33,7 +30,7 @@ use crate::order::Order;
 use crate::ordered::{Ordered, Stream};
 use crate::registry::{Closable, Registry};
 use crate::signal::Signal;
-use crate::{BoxConnection, BoxListener, Connection, Listener, Transport, TransportError};
+use crate::{BoxConnection, BoxListener, Listener, Transport, TransportError};
 
 /// The domain descriptor: any two TCP contexts can try to reach each other.
 pub const DOMAIN_DESCRIPTOR: &[u8] = b"tcp:*";
@@ -259,17 +256,11 @@ impl Listener for TcpListener {
         let inner = &self.inner;
         async move {
             turn.ready().await;
-            let mut accept = pin!(inner.listener.accept());
-            let accepted = poll_fn(|cx| {
-                if inner.closed.poll_fired(cx).is_ready() {
-                    return Poll::Ready(Err(TransportError::Closed));
-                }
-                accept
-                    .as_mut()
-                    .poll(cx)
-                    .map_err(|e| TransportError::io("accept", e))
-            })
-            .await;
+            let accepted = inner
+                .closed
+                .or_closed(inner.listener.accept())
+                .await?
+                .map_err(|e| TransportError::io("accept", e));
             let (stream, _) = accepted?;
             let conn = TcpConnection::new(stream)?;
             if let Some(ctx) = inner.ctx.upgrade() {
@@ -414,12 +405,6 @@ impl std::fmt::Debug for TcpConnection {
     }
 }
 
-impl Drop for TcpConnection {
-    fn drop(&mut self) {
-        self.inner.close();
-    }
-}
-
 impl TcpConnection {
     fn new(stream: Async<TcpStream>) -> Result<Self, TransportError> {
         stream
@@ -443,27 +428,7 @@ impl TcpConnection {
     }
 }
 
-impl Connection for TcpConnection {
-    fn write<'a>(&'a self, bufs: &'a [&'a [u8]]) -> BoxFuture<'a, Result<(), TransportError>> {
-        self.inner.write(bufs)
-    }
-
-    fn read_exact<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, Result<(), TransportError>> {
-        self.inner.read_exact(buf)
-    }
-
-    fn read_frame(&self, limit: u64) -> BoxFuture<'_, Result<Vec<u8>, TransportError>> {
-        self.inner.read_frame(limit)
-    }
-
-    fn write_frame<'a>(&'a self, body: &'a [u8]) -> BoxFuture<'a, Result<(), TransportError>> {
-        self.inner.write_frame(body)
-    }
-
-    fn close(&self) {
-        Connection::close(&*self.inner);
-    }
-}
+crate::ordered::ordered_connection!(TcpConnection);
 
 #[cfg(test)]
 mod tests {

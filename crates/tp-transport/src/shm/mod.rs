@@ -33,7 +33,6 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
-use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::Poll;
@@ -54,7 +53,7 @@ use crate::order::Order;
 use crate::ordered::{Ordered, Stream};
 use crate::registry::{Closable, Registry};
 use crate::signal::Signal;
-use crate::{BoxConnection, BoxListener, Connection, Listener, Transport, TransportError};
+use crate::{BoxConnection, BoxListener, Listener, Transport, TransportError};
 
 /// Who may connect.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -286,17 +285,11 @@ impl Listener for ShmListener {
         async move {
             turn.ready().await;
             loop {
-                let mut accept = pin!(inner.listener.accept());
-                let accepted = poll_fn(|cx| {
-                    if inner.closed.poll_fired(cx).is_ready() {
-                        return Poll::Ready(Err(TransportError::Closed));
-                    }
-                    accept
-                        .as_mut()
-                        .poll(cx)
-                        .map_err(|e| TransportError::io("accept", e))
-                })
-                .await;
+                let accepted = inner
+                    .closed
+                    .or_closed(inner.listener.accept())
+                    .await?
+                    .map_err(|e| TransportError::io("accept", e));
                 let (stream, _) = accepted?;
                 let stream = stream
                     .into_inner()
@@ -393,19 +386,16 @@ impl ShmIo {
 
     /// Sleeps until `efd` is signalled, the peer goes away, or we close.
     async fn park(&self, efd: &Async<OwnedFd>) -> Result<(), TransportError> {
-        poll_fn(|cx| {
-            if self.closed.poll_fired(cx).is_ready() {
-                return Poll::Ready(Err(TransportError::Closed));
-            }
+        let woken = poll_fn(|cx| {
             let efd_ready = efd.poll_readable(cx).is_ready();
             let sock_ready = self.sock.poll_readable(cx).is_ready();
             if efd_ready || sock_ready {
-                Poll::Ready(Ok(()))
+                Poll::Ready(())
             } else {
                 Poll::Pending
             }
-        })
-        .await?;
+        });
+        self.closed.or_closed(woken).await?;
         drain(efd);
         Ok(())
     }
@@ -520,12 +510,6 @@ impl std::fmt::Debug for ShmConnection {
     }
 }
 
-impl Drop for ShmConnection {
-    fn drop(&mut self) {
-        self.inner.close();
-    }
-}
-
 fn io_err(op: &'static str) -> impl Fn(rustix::io::Errno) -> TransportError {
     move |e| TransportError::io(op, e.into())
 }
@@ -628,24 +612,4 @@ impl ShmConnection {
     }
 }
 
-impl Connection for ShmConnection {
-    fn write<'a>(&'a self, bufs: &'a [&'a [u8]]) -> BoxFuture<'a, Result<(), TransportError>> {
-        self.inner.write(bufs)
-    }
-
-    fn read_exact<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, Result<(), TransportError>> {
-        self.inner.read_exact(buf)
-    }
-
-    fn read_frame(&self, limit: u64) -> BoxFuture<'_, Result<Vec<u8>, TransportError>> {
-        self.inner.read_frame(limit)
-    }
-
-    fn write_frame<'a>(&'a self, body: &'a [u8]) -> BoxFuture<'a, Result<(), TransportError>> {
-        self.inner.write_frame(body)
-    }
-
-    fn close(&self) {
-        Connection::close(&*self.inner);
-    }
-}
+crate::ordered::ordered_connection!(ShmConnection);
