@@ -5,10 +5,12 @@
 //! Pipe or agent in this crate so far, and nothing here claims to be one. What exists is
 //! the `tp` binary's benchmarks:
 //!
-//! - `tp bench transport --transport tcp`: a ping-pong over one [`tp_transport`]
+//! - `tp bench transport --transport tcp|shm`: a ping-pong over one [`tp_transport`]
 //!   connection (both ends spawned unless `--mode` is given), with raw blocking TCP
-//!   measured at the same sizes in the same run, and a regime line;
-//! - `tp bench limits`: memcpy bandwidth and raw loopback TCP round trips and streaming.
+//!   measured at the same sizes in the same run, a regime line, and the CPU an idle
+//!   connected pair uses;
+//! - `tp bench limits`: memcpy bandwidth, raw loopback TCP round trips and streaming, and
+//!   an eventfd ping-pong between two processes.
 //!
 //! The plan: a context with transport and channel registries chosen by cargo features
 //! and ranked by priority; listeners and pipes that drive [`tp_wire`]'s sans-IO pipe
