@@ -230,8 +230,6 @@ pub struct Pair {
     rng: Rng,
     knobs: Knobs,
     pub now: Instant,
-    /// Frames read on connections, for tests that look at raw bytes.
-    pub frames_seen: usize,
     /// Channel transfers whose send and receive lengths differed (must stay 0 unless
     /// bytes were injected).
     pub mismatches: usize,
@@ -275,7 +273,6 @@ impl Pair {
                 ..knobs
             },
             now: Instant::ZERO,
-            frames_seen: 0,
             mismatches: 0,
         }
     }
@@ -852,7 +849,6 @@ impl Pair {
                 if let Some(frame) = peek_frame(&d.arrived) {
                     d.arrived.drain(..frame.len());
                     peer.reads.get_mut(&conn).unwrap().pop_front();
-                    self.frames_seen += 1;
                     peer.pipe.handle_frame(conn, &frame);
                     true
                 } else if d.closed && d.wire.is_empty() {
