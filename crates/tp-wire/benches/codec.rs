@@ -10,8 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use tp_wire::packet::{
-    Descriptor, DescriptorRepr, Seq, Tensor, TensorDesc, emit_frame, frame_len, frame_to_vec,
-    parse_frame,
+    Descriptor, DescriptorRepr, Seq, TensorDesc, emit_frame, frame_len, frame_to_vec, parse_frame,
 };
 use tp_wire::{Device, Limits};
 
@@ -77,19 +76,7 @@ fn main() {
         payloads: Seq::Slice(&[]),
         tensors: Seq::Slice(&tensors),
     };
-    let owned: Descriptor = Descriptor {
-        metadata: metadata.clone(),
-        payloads: Vec::new(),
-        tensors: tensors
-            .iter()
-            .map(|t| Tensor {
-                length: t.length,
-                source_device: t.source_device,
-                target_device: t.target_device,
-                metadata: t.metadata.to_vec(),
-            })
-            .collect(),
-    };
+    let owned: Descriptor = repr.to_owned();
     let mut buf = vec![0u8; frame_len(&repr)];
     let n = emit_frame(&repr, &mut buf).unwrap();
     println!("descriptor: 64 tensors, 1 KiB metadata, {n} bytes framed\n");

@@ -101,6 +101,34 @@ pub struct FakeBuf {
     pub device: Device,
 }
 
+impl FakeBuf {
+    /// Buffers fitting `desc`: payloads on the CPU; tensor `i` on its target device, else
+    /// on `devices[i]`, else on the CPU.
+    pub fn allocation(desc: &Descriptor, devices: &[Device]) -> (Vec<Self>, Vec<Self>) {
+        let payloads = desc
+            .payloads
+            .iter()
+            .map(|p| Self {
+                len: p.length as usize,
+                device: Device::CPU,
+            })
+            .collect();
+        let tensors = desc
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Self {
+                len: t.length as usize,
+                device: t
+                    .target_device
+                    .or(devices.get(i).copied())
+                    .unwrap_or(Device::CPU),
+            })
+            .collect();
+        (payloads, tensors)
+    }
+}
+
 impl crate::allocation::Buffer for FakeBuf {
     fn len(&self) -> usize {
         self.len
@@ -309,26 +337,7 @@ impl Pair {
         devices: &[Device],
     ) -> Result<(), CommandError> {
         let peer = self.peer(side);
-        let payloads: Vec<FakeBuf> = desc
-            .payloads
-            .iter()
-            .map(|p| FakeBuf {
-                len: p.length as usize,
-                device: Device::CPU,
-            })
-            .collect();
-        let tensors: Vec<FakeBuf> = desc
-            .tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| FakeBuf {
-                len: t.length as usize,
-                device: t
-                    .target_device
-                    .or(devices.get(i).copied())
-                    .unwrap_or(Device::CPU),
-            })
-            .collect();
+        let (payloads, tensors) = FakeBuf::allocation(desc, devices);
         peer.pipe.read(op, &payloads, &tensors)?;
         peer.allocations.insert(
             op,

@@ -533,14 +533,7 @@ fn read_with_a_bad_allocation_is_refused_and_can_be_retried() {
         pipe.read(op, &one, &one),
         Err(CommandError::Allocation(_))
     ));
-    let payloads: Vec<FakeBuf> = desc
-        .payloads
-        .iter()
-        .map(|x| FakeBuf {
-            len: x.length as usize,
-            device: Device::CPU,
-        })
-        .collect();
+    let (payloads, _) = FakeBuf::allocation(&desc, &[]);
     let gpu = [FakeBuf {
         len: desc.tensors[0].length as usize,
         device: Device::cuda(5),
