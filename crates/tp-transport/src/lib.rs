@@ -39,6 +39,7 @@
 
 mod error;
 pub mod ibv;
+mod listener;
 mod order;
 mod ordered;
 mod registry;

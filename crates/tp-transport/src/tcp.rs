@@ -2,7 +2,7 @@
 //!
 //! Addresses are `host:port`: `127.0.0.1:5000`, `[::1]:0`, `example.com:80`; a bare IP
 //! (`10.0.0.1`, `::1`) means port 0, and port 0 asks the OS for an ephemeral port, which
-//! [`Listener::address`] then reports. An empty address listens on the guessed address
+//! [`Listener::address`](crate::Listener::address) then reports. An empty address listens on the guessed address
 //! ([`guess_address`]). Every connection sets `TCP_NODELAY`.
 //!
 //! Reads land directly in the caller's buffer, and the socket is read only while a read
@@ -26,11 +26,10 @@ use async_io::Async;
 use futures::future::BoxFuture;
 use futures::{AsyncReadExt, AsyncWriteExt, FutureExt};
 
-use crate::order::Order;
+use crate::listener::{Accepted, Acceptor};
 use crate::ordered::{Ordered, Stream};
 use crate::registry::{Closable, Registry};
-use crate::signal::Signal;
-use crate::{BoxConnection, BoxListener, Listener, Transport, TransportError};
+use crate::{BoxConnection, BoxListener, Transport, TransportError};
 
 /// The domain descriptor: any two TCP contexts can try to reach each other.
 pub const DOMAIN_DESCRIPTOR: &[u8] = b"tcp:*";
@@ -163,21 +162,13 @@ impl Transport for TcpTransport {
         if self.ctx.is_closed() {
             return Err(TransportError::Closed);
         }
-        let sa = parse_address(address)?;
-        let listener = Async::<StdListener>::bind(sa).map_err(|e| TransportError::io("bind", e))?;
-        let local = listener
-            .get_ref()
-            .local_addr()
-            .map_err(|e| TransportError::io("getsockname", e))?;
-        let inner = Arc::new(ListenerInner {
-            listener,
-            address: local.to_string(),
-            accepts: Order::default(),
-            closed: Signal::default(),
-            ctx: Arc::downgrade(&self.ctx),
-        });
-        self.ctx.adopt(Arc::downgrade(&inner) as Weak<dyn Closable>);
-        Ok(Box::new(TcpListener { inner }))
+        let (listener, local) = bind(address)?;
+        Ok(crate::listener::listener(
+            &self.ctx,
+            "tcp",
+            local.to_string(),
+            TcpAcceptor(listener),
+        ))
     }
 
     fn connect(&self, address: &str) -> BoxFuture<'static, Result<BoxConnection, TransportError>> {
@@ -209,70 +200,33 @@ impl Transport for TcpTransport {
     }
 }
 
-struct ListenerInner {
-    listener: Async<StdListener>,
-    address: String,
-    accepts: Order,
-    closed: Signal,
-    ctx: Weak<Registry>,
+/// Binds a listening socket on a `host:port` address (see [`parse_address`]); returns it
+/// with the address actually bound.
+pub(crate) fn bind(address: &str) -> Result<(Async<StdListener>, SocketAddr), TransportError> {
+    let sa = parse_address(address)?;
+    let listener = Async::<StdListener>::bind(sa).map_err(|e| TransportError::io("bind", e))?;
+    let local = listener
+        .get_ref()
+        .local_addr()
+        .map_err(|e| TransportError::io("getsockname", e))?;
+    Ok((listener, local))
 }
 
-impl Closable for ListenerInner {
-    fn close(&self) {
-        self.closed.fire();
-    }
-}
+struct TcpAcceptor(Async<StdListener>);
 
-/// A TCP listener.
-pub struct TcpListener {
-    inner: Arc<ListenerInner>,
-}
-
-impl std::fmt::Debug for TcpListener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpListener")
-            .field("address", &self.inner.address)
-            .finish()
-    }
-}
-
-impl Drop for TcpListener {
-    fn drop(&mut self) {
-        self.inner.close();
-    }
-}
-
-impl Listener for TcpListener {
-    fn address(&self) -> &str {
-        &self.inner.address
-    }
-
-    fn url(&self) -> String {
-        format!("tcp://{}", self.inner.address)
-    }
-
-    fn accept(&self) -> BoxFuture<'_, Result<BoxConnection, TransportError>> {
-        let turn = self.inner.accepts.turn();
-        let inner = &self.inner;
-        async move {
-            turn.ready().await;
-            let accepted = inner
-                .closed
-                .or_closed(inner.listener.accept())
-                .await?
-                .map_err(|e| TransportError::io("accept", e));
-            let (stream, _) = accepted?;
-            let conn = TcpConnection::new(stream)?;
-            if let Some(ctx) = inner.ctx.upgrade() {
-                ctx.adopt(Arc::downgrade(&conn.inner) as Weak<dyn Closable>);
-            }
-            Ok(Box::new(conn) as BoxConnection)
-        }
-        .boxed()
-    }
-
-    fn close(&self) {
-        self.inner.close();
+impl Acceptor for TcpAcceptor {
+    async fn accept(&self) -> Result<Option<Accepted>, TransportError> {
+        let (stream, _) = self
+            .0
+            .accept()
+            .await
+            .map_err(|e| TransportError::io("accept", e))?;
+        let conn = TcpConnection::new(stream)?;
+        let closable = Arc::downgrade(&conn.inner) as Weak<dyn Closable>;
+        Ok(Some(Accepted {
+            conn: Box::new(conn),
+            closable,
+        }))
     }
 }
 

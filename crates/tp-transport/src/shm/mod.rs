@@ -2,7 +2,7 @@
 //! through rings in shared memory.
 //!
 //! **Bootstrap.** A listener binds an abstract Unix socket (`shm://<name>`; an empty
-//! name picks a unique one, reported by [`Listener::address`]). Each side of a new
+//! name picks a unique one, reported by [`Listener::address`](crate::Listener::address)). Each side of a new
 //! connection checks the peer's credentials (`SO_PEERCRED`: same uid unless
 //! [`PeerCheck::AnyUid`]), creates its *inbox* — a [`ring`] in a memfd segment, mode 0600,
 //! sealed against resizing — and two eventfds, and sends all three with `SCM_RIGHTS` in
@@ -49,11 +49,11 @@ use rustix::net::{
 
 use self::ring::{Consumer, Producer};
 use self::segment::{Mapped, Segment};
-use crate::order::Order;
+use crate::listener::{Accepted, Acceptor};
 use crate::ordered::{Ordered, Stream};
 use crate::registry::{Closable, Registry};
 use crate::signal::Signal;
-use crate::{BoxConnection, BoxListener, Listener, Transport, TransportError};
+use crate::{BoxConnection, BoxListener, Transport, TransportError};
 
 /// Who may connect.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -198,16 +198,15 @@ impl Transport for ShmTransport {
         let listener = UnixListener::bind_addr(&addr).map_err(|e| TransportError::io("bind", e))?;
         let listener =
             Async::new(listener).map_err(|e| TransportError::io("register listener", e))?;
-        let inner = Arc::new(ListenerInner {
-            listener,
-            address: name,
-            accepts: Order::default(),
-            closed: Signal::default(),
-            ctx: Arc::downgrade(&self.ctx),
-            config: self.config,
-        });
-        self.ctx.adopt(Arc::downgrade(&inner) as Weak<dyn Closable>);
-        Ok(Box::new(ShmListener { inner }))
+        Ok(crate::listener::listener(
+            &self.ctx,
+            "shm",
+            name,
+            ShmAcceptor {
+                listener,
+                config: self.config,
+            },
+        ))
     }
 
     fn connect(&self, address: &str) -> BoxFuture<'static, Result<BoxConnection, TransportError>> {
@@ -236,82 +235,36 @@ impl Transport for ShmTransport {
     }
 }
 
-struct ListenerInner {
+struct ShmAcceptor {
     listener: Async<UnixListener>,
-    address: String,
-    accepts: Order,
-    closed: Signal,
-    ctx: Weak<Registry>,
     config: ShmConfig,
 }
 
-impl Closable for ListenerInner {
-    fn close(&self) {
-        self.closed.fire();
-    }
-}
-
-/// An shm listener: an abstract Unix socket.
-pub struct ShmListener {
-    inner: Arc<ListenerInner>,
-}
-
-impl std::fmt::Debug for ShmListener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShmListener")
-            .field("address", &self.inner.address)
-            .finish()
-    }
-}
-
-impl Drop for ShmListener {
-    fn drop(&mut self) {
-        self.inner.close();
-    }
-}
-
-impl Listener for ShmListener {
-    fn address(&self) -> &str {
-        &self.inner.address
-    }
-
-    fn url(&self) -> String {
-        format!("shm://{}", self.inner.address)
-    }
-
-    fn accept(&self) -> BoxFuture<'_, Result<BoxConnection, TransportError>> {
-        let turn = self.inner.accepts.turn();
-        let inner = &self.inner;
-        async move {
-            turn.ready().await;
-            loop {
-                let accepted = inner
-                    .closed
-                    .or_closed(inner.listener.accept())
-                    .await?
-                    .map_err(|e| TransportError::io("accept", e));
-                let (stream, _) = accepted?;
-                let stream = stream
-                    .into_inner()
-                    .map_err(|e| TransportError::io("accept", e))?;
-                // A peer that fails the credential check or the handshake costs only its
-                // own connection: keep accepting.
-                match ShmConnection::handshake(stream, inner.config).await {
-                    Ok(conn) => {
-                        if let Some(ctx) = inner.ctx.upgrade() {
-                            ctx.adopt(Arc::downgrade(&conn.inner) as Weak<dyn Closable>);
-                        }
-                        return Ok(Box::new(conn) as BoxConnection);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "shm: refused a connection"),
-                }
+impl Acceptor for ShmAcceptor {
+    async fn accept(&self) -> Result<Option<Accepted>, TransportError> {
+        let (stream, _) = self
+            .listener
+            .accept()
+            .await
+            .map_err(|e| TransportError::io("accept", e))?;
+        let stream = stream
+            .into_inner()
+            .map_err(|e| TransportError::io("accept", e))?;
+        // A peer that fails the credential check or the handshake costs only its own
+        // connection: the listener keeps accepting.
+        match ShmConnection::handshake(stream, self.config).await {
+            Ok(conn) => {
+                let closable = Arc::downgrade(&conn.inner) as Weak<dyn Closable>;
+                Ok(Some(Accepted {
+                    conn: Box::new(conn),
+                    closable,
+                }))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "shm: refused a connection");
+                Ok(None)
             }
         }
-        .boxed()
-    }
-
-    fn close(&self) {
-        self.inner.close();
     }
 }
 
