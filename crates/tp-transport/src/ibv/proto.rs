@@ -180,6 +180,12 @@ impl Sender {
     pub fn unacknowledged(&self) -> u64 {
         self.written.wrapping_sub(self.acked)
     }
+
+    /// Every committed byte was posted and every posted write completed: it all landed
+    /// in the peer's inbox (it may not be consumed yet).
+    pub fn delivered(&self) -> bool {
+        self.posted == self.written && self.inflight == 0
+    }
 }
 
 /// The reading side of one connection.
@@ -325,7 +331,8 @@ impl SetupInfo {
     /// Decodes and validates a record.
     ///
     /// # Errors
-    /// [`ProtoError::BadSetup`] for a wrong length, magic, or an inbox capacity that is
+    /// [`ProtoError::BadSetup`] for a wrong length or magic, reserved bytes that are not
+    /// zero, a queue pair or sequence number over 24 bits, or an inbox capacity that is
     /// not a power of two.
     pub fn decode(b: &[u8]) -> Result<Self, ProtoError> {
         let b: &[u8; SETUP_LEN] = b
@@ -361,6 +368,16 @@ impl SetupInfo {
             inbox_capacity: u64::from_le_bytes(arr(48)),
             max_message: u32_at(56),
         };
+        // Reserved bytes are zero and 24-bit fields fit, so that a record has exactly
+        // one encoding (and a future version can use them).
+        if b.get(11) != Some(&0) || b.get(60..64) != Some(&[0u8; 4][..]) {
+            return Err(ProtoError::BadSetup("reserved bytes are not zero"));
+        }
+        if info.qpn > 0x00ff_ffff || info.psn > 0x00ff_ffff {
+            return Err(ProtoError::BadSetup(
+                "queue pair or sequence number over 24 bits",
+            ));
+        }
         if !info.inbox_capacity.is_power_of_two() {
             return Err(ProtoError::BadSetup("inbox capacity is not a power of two"));
         }
@@ -578,5 +595,11 @@ mod tests {
         let mut bad = b;
         bad[48] = 3;
         assert!(SetupInfo::decode(&bad).is_err());
+        // One encoding per record: reserved bytes and the top byte of 24-bit fields.
+        for at in [11, 15, 47, 60, 63] {
+            let mut bad = b;
+            bad[at] = 1;
+            assert!(SetupInfo::decode(&bad).is_err(), "byte {at}");
+        }
     }
 }
