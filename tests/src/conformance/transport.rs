@@ -36,6 +36,20 @@ fn run<F: Future<Output = ()> + Send + 'static>(executor: Executor, case: F) {
         .expect("case panicked or did not finish within 60 s (a hang)");
 }
 
+/// The transport, or `None` (the case is skipped, and says why) when it cannot work on
+/// this machine — only ibv without an RDMA device; tcp and shm must always be viable.
+fn viable(make: Make) -> Option<Arc<dyn Transport>> {
+    let t = make();
+    match t.viability() {
+        Ok(()) => Some(t),
+        Err(e) => {
+            assert_eq!(t.name(), "ibv", "{e}");
+            eprintln!("SKIPPED: {e}");
+            None
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Executor {
     BlockOn,
@@ -324,12 +338,16 @@ macro_rules! conformance {
 
                 #[test]
                 fn block_on() {
-                    run(Executor::BlockOn, super::super::$case(MAKE(), $addr));
+                    if let Some(t) = viable(MAKE) {
+                        run(Executor::BlockOn, super::super::$case(t, $addr));
+                    }
                 }
 
                 #[test]
                 fn thread_pool() {
-                    run(Executor::ThreadPool, super::super::$case(MAKE(), $addr));
+                    if let Some(t) = viable(MAKE) {
+                        run(Executor::ThreadPool, super::super::$case(t, $addr));
+                    }
                 }
             }
         )*
@@ -350,4 +368,10 @@ conformance!(
     shm,
     || Arc::new(tp_transport::shm::ShmTransport::default()),
     ""
+);
+#[cfg(feature = "ibv")]
+conformance!(
+    ibv,
+    || Arc::new(tp_transport::ibv::IbvTransport::default()),
+    "127.0.0.1:0"
 );

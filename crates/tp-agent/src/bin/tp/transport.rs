@@ -66,17 +66,32 @@ fn make(name: &str, shm_peer: ShmPeer) -> Result<Arc<dyn Transport>, String> {
             t.viability().map_err(|e| e.to_string())?;
             Ok(Arc::new(t))
         }
-        "ibv" => Err("transport ibv is not implemented yet".to_string()),
-        other => Err(format!("unknown transport {other:?} (known: tcp, shm)")),
+        "ibv" => make_ibv(),
+        other => Err(format!(
+            "unknown transport {other:?} (known: tcp, shm, ibv)"
+        )),
     }
 }
 
-/// Where a listener binds by default: loopback for tcp, a fresh name for shm.
+#[cfg(feature = "ibv")]
+fn make_ibv() -> Result<Arc<dyn Transport>, String> {
+    let t = tp_transport::ibv::IbvTransport::default();
+    t.viability().map_err(|e| e.to_string())?;
+    Ok(Arc::new(t))
+}
+
+#[cfg(not(feature = "ibv"))]
+fn make_ibv() -> Result<Arc<dyn Transport>, String> {
+    Err("transport ibv needs tp built with the `ibv` cargo feature".to_string())
+}
+
+/// Where a listener binds by default: loopback for tcp (and ibv's TCP bootstrap), a
+/// fresh name for shm.
 fn default_bind(transport: &str) -> &'static str {
-    if transport == "tcp" {
-        "127.0.0.1:0"
-    } else {
+    if transport == "shm" {
         ""
+    } else {
+        "127.0.0.1:0"
     }
 }
 
