@@ -7,7 +7,8 @@
 //!
 //! - `conformance::transport`: one suite of transport behaviours (tensorpipe.md §6.2
 //!   plus bad input), instantiated for every transport and run under two executors.
-//!   Channel suites join as tp-channel lands.
+//! - `conformance::channel`: one suite of channel behaviours (tensorpipe.md §6.4 plus
+//!   large tensors, close, order), instantiated for basic, xth, cma and mpt.
 
 #[cfg(test)]
 mod conformance;

@@ -45,7 +45,7 @@
 mod error;
 pub mod ibv;
 mod listener;
-mod order;
+pub mod order;
 mod ordered;
 mod registry;
 #[cfg(feature = "shm")]

@@ -1,5 +1,8 @@
 //! FIFO turns: operations complete in the order they were issued.
 //!
+//! Public because the channels of `tp-channel` keep the same promise with the same
+//! tool.
+//!
 //! Each operation takes a [`Turn`] when it is *issued* (when the method is called, not
 //! when its future is first polled), then waits until every earlier turn has finished.
 //! A turn finishes when it is dropped — after completing, failing, or being cancelled —
@@ -20,7 +23,7 @@ struct State {
 
 /// A queue of turns.
 #[derive(Debug, Default, Clone)]
-pub(crate) struct Order {
+pub struct Order {
     state: Arc<Mutex<State>>,
 }
 
@@ -31,7 +34,7 @@ impl Order {
     }
 
     /// Takes the next turn.
-    pub(crate) fn turn(&self) -> Turn {
+    pub fn turn(&self) -> Turn {
         let mut s = self.lock();
         let ticket = s.next;
         s.next = s.next.wrapping_add(1);
@@ -44,14 +47,14 @@ impl Order {
 
 /// One operation's place in an [`Order`].
 #[derive(Debug)]
-pub(crate) struct Turn {
+pub struct Turn {
     order: Order,
     ticket: u64,
 }
 
 impl Turn {
     /// Ready once every earlier turn has finished.
-    pub(crate) fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut s = self.order.lock();
         if s.serving == self.ticket {
             Poll::Ready(())
@@ -62,7 +65,7 @@ impl Turn {
     }
 
     /// Waits for this turn.
-    pub(crate) async fn ready(&self) {
+    pub async fn ready(&self) {
         std::future::poll_fn(|cx| self.poll_ready(cx)).await;
     }
 }

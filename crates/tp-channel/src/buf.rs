@@ -1,0 +1,69 @@
+//! The buffers channels take over while an operation is in flight.
+//!
+//! A buffer's bytes must stay where they are while a channel holds it, even though the
+//! box itself moves: heap-backed types (`Vec<u8>`, `Box<[u8]>`, `Arc<[u8]>`) do. The cma
+//! channel hands the address of a send buffer to the peer, which reads it with
+//! `process_vm_readv`; a type whose bytes moved would make the peer read stale memory
+//! (its own problem, never ours: the kernel checks the access).
+
+use std::sync::Arc;
+
+/// Bytes to send. Read-only, so one shared tensor (`Arc<[u8]>`) can be sent on many
+/// channels at once.
+pub trait SendBuf: Send + Sync + 'static {
+    /// The bytes.
+    fn bytes(&self) -> &[u8];
+}
+
+/// Memory to receive into.
+pub trait RecvBuf: Send + 'static {
+    /// The bytes to fill.
+    fn bytes_mut(&mut self) -> &mut [u8];
+
+    /// The bytes (after a receive, what arrived).
+    fn bytes(&self) -> &[u8];
+}
+
+impl SendBuf for Vec<u8> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+impl SendBuf for Box<[u8]> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+impl SendBuf for Arc<[u8]> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+impl SendBuf for Arc<Vec<u8>> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+impl RecvBuf for Vec<u8> {
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+impl RecvBuf for Box<[u8]> {
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}

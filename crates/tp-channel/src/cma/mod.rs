@@ -1,0 +1,365 @@
+//! cma: tensors between processes of one machine and user, by Cross-Memory Attach.
+//!
+//! The sender sends `{pid, address, length}` of its buffer; the receiver pulls the
+//! bytes with `process_vm_readv` straight into its own buffer (in chunks under the
+//! kernel's per-call limit, and across threads for large tensors) and acknowledges;
+//! the sender keeps its buffer until then (the protocol is in `handoff`).
+//!
+//! **Viability is probed, not assumed** ([`CmaContext::new`]):
+//! 1. boot id, PID and user namespaces are read (they go into the descriptor);
+//! 2. real, effective and saved uids are equal, and the same for gids — the kernel's
+//!    ptrace access check compares them;
+//! 3. the process is dumpable;
+//! 4. Linux security modules (`/sys/kernel/security/lsm`): with `capability`, the
+//!    permitted capabilities join the descriptor (a peer must hold the same set); Yama
+//!    scope 1 allows only ancestors, so the context calls
+//!    `prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY)` if [`CmaConfig::set_ptracer`] allows
+//!    it (process-wide!) and is not viable otherwise; scope 2 or 3: not viable;
+//! 5. a trial `process_vm_readv` of our own memory must return the right bytes (this
+//!    catches seccomp filters, as in default Docker, and kernels without CMA).
+//!
+//! Descriptor: `cma:<boot id>:<pid ns>:<user ns>:<uid>:<gid>[:<capabilities>]`, so cma is
+//! chosen only between processes on one machine, in one PID and user namespace, under
+//! one identity.
+
+#[allow(unsafe_code)]
+mod sys;
+
+use std::sync::Arc;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tp_transport::BoxConnection;
+
+use crate::children::Children;
+use crate::handoff::{Fetch, HandoffChannel, le_bytes};
+use crate::{BoxChannel, ChannelContext, ChannelError, Device, Endpoint, SendBuf};
+
+/// Settings of a cma context.
+#[derive(Clone, Copy, Debug)]
+pub struct CmaConfig {
+    /// Under Yama ptrace scope 1, allow any process of ours to read our memory
+    /// (`PR_SET_PTRACER_ANY`, process-wide), as the original does. Default `true`.
+    pub set_ptracer: bool,
+    /// Tensors at least this large are pulled by several threads at once. Default 8 MiB.
+    pub parallel_from: usize,
+    /// How many threads pull one large tensor. Default: available parallelism, at most 4.
+    pub threads: usize,
+}
+
+impl Default for CmaConfig {
+    fn default() -> Self {
+        Self {
+            set_ptracer: true,
+            parallel_from: 8 << 20,
+            threads: std::thread::available_parallelism()
+                .map_or(1, std::num::NonZero::get)
+                .min(4),
+        }
+    }
+}
+
+/// The cma channel context.
+#[derive(Debug)]
+pub struct CmaContext {
+    descriptor: Result<Vec<u8>, String>,
+    config: CmaConfig,
+    children: Arc<Children>,
+}
+
+impl Default for CmaContext {
+    fn default() -> Self {
+        Self::new(CmaConfig::default())
+    }
+}
+
+/// `Uid:`/`Gid:` of /proc/self/status: real, effective, saved, filesystem.
+fn status_ids(status: &str, key: &str) -> Option<Vec<u32>> {
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..]
+        .split_whitespace()
+        .map(|v| v.parse().ok())
+        .collect()
+}
+
+fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(str::trim)
+}
+
+/// Runs the probe; `Ok(descriptor)` or why not.
+fn probe(config: &CmaConfig) -> Result<Vec<u8>, String> {
+    let boot = crate::system::boot_id()?;
+    let pidns = crate::system::namespace("pid")?;
+    let userns = crate::system::namespace("user")?;
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(|e| format!("cannot read /proc/self/status: {e}"))?;
+    let uids = status_ids(&status, "Uid:").ok_or("no Uid line in /proc/self/status")?;
+    let gids = status_ids(&status, "Gid:").ok_or("no Gid line in /proc/self/status")?;
+    let (Some(&uid), Some(&gid)) = (uids.first(), gids.first()) else {
+        return Err("malformed Uid/Gid lines".to_string());
+    };
+    if uids.iter().take(3).any(|&u| u != uid) || gids.iter().take(3).any(|&g| g != gid) {
+        return Err(format!(
+            "real, effective and saved ids differ (uids {uids:?}, gids {gids:?})"
+        ));
+    }
+    match rustix::process::dumpable_behavior() {
+        Ok(rustix::process::DumpableBehavior::Dumpable) => {}
+        Ok(other) => return Err(format!("the process is not dumpable ({other:?})")),
+        Err(e) => return Err(format!("PR_GET_DUMPABLE failed: {e}")),
+    }
+    let lsms = std::fs::read_to_string("/sys/kernel/security/lsm")
+        .unwrap_or_else(|_| "capability,yama".to_string());
+    let mut descriptor = format!("cma:{boot}:{pidns}:{userns}:{uid}:{gid}");
+    for lsm in lsms.trim().split(',') {
+        match lsm {
+            "capability" => {
+                let caps = status_field(&status, "CapPrm:").unwrap_or("unknown");
+                descriptor.push(':');
+                descriptor.push_str(caps);
+            }
+            "yama" => match std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+                .ok()
+                .map(|s| s.trim().to_string())
+                .as_deref()
+            {
+                None | Some("0") => {}
+                Some("1") if config.set_ptracer => {
+                    rustix::process::set_ptracer(rustix::process::PTracer::Any)
+                        .map_err(|e| format!("Yama scope 1 and PR_SET_PTRACER failed: {e}"))?;
+                }
+                Some("1") => {
+                    return Err("Yama ptrace scope 1 and CmaConfig::set_ptracer is off".to_string());
+                }
+                Some(scope) => return Err(format!("Yama ptrace scope {scope} forbids it")),
+            },
+            _ => {}
+        }
+    }
+    // The trial: read our own memory through the kernel.
+    let src: Vec<u8> = (0..=255u8).collect();
+    let mut dst = vec![0u8; src.len()];
+    let pid = i32::try_from(std::process::id()).map_err(|_| "pid out of range")?;
+    match sys::read_remote(pid, src.as_ptr() as u64, &mut dst) {
+        Ok(n) if n == src.len() && dst == src => {}
+        Ok(n) => return Err(format!("trial process_vm_readv moved {n} wrong bytes")),
+        Err(e) => return Err(format!("trial process_vm_readv failed: {e}")),
+    }
+    Ok(descriptor.into_bytes())
+}
+
+impl CmaContext {
+    /// Creates a context and probes viability for real.
+    pub fn new(config: CmaConfig) -> Self {
+        let descriptor = probe(&config);
+        if let Err(why) = &descriptor {
+            tracing::info!(reason = why, "cma channel not viable");
+        }
+        Self {
+            descriptor,
+            config,
+            children: Arc::default(),
+        }
+    }
+}
+
+impl ChannelContext for CmaContext {
+    fn name(&self) -> &'static str {
+        "cma"
+    }
+
+    fn viability(&self) -> Result<(), ChannelError> {
+        self.descriptor
+            .as_ref()
+            .map(|_| ())
+            .map_err(|why| ChannelError::not_viable("cma", why))
+    }
+
+    fn device_descriptors(&self) -> Vec<(Device, Vec<u8>)> {
+        self.descriptor
+            .as_ref()
+            .map(|d| vec![(Device::CPU, d.clone())])
+            .unwrap_or_default()
+    }
+
+    fn connections_needed(&self) -> usize {
+        2
+    }
+
+    fn create_channel(
+        &self,
+        conns: Vec<BoxConnection>,
+        _endpoint: Endpoint,
+    ) -> BoxFuture<'static, Result<BoxChannel, ChannelError>> {
+        let ready = self.viability();
+        let children = self.children.clone();
+        let config = self.config;
+        async move {
+            ready?;
+            if children.is_closed() {
+                return Err(ChannelError::Closed);
+            }
+            let pid = std::process::id();
+            let channel = HandoffChannel::new("cma", Pull { pid, config }, conns)?;
+            children.adopt(channel.closer());
+            Ok(Box::new(channel) as BoxChannel)
+        }
+        .boxed()
+    }
+
+    fn close(&self) {
+        self.children.close_all();
+    }
+}
+
+/// The receiver pulls; the sender holds its buffer meanwhile.
+struct Pull {
+    pid: u32,
+    config: CmaConfig,
+}
+
+impl Fetch for Pull {
+    type Held = Box<dyn SendBuf>;
+
+    fn publish(&self, buf: Box<dyn SendBuf>) -> (Vec<u8>, Self::Held) {
+        let bytes = buf.bytes();
+        let mut d = Vec::with_capacity(20);
+        d.extend_from_slice(&self.pid.to_le_bytes());
+        d.extend_from_slice(&(bytes.as_ptr() as u64).to_le_bytes());
+        d.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        (d, buf)
+    }
+
+    fn take_back(&self, held: Self::Held) -> Box<dyn SendBuf> {
+        held
+    }
+
+    fn fetch(&self, d: &[u8], dst: &mut [u8]) -> Result<(), ChannelError> {
+        if d.len() != 20 {
+            return Err(ChannelError::protocol("cma descriptor is not 20 bytes"));
+        }
+        let pid = u32::from_le_bytes(le_bytes(d, 0)?);
+        let addr = u64::from_le_bytes(le_bytes(d, 4)?);
+        let len = u64::from_le_bytes(le_bytes(d, 12)?);
+        if len != dst.len() as u64 {
+            return Err(ChannelError::LengthMismatch {
+                expected: dst.len() as u64,
+                announced: len,
+            });
+        }
+        let pid = i32::try_from(pid).map_err(|_| ChannelError::protocol("pid out of range"))?;
+        if dst.len() >= self.config.parallel_from && self.config.threads > 1 {
+            pull_parallel(pid, addr, dst, self.config.threads)
+        } else {
+            pull(pid, addr, dst)
+        }
+    }
+}
+
+/// Pulls `dst.len()` bytes from `addr` of `pid`, in chunks the kernel accepts.
+fn pull(pid: i32, addr: u64, dst: &mut [u8]) -> Result<(), ChannelError> {
+    let mut done = 0usize;
+    while done < dst.len() {
+        let rest = dst.get_mut(done..).unwrap_or_default();
+        let n = sys::read_remote(pid, addr.wrapping_add(done as u64), rest)
+            .map_err(|e| ChannelError::io("process_vm_readv", e))?;
+        if n == 0 {
+            return Err(ChannelError::protocol(format!(
+                "process_vm_readv read nothing at byte {done} of {}",
+                dst.len()
+            )));
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// Splits a large pull across `threads` scoped threads (this one included).
+fn pull_parallel(pid: i32, addr: u64, dst: &mut [u8], threads: usize) -> Result<(), ChannelError> {
+    let part = dst.len().div_ceil(threads).next_multiple_of(4096);
+    std::thread::scope(|s| {
+        let mut parts = dst.chunks_mut(part).enumerate();
+        let first = parts.next();
+        let handles: Vec<_> = parts
+            .map(|(i, chunk)| {
+                s.spawn(move || pull(pid, addr.wrapping_add((i * part) as u64), chunk))
+            })
+            .collect();
+        let mut result = first.map_or(Ok(()), |(_, chunk)| pull(pid, addr, chunk));
+        for h in handles {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err(ChannelError::protocol("a pulling thread panicked")));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_probe_runs_for_real_and_names_this_machine_and_user() {
+        let ctx = CmaContext::default();
+        // This machine allows CMA (platform.md); a machine that does not must say why.
+        match ctx.viability() {
+            Ok(()) => {
+                let d = String::from_utf8(ctx.device_descriptors()[0].1.clone()).unwrap();
+                let boot = crate::system::boot_id().unwrap();
+                assert!(d.starts_with(&format!("cma:{boot}:pid:[")), "{d}");
+                assert!(d.contains(":user:["), "{d}");
+                let uid = rustix::process::getuid().as_raw();
+                assert!(d.contains(&format!(":{uid}:")), "{d}");
+            }
+            Err(e) => {
+                assert!(ctx.device_descriptors().is_empty());
+                eprintln!("SKIPPED: cma not viable here: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_pull_checks_the_announced_length_and_the_address() {
+        let fetch = Pull {
+            pid: std::process::id(),
+            config: CmaConfig::default(),
+        };
+        let src: Box<dyn SendBuf> = Box::new(vec![7u8; 100]);
+        let (d, held) = fetch.publish(src);
+        let mut dst = vec![0u8; 99];
+        assert!(matches!(
+            fetch.fetch(&d, &mut dst),
+            Err(ChannelError::LengthMismatch {
+                expected: 99,
+                announced: 100
+            })
+        ));
+        let mut dst = vec![0u8; 100];
+        fetch.fetch(&d, &mut dst).unwrap();
+        assert_eq!(dst, vec![7u8; 100]);
+        // An address nothing is mapped at: an error, not a crash.
+        let mut bad = d.clone();
+        bad[4..12].copy_from_slice(&8u64.to_le_bytes());
+        assert!(fetch.fetch(&bad, &mut dst).is_err());
+        assert!(fetch.fetch(&d[..10], &mut dst).is_err());
+        drop(fetch.take_back(held));
+    }
+
+    #[test]
+    fn a_large_pull_splits_across_threads_and_lands_every_byte() {
+        let src: Vec<u8> = (0..(9 << 20) + 123)
+            .map(|i: usize| (i % 251) as u8)
+            .collect();
+        let mut dst = vec![0u8; src.len()];
+        let pid = i32::try_from(std::process::id()).unwrap();
+        pull_parallel(pid, src.as_ptr() as u64, &mut dst, 3).unwrap();
+        assert!(dst == src);
+    }
+}

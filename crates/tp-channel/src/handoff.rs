@@ -1,0 +1,242 @@
+//! The protocol shared by xth and cma: the sender tells the receiver where its bytes
+//! are, the receiver fetches them and acknowledges, and only then does the sender get
+//! its buffer back.
+//!
+//! Connection 0 carries one frame per tensor, sender → receiver: a descriptor saying
+//! where the bytes are (a registry token for xth, `{pid, address, length}` for cma).
+//! Connection 1 carries one byte per tensor, receiver → sender: 0 when the bytes were
+//! fetched, 1 when fetching failed. Zero-length tensors send nothing.
+//!
+//! Sends pipeline: a send writes its descriptor as soon as earlier sends wrote theirs,
+//! and waits for its acknowledgement in the same order. A send or receive abandoned
+//! between those two steps would leave the pairing unknown, so it closes the channel.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tp_transport::BoxConnection;
+use tp_transport::order::Order;
+
+use crate::children::Close;
+use crate::{Channel, ChannelError, RecvBuf, RecvDone, SendBuf, SendDone};
+
+/// Descriptors are small; anything longer is a protocol violation.
+const MAX_DESCRIPTOR: u64 = 64;
+
+/// How a receiver gets at a sender's bytes.
+pub(crate) trait Fetch: Send + Sync + 'static {
+    /// What the sender keeps until the acknowledgement.
+    type Held: Send + 'static;
+
+    /// Sender: makes `buf` reachable by the peer; returns the descriptor to send.
+    fn publish(&self, buf: Box<dyn SendBuf>) -> (Vec<u8>, Self::Held);
+
+    /// Sender: the buffer back, once the receiver is done with it.
+    fn take_back(&self, held: Self::Held) -> Box<dyn SendBuf>;
+
+    /// Receiver: fills `dst` from the bytes `descriptor` names.
+    ///
+    /// # Errors
+    /// A malformed descriptor, a length other than `dst.len()`, or a failed fetch.
+    fn fetch(&self, descriptor: &[u8], dst: &mut [u8]) -> Result<(), ChannelError>;
+}
+
+struct Inner<F> {
+    fetch: F,
+    /// Connection 0: descriptors, sender → receiver.
+    descriptors: BoxConnection,
+    /// Connection 1: acknowledgements, receiver → sender.
+    acks: BoxConnection,
+    sends: Order,
+    send_acks: Order,
+    recvs: Order,
+    closed: AtomicBool,
+}
+
+impl<F: Send + Sync> Close for Inner<F> {
+    fn close(&self) {
+        Self::close(self);
+    }
+}
+
+impl<F> Inner<F> {
+    fn close(&self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            self.descriptors.close();
+            self.acks.close();
+        }
+    }
+
+    fn check(&self) -> Result<(), ChannelError> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(ChannelError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Closes the channel if dropped while armed (an operation abandoned mid-way).
+struct Midway<'a, F> {
+    inner: &'a Inner<F>,
+    armed: bool,
+}
+
+impl<F> Drop for Midway<'_, F> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.inner.close();
+        }
+    }
+}
+
+/// A channel over two connections and a [`Fetch`].
+pub(crate) struct HandoffChannel<F> {
+    name: &'static str,
+    inner: Arc<Inner<F>>,
+}
+
+impl<F> std::fmt::Debug for HandoffChannel<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel")
+            .field("name", &self.name)
+            .field("closed", &self.inner.closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl<F: Fetch> HandoffChannel<F> {
+    /// The handle a context closes this channel by.
+    pub(crate) fn closer(&self) -> std::sync::Weak<dyn Close> {
+        Arc::downgrade(&self.inner) as std::sync::Weak<dyn Close>
+    }
+
+    /// Builds the channel; `conns` must hold exactly two connections.
+    pub(crate) fn new(
+        name: &'static str,
+        fetch: F,
+        conns: Vec<BoxConnection>,
+    ) -> Result<Self, ChannelError> {
+        let [descriptors, acks]: [BoxConnection; 2] = conns.try_into().map_err(|c: Vec<_>| {
+            ChannelError::protocol(format!("{name} needs 2 connections, got {}", c.len()))
+        })?;
+        Ok(Self {
+            name,
+            inner: Arc::new(Inner {
+                fetch,
+                descriptors,
+                acks,
+                sends: Order::default(),
+                send_acks: Order::default(),
+                recvs: Order::default(),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+}
+
+impl<F: Fetch> Channel for HandoffChannel<F> {
+    fn send(&self, buf: Box<dyn SendBuf>) -> BoxFuture<'static, SendDone> {
+        let turn = self.inner.sends.turn();
+        let ack_turn = self.inner.send_acks.turn();
+        let inner = self.inner.clone();
+        async move {
+            if buf.bytes().is_empty() {
+                return (buf, inner.check());
+            }
+            turn.ready().await;
+            if let Err(e) = inner.check() {
+                return (buf, Err(e));
+            }
+            let (descriptor, held) = inner.fetch.publish(buf);
+            let mut midway = Midway {
+                inner: &inner,
+                armed: true,
+            };
+            if let Err(e) = inner.descriptors.write_frame(&descriptor).await {
+                midway.armed = false;
+                return (inner.fetch.take_back(held), Err(e.into()));
+            }
+            drop(turn);
+            ack_turn.ready().await;
+            let mut ack = [0u8; 1];
+            let r = inner.acks.read_exact(&mut ack).await;
+            midway.armed = false;
+            drop(midway);
+            let result = match r {
+                Ok(()) if ack == [0] => Ok(()),
+                Ok(()) if ack == [1] => Err(ChannelError::protocol(
+                    "the receiver could not fetch the tensor",
+                )),
+                Ok(()) => {
+                    inner.close();
+                    Err(ChannelError::protocol(format!(
+                        "bad acknowledgement byte {}",
+                        ack[0]
+                    )))
+                }
+                Err(e) => Err(e.into()),
+            };
+            (inner.fetch.take_back(held), result)
+        }
+        .boxed()
+    }
+
+    fn recv(&self, mut buf: Box<dyn RecvBuf>) -> BoxFuture<'static, RecvDone> {
+        let turn = self.inner.recvs.turn();
+        let inner = self.inner.clone();
+        async move {
+            if buf.bytes().is_empty() {
+                return (buf, inner.check());
+            }
+            turn.ready().await;
+            if let Err(e) = inner.check() {
+                return (buf, Err(e));
+            }
+            let descriptor = match inner.descriptors.read_frame(MAX_DESCRIPTOR).await {
+                Ok(d) => d,
+                Err(e) => return (buf, Err(e.into())),
+            };
+            let mut midway = Midway {
+                inner: &inner,
+                armed: true,
+            };
+            let fetched = inner.fetch.fetch(&descriptor, buf.bytes_mut());
+            let status = u8::from(fetched.is_err());
+            let acked = inner.acks.write(&[&[status]]).await;
+            midway.armed = false;
+            drop(midway);
+            let result = match (fetched, acked) {
+                (Err(e), _) => {
+                    // The stream is still in step, but a peer that sends what we cannot
+                    // fetch is not one to keep talking to.
+                    inner.close();
+                    Err(e)
+                }
+                (Ok(()), Err(e)) => Err(e.into()),
+                (Ok(()), Ok(())) => Ok(()),
+            };
+            (buf, result)
+        }
+        .boxed()
+    }
+
+    fn close(&self) {
+        self.inner.close();
+    }
+}
+
+impl<F> Drop for HandoffChannel<F> {
+    fn drop(&mut self) {
+        self.inner.close();
+    }
+}
+
+/// Reads `N` little-endian bytes at `at` of a descriptor.
+pub(crate) fn le_bytes<const N: usize>(d: &[u8], at: usize) -> Result<[u8; N], ChannelError> {
+    d.get(at..at + N)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| ChannelError::protocol("short descriptor"))
+}

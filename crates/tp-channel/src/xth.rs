@@ -1,0 +1,208 @@
+//! xth: tensors between two pipes of one process, by `memcpy`.
+//!
+//! The sender parks its buffer in a process-wide registry and sends the receiver a
+//! token; the receiver copies straight from the parked buffer into its own and
+//! acknowledges; the sender takes its buffer back (the protocol is in `handoff`). No
+//! raw address crosses the connection, so a confused or hostile peer can name only a
+//! buffer that is parked right now, with its length checked — never arbitrary memory.
+//!
+//! The descriptor `xth:<boot id>:<pid namespace>:<pid>` matches only inside one process.
+//! The copy runs on the task that drives the receive.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tp_transport::BoxConnection;
+
+use crate::children::Children;
+use crate::handoff::{Fetch, HandoffChannel, le_bytes};
+use crate::{BoxChannel, ChannelContext, ChannelError, Device, Endpoint, SendBuf};
+
+type Parked = Arc<Mutex<Option<Box<dyn SendBuf>>>>;
+
+/// Buffers parked by senders, by token.
+fn registry() -> &'static Mutex<HashMap<u64, Parked>> {
+    static REGISTRY: OnceLock<Mutex<HashMap<u64, Parked>>> = OnceLock::new();
+    REGISTRY.get_or_init(Mutex::default)
+}
+
+static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
+
+/// A parked buffer; dropping it unparks (so an abandoned send leaks nothing).
+pub(crate) struct Ticket {
+    token: u64,
+    parked: Parked,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        registry()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.token);
+    }
+}
+
+struct Memcpy;
+
+impl Fetch for Memcpy {
+    type Held = Ticket;
+
+    fn publish(&self, buf: Box<dyn SendBuf>) -> (Vec<u8>, Ticket) {
+        let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
+        let len = buf.bytes().len() as u64;
+        let parked: Parked = Arc::new(Mutex::new(Some(buf)));
+        registry()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(token, parked.clone());
+        let mut d = Vec::with_capacity(16);
+        d.extend_from_slice(&token.to_le_bytes());
+        d.extend_from_slice(&len.to_le_bytes());
+        (d, Ticket { token, parked })
+    }
+
+    fn take_back(&self, held: Ticket) -> Box<dyn SendBuf> {
+        let buf = held
+            .parked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        drop(held);
+        // A parked buffer is only ever taken here, once.
+        buf.unwrap_or_else(|| Box::new(Vec::new()))
+    }
+
+    fn fetch(&self, d: &[u8], dst: &mut [u8]) -> Result<(), ChannelError> {
+        if d.len() != 16 {
+            return Err(ChannelError::protocol("xth descriptor is not 16 bytes"));
+        }
+        let token = u64::from_le_bytes(le_bytes(d, 0)?);
+        let len = u64::from_le_bytes(le_bytes(d, 8)?);
+        if len != dst.len() as u64 {
+            return Err(ChannelError::LengthMismatch {
+                expected: dst.len() as u64,
+                announced: len,
+            });
+        }
+        let parked = registry()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&token)
+            .cloned()
+            .ok_or_else(|| ChannelError::protocol(format!("no parked buffer {token}")))?;
+        let guard = parked.lock().unwrap_or_else(PoisonError::into_inner);
+        let src = guard
+            .as_ref()
+            .map(|b| b.bytes())
+            .filter(|b| b.len() == dst.len())
+            .ok_or_else(|| ChannelError::protocol("parked buffer changed"))?;
+        dst.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+/// The xth channel context.
+#[derive(Debug)]
+pub struct XthContext {
+    descriptor: Result<Vec<u8>, String>,
+    children: Arc<Children>,
+}
+
+impl Default for XthContext {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl XthContext {
+    /// Creates a context; its descriptor names this process.
+    pub fn new() -> Self {
+        let descriptor = (|| {
+            let boot = crate::system::boot_id()?;
+            let pidns = crate::system::namespace("pid")?;
+            Ok(format!("xth:{boot}:{pidns}:{}", std::process::id()).into_bytes())
+        })();
+        Self {
+            descriptor,
+            children: Arc::default(),
+        }
+    }
+}
+
+impl ChannelContext for XthContext {
+    fn name(&self) -> &'static str {
+        "xth"
+    }
+
+    fn viability(&self) -> Result<(), ChannelError> {
+        self.descriptor
+            .as_ref()
+            .map(|_| ())
+            .map_err(|why| ChannelError::not_viable("xth", why))
+    }
+
+    fn device_descriptors(&self) -> Vec<(Device, Vec<u8>)> {
+        self.descriptor
+            .as_ref()
+            .map(|d| vec![(Device::CPU, d.clone())])
+            .unwrap_or_default()
+    }
+
+    fn connections_needed(&self) -> usize {
+        2
+    }
+
+    fn create_channel(
+        &self,
+        conns: Vec<BoxConnection>,
+        _endpoint: Endpoint,
+    ) -> BoxFuture<'static, Result<BoxChannel, ChannelError>> {
+        let ready = self.viability();
+        let children = self.children.clone();
+        async move {
+            ready?;
+            if children.is_closed() {
+                return Err(ChannelError::Closed);
+            }
+            let channel = HandoffChannel::new("xth", Memcpy, conns)?;
+            children.adopt(channel.closer());
+            Ok(Box::new(channel) as BoxChannel)
+        }
+        .boxed()
+    }
+
+    fn close(&self) {
+        self.children.close_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_parked_buffer_of_the_right_length_can_be_fetched() {
+        let (d, ticket) = Memcpy.publish(Box::new(vec![5u8; 10]));
+        let mut dst = vec![0u8; 10];
+        Memcpy.fetch(&d, &mut dst).unwrap();
+        assert_eq!(dst, vec![5u8; 10]);
+        assert!(matches!(
+            Memcpy.fetch(&d, &mut [0u8; 9]),
+            Err(ChannelError::LengthMismatch { .. })
+        ));
+        let mut forged = d.clone();
+        forged[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            Memcpy.fetch(&forged, &mut dst),
+            Err(ChannelError::Protocol(_))
+        ));
+        let back = Memcpy.take_back(ticket);
+        assert_eq!(back.bytes(), &[5u8; 10]);
+        // Taken back: unparked, so the token no longer resolves.
+        assert!(Memcpy.fetch(&d, &mut dst).is_err());
+    }
+}
