@@ -203,3 +203,61 @@ fn shm_listener_checks_the_peer_uid() {
         assert_eq!(got_conn, admitted, "peer check {peer_check:?}");
     }
 }
+
+/// Runs `tp bench channel` between two processes (xth: two threads) with every echo
+/// compared byte for byte; returns its JSON.
+fn bench_channel(extra: &[&str]) -> String {
+    let mut args = vec![
+        "bench",
+        "channel",
+        "--sizes",
+        "1,4K,1M,17M",
+        "--round-trips",
+        "3",
+        "--verify",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let out = Command::new(env!("CARGO_BIN_EXE_tp"))
+        .args(&args)
+        .output()
+        .expect("run tp");
+    assert!(
+        out.status.success(),
+        "{extra:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = String::from_utf8(out.stdout).unwrap();
+    assert!(json.starts_with("{\"bench\":\"channel\""), "{json}");
+    assert_eq!(json.matches("\"round_trips\":3").count(), 4, "{json}");
+    json
+}
+
+#[test]
+fn cma_moves_verified_tensors_between_two_processes_over_shm() {
+    let json = bench_channel(&["--channel", "cma", "--transport", "shm"]);
+    // The same run measured raw process_vm_readv for the sizes from 64 KiB up.
+    assert_eq!(json.matches("\"limit_gbps\":null").count(), 2, "{json}");
+}
+
+#[test]
+fn mpt_moves_verified_tensors_between_two_processes_over_three_lanes() {
+    let json = bench_channel(&["--channel", "mpt", "--lanes", "3"]);
+    assert!(json.contains("\"lanes\":3"), "{json}");
+}
+
+#[test]
+fn basic_and_xth_move_verified_tensors() {
+    bench_channel(&["--channel", "basic", "--transport", "shm"]);
+    bench_channel(&["--channel", "xth"]);
+}
+
+#[test]
+fn bench_channel_rejects_unknown_channels() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tp"))
+        .args(["bench", "channel", "--channel", "carrier-pigeon"])
+        .output()
+        .expect("run tp");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown channel"));
+}

@@ -6,17 +6,19 @@
 //! `process_vm_readv`; a type whose bytes moved would make the peer read stale memory
 //! (its own problem, never ours: the kernel checks the access).
 
+use std::any::Any;
 use std::sync::Arc;
 
 /// Bytes to send. Read-only, so one shared tensor (`Arc<[u8]>`) can be sent on many
-/// channels at once.
-pub trait SendBuf: Send + Sync + 'static {
+/// channels at once. A buffer handed back is a `Box<dyn SendBuf>`; upcast it to
+/// `Box<dyn Any>` and downcast to get the concrete type back.
+pub trait SendBuf: Any + Send + Sync {
     /// The bytes.
     fn bytes(&self) -> &[u8];
 }
 
-/// Memory to receive into.
-pub trait RecvBuf: Send + 'static {
+/// Memory to receive into. Like [`SendBuf`], downcastable through `Box<dyn Any>`.
+pub trait RecvBuf: Any + Send {
     /// The bytes to fill.
     fn bytes_mut(&mut self) -> &mut [u8];
 

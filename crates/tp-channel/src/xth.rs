@@ -100,9 +100,45 @@ impl Fetch for Memcpy {
             .map(|b| b.bytes())
             .filter(|b| b.len() == dst.len())
             .ok_or_else(|| ChannelError::protocol("parked buffer changed"))?;
-        dst.copy_from_slice(src);
+        copy(dst, src);
         Ok(())
     }
+}
+
+/// Copies from this size up are split across threads.
+const PARALLEL_FROM: usize = 4 << 20;
+
+/// `dst.copy_from_slice(src)`, split across up to four threads for large tensors: one
+/// thread's `memcpy` of page-aligned buffers runs at a fraction of the machine's
+/// bandwidth here (4K aliasing between source and destination; BENCHMARKS.md), and the
+/// sender's thread is idle meanwhile.
+fn copy(dst: &mut [u8], src: &[u8]) {
+    // Asked once: `available_parallelism` reads cgroup files, far too slow per tensor.
+    static THREADS: OnceLock<usize> = OnceLock::new();
+    if dst.len() < PARALLEL_FROM || dst.len() != src.len() {
+        dst.copy_from_slice(src);
+        return;
+    }
+    let threads = *THREADS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(1, std::num::NonZero::get)
+            .min(4)
+    });
+    if threads < 2 {
+        dst.copy_from_slice(src);
+        return;
+    }
+    let part = dst.len().div_ceil(threads).next_multiple_of(4096);
+    std::thread::scope(|s| {
+        let mut pairs = dst.chunks_mut(part).zip(src.chunks(part));
+        let first = pairs.next();
+        for (d, s_) in pairs {
+            s.spawn(move || d.copy_from_slice(s_));
+        }
+        if let Some((d, s_)) = first {
+            d.copy_from_slice(s_);
+        }
+    });
 }
 
 /// The xth channel context.

@@ -259,6 +259,18 @@ impl Fetch for Pull {
     }
 }
 
+/// Copies `dst.len()` bytes from address `addr` of process `pid` into `dst` with
+/// `process_vm_readv`, on this thread, in chunks the kernel accepts — the raw operation
+/// the cma channel is built on (`tp bench limits` measures it with this).
+///
+/// # Errors
+/// The OS error (no such process, no permission, an unmapped address), or a read that
+/// stops short.
+pub fn pull_from(pid: u32, addr: u64, dst: &mut [u8]) -> Result<(), ChannelError> {
+    let pid = i32::try_from(pid).map_err(|_| ChannelError::protocol("pid out of range"))?;
+    pull(pid, addr, dst)
+}
+
 /// Pulls `dst.len()` bytes from `addr` of `pid`, in chunks the kernel accepts.
 fn pull(pid: i32, addr: u64, dst: &mut [u8]) -> Result<(), ChannelError> {
     let mut done = 0usize;

@@ -192,7 +192,7 @@ impl Regime {
 /// page-aligned with the destination offset by half a page: heap buffers that share a
 /// page offset make `rep movsb` crawl on this CPU (4K aliasing), which measures the
 /// allocator, not the machine.
-fn memcpy_gbps(size: usize) -> f64 {
+pub(crate) fn memcpy_gbps(size: usize) -> f64 {
     let mut src_buf = vec![0x11u8; size + 8192];
     let mut dst_buf = vec![0u8; size + 8192];
     let src_at = src_buf.as_ptr().align_offset(4096);
@@ -252,6 +252,13 @@ pub(crate) fn run(args: &CommonArgs) -> Result<(), String> {
         ));
     }
     drop(raw);
+    for size in [1 << 20, 16 << 20, 64 << 20] {
+        rows.push((
+            format!("process_vm_readv, 1 thread, {}", size_label(size)),
+            cma_gbps(size)?,
+            "GB/s",
+        ));
+    }
     if args.json {
         let items: Vec<String> = rows
             .iter()
@@ -340,4 +347,55 @@ pub(crate) fn eventfd_peer(pid: i32, fds: &[i32]) -> Result<(), String> {
         }
         rustix::io::write(&pong, &1u64.to_ne_bytes()).map_err(|e| e.to_string())?;
     }
+}
+
+/// Holds `size` bytes and prints `BUFFER <pid> <address>`; exits when stdin closes.
+pub(crate) fn cma_peer(size: usize) -> Result<(), String> {
+    let buf = vec![0x5au8; size];
+    println!("BUFFER {} {}", std::process::id(), buf.as_ptr() as u64);
+    std::io::stdout().flush().ok();
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    drop(buf);
+    Ok(())
+}
+
+/// Raw single-thread `process_vm_readv` bandwidth from a child process's buffer of
+/// `size` bytes into a hot local one: best of 5 repetitions of ~2 GB.
+pub(crate) fn cma_gbps(size: usize) -> Result<f64, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .args(["bench", "cma-peer", "--size", &size.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawning the cma peer: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout from the cma peer")?;
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let mut words = line.split_whitespace();
+    let (Some("BUFFER"), Some(pid), Some(addr)) = (words.next(), words.next(), words.next()) else {
+        return Err(format!("cma peer said {line:?}"));
+    };
+    let pid: u32 = pid.parse().map_err(|_| "bad pid")?;
+    let addr: u64 = addr.parse().map_err(|_| "bad address")?;
+    let mut dst = vec![0u8; size];
+    let reps = (2_000_000_000 / size).clamp(4, 10_000);
+    let mut best = f64::MAX;
+    let result = (|| {
+        tp_channel::cma::pull_from(pid, addr, &mut dst).map_err(|e| e.to_string())?;
+        for _ in 0..5 {
+            let t = Instant::now();
+            for _ in 0..reps {
+                tp_channel::cma::pull_from(pid, addr, &mut dst).map_err(|e| e.to_string())?;
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok::<_, String>((size * reps) as f64 / best / 1e9)
+    })();
+    drop(child.stdin.take());
+    let _ = child.wait();
+    result
 }

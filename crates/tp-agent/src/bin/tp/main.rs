@@ -2,10 +2,12 @@
 //!
 //! - `tp bench transport --transport tcp`: a ping-pong over a raw transport connection,
 //!   like the original's `benchmark_transport`.
+//! - `tp bench channel --channel basic|xth|cma|mpt`: a tensor ping-pong over one channel.
 //! - `tp bench limits`: this machine's physical limits, measured in the same run.
 //!
-//! `tp demo` and the pipe, channel and RPC benchmarks arrive with the later steps.
+//! `tp demo` and the pipe and RPC benchmarks arrive with the later steps.
 
+mod channel;
 mod limits;
 mod stats;
 mod transport;
@@ -30,8 +32,17 @@ enum Command {
 enum Bench {
     /// Ping-pong over one transport connection (both ends spawned unless --mode is given).
     Transport(transport::TransportArgs),
+    /// Tensor ping-pong over one channel (both ends spawned unless --mode is given).
+    Channel(channel::ChannelArgs),
     /// This machine's limits: memcpy bandwidth, raw loopback TCP round trip and streaming.
     Limits(CommonArgs),
+    /// Holds a buffer for `bench limits`' process_vm_readv measurement (internal).
+    #[command(hide = true)]
+    CmaPeer {
+        /// Bytes to hold.
+        #[arg(long)]
+        size: usize,
+    },
     /// The raw-socket echo server the other benchmarks spawn (internal).
     #[command(hide = true)]
     RawServer,
@@ -70,7 +81,9 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(Bench::Transport(args)) => transport::run(&args),
+        Command::Bench(Bench::Channel(args)) => channel::run(&args),
         Command::Bench(Bench::Limits(args)) => limits::run(&args),
+        Command::Bench(Bench::CmaPeer { size }) => limits::cma_peer(size),
         Command::Bench(Bench::RawServer) => limits::raw_server(),
         Command::Bench(Bench::EventfdPeer { pid, fds }) => limits::eventfd_peer(pid, &fds),
     };
