@@ -239,13 +239,13 @@ async fn serve(
 fn into_send(b: Box<dyn RecvBuf>) -> Box<dyn SendBuf> {
     let any: Box<dyn Any> = b;
     any.downcast::<Vec<u8>>()
-        .map_or_else(|_| Box::new(Vec::new()) as Box<dyn SendBuf>, |v| v)
+        .unwrap_or_else(|_| Box::new(Vec::new()))
 }
 
 fn into_recv(b: Box<dyn SendBuf>) -> Box<dyn RecvBuf> {
     let any: Box<dyn Any> = b;
     any.downcast::<Vec<u8>>()
-        .map_or_else(|_| Box::new(Vec::new()) as Box<dyn RecvBuf>, |v| v)
+        .unwrap_or_else(|_| Box::new(Vec::new()))
 }
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
