@@ -36,6 +36,14 @@ pub(crate) trait Fetch: Send + Sync + 'static {
     /// Sender: the buffer back, once the receiver is done with it.
     fn take_back(&self, held: Self::Held) -> Box<dyn SendBuf>;
 
+    /// Sender: a send was abandoned after its descriptor may have reached the peer,
+    /// which may still be reading the bytes. The default drops the buffer; a fetch that
+    /// reads the sender's memory directly must not (cma leaks it instead: the peer then
+    /// reads intact bytes, never freed memory).
+    fn abandon(&self, held: Self::Held) {
+        drop(held);
+    }
+
     /// Receiver: fills `dst` from the bytes `descriptor` names.
     ///
     /// # Errors
@@ -88,6 +96,30 @@ impl<F> Drop for Midway<'_, F> {
     fn drop(&mut self) {
         if self.armed {
             self.inner.close();
+        }
+    }
+}
+
+/// A published buffer: handed back with [`Published::take`], or abandoned on drop.
+struct Published<'a, F: Fetch> {
+    fetch: &'a F,
+    held: Option<F::Held>,
+}
+
+impl<F: Fetch> Published<'_, F> {
+    fn take(mut self) -> Box<dyn SendBuf> {
+        let held = self.held.take();
+        held.map_or_else(
+            || Box::new(Vec::new()) as Box<dyn SendBuf>,
+            |h| self.fetch.take_back(h),
+        )
+    }
+}
+
+impl<F: Fetch> Drop for Published<'_, F> {
+    fn drop(&mut self) {
+        if let Some(held) = self.held.take() {
+            self.fetch.abandon(held);
         }
     }
 }
@@ -151,13 +183,19 @@ impl<F: Fetch> Channel for HandoffChannel<F> {
                 return (buf, Err(e));
             }
             let (descriptor, held) = inner.fetch.publish(buf);
+            let held = Published {
+                fetch: &inner.fetch,
+                held: Some(held),
+            };
             let mut midway = Midway {
                 inner: &inner,
                 armed: true,
             };
             if let Err(e) = inner.descriptors.write_frame(&descriptor).await {
+                // A failed write did not deliver the whole descriptor, so the peer
+                // cannot be reading the buffer: hand it back.
                 midway.armed = false;
-                return (inner.fetch.take_back(held), Err(e.into()));
+                return (held.take(), Err(e.into()));
             }
             drop(turn);
             ack_turn.ready().await;
@@ -179,7 +217,7 @@ impl<F: Fetch> Channel for HandoffChannel<F> {
                 }
                 Err(e) => Err(e.into()),
             };
-            (inner.fetch.take_back(held), result)
+            (held.take(), result)
         }
         .boxed()
     }

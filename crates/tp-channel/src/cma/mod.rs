@@ -237,6 +237,17 @@ impl Fetch for Pull {
         held
     }
 
+    fn abandon(&self, held: Self::Held) {
+        // The peer may be pulling these bytes right now; freeing them would let it read
+        // reused memory and report success. Leaking one buffer per abandoned send is
+        // the safe price.
+        tracing::warn!(
+            bytes = held.bytes().len(),
+            "cma: a send was abandoned mid-flight; its buffer is leaked"
+        );
+        std::mem::forget(held);
+    }
+
     fn fetch(&self, d: &[u8], dst: &mut [u8]) -> Result<(), ChannelError> {
         if d.len() != 20 {
             return Err(ChannelError::protocol("cma descriptor is not 20 bytes"));
