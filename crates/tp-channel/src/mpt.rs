@@ -18,7 +18,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt;
-use futures::future::{BoxFuture, join_all};
+use std::pin::pin;
+
+use futures::future::{BoxFuture, Either, join_all, select};
+use futures::stream::{FuturesUnordered, StreamExt};
 use tp_transport::order::Order;
 use tp_transport::tcp::TcpTransport;
 use tp_transport::{BoxConnection, Transport};
@@ -143,7 +146,7 @@ impl ChannelContext for MptContext {
                     config.setup_timeout
                 )))
             };
-            let lanes = futures::future::select(setup.boxed(), timeout.boxed())
+            let lanes = select(setup.boxed(), timeout.boxed())
                 .await
                 .factor_first()
                 .0?;
@@ -185,20 +188,49 @@ async fn listen_lanes(
     hello.extend_from_slice(address);
     control.write_frame(&hello).await?;
     let mut lanes: Vec<Option<BoxConnection>> = (0..config.lanes).map(|_| None).collect();
+    // Hellos are read concurrently, each within HELLO_TIMEOUT, so a stray connection
+    // that never speaks (a port scan) costs only itself.
+    let mut hellos = FuturesUnordered::new();
+    let mut accept = listener.accept();
     while lanes.iter().any(Option::is_none) {
-        let conn = listener.accept().await?;
-        let mut h = [0u8; 13];
-        if conn.read_exact(&mut h).await.is_err() {
-            continue;
-        }
-        let ok_token = h[0] == CLIENT_HELLO && h[1..9] == token.to_le_bytes();
-        let lane = u32::from_le_bytes([h[9], h[10], h[11], h[12]]) as usize;
-        match lanes.get_mut(lane) {
-            Some(slot @ None) if ok_token => *slot = Some(conn),
-            _ => tracing::warn!(lane, "mpt: dropped a stray lane connection"),
+        let next_hello = async {
+            if hellos.is_empty() {
+                std::future::pending().await
+            } else {
+                hellos.next().await
+            }
+        };
+        match select(&mut accept, pin!(next_hello)).await {
+            Either::Left((conn, _)) => {
+                accept = listener.accept();
+                hellos.push(read_hello(conn?));
+            }
+            Either::Right((Some((conn, Some(h))), _)) => {
+                let ok_token = h[0] == CLIENT_HELLO && h[1..9] == token.to_le_bytes();
+                let lane = u32::from_le_bytes([h[9], h[10], h[11], h[12]]) as usize;
+                match lanes.get_mut(lane) {
+                    Some(slot @ None) if ok_token => *slot = Some(conn),
+                    _ => tracing::warn!(lane, "mpt: dropped a stray lane connection"),
+                }
+            }
+            Either::Right(_) => tracing::warn!("mpt: dropped a lane connection without a hello"),
         }
     }
     Ok(lanes.into_iter().flatten().collect())
+}
+
+/// How long a lane connection may take to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads a lane's 13-byte hello; `None` if it fails or takes too long.
+async fn read_hello(conn: BoxConnection) -> (BoxConnection, Option<[u8; 13]>) {
+    let mut h = [0u8; 13];
+    let ok = {
+        let read = conn.read_exact(&mut h);
+        let timer = async_io::Timer::after(HELLO_TIMEOUT);
+        matches!(select(read, timer).await, Either::Left((Ok(()), _)))
+    };
+    (conn, ok.then_some(h))
 }
 
 async fn connect_lanes(
@@ -381,6 +413,58 @@ impl Drop for MptChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The listening end, driven by a hand-written client: a connection that never
+    /// speaks and one with a wrong token do not stop the real lanes, and a tensor then
+    /// arrives striped across them.
+    #[test]
+    fn stray_lane_connections_cost_only_themselves() {
+        async_io::block_on(async {
+            let tcp = TcpTransport::new();
+            let l = tcp.listen("127.0.0.1:0").unwrap();
+            let (c, s) = futures::future::join(tcp.connect(l.address()), l.accept()).await;
+            let (control_client, control_server) = (c.unwrap(), s.unwrap());
+            let ctx = MptContext::new(MptConfig {
+                lanes: 2,
+                bind_host: "127.0.0.1".into(),
+                ..MptConfig::default()
+            });
+            let server = ctx.create_channel(vec![control_server], Endpoint::Listen);
+            let client = async {
+                let hello = control_client.read_frame(1024).await.unwrap();
+                let token: [u8; 8] = hello[1..9].try_into().unwrap();
+                let addr = std::str::from_utf8(&hello[13..]).unwrap().to_string();
+                let silent = tcp.connect(&addr).await.unwrap();
+                let liar = tcp.connect(&addr).await.unwrap();
+                let mut bad = vec![CLIENT_HELLO];
+                bad.extend_from_slice(&(!u64::from_le_bytes(token)).to_le_bytes());
+                bad.extend_from_slice(&0u32.to_le_bytes());
+                liar.write(&[&bad]).await.unwrap();
+                let mut lanes = Vec::new();
+                for i in 0..2u32 {
+                    let lane = tcp.connect(&addr).await.unwrap();
+                    let mut h = vec![CLIENT_HELLO];
+                    h.extend_from_slice(&token);
+                    h.extend_from_slice(&i.to_le_bytes());
+                    lane.write(&[&h]).await.unwrap();
+                    lanes.push(lane);
+                }
+                (silent, liar, lanes)
+            };
+            let (server, (_silent, _liar, lanes)) = futures::future::join(server, client).await;
+            let server = server.unwrap();
+            let data: Vec<u8> = (0..=200u8).collect();
+            let (sent, r) = server.send(Box::new(data.clone())).await;
+            r.unwrap();
+            assert_eq!(sent.bytes(), &data[..]);
+            let mut first = vec![0u8; 100];
+            let mut second = vec![0u8; 101];
+            lanes[0].read_exact(&mut first).await.unwrap();
+            lanes[1].read_exact(&mut second).await.unwrap();
+            assert_eq!(first, data[..100]);
+            assert_eq!(second, data[100..]);
+        });
+    }
 
     #[test]
     fn slices_cover_the_tensor_exactly() {
