@@ -250,6 +250,28 @@ pub(super) async fn context_close_closes_its_channels(make: Make) {
     ));
 }
 
+pub(super) async fn a_vanished_peer_fails_pending_ops(make: Make) {
+    let (_cc, c, sc, s) = pair(make).await;
+    // Prove the pair works, then let one end vanish with the other mid-operation.
+    transfer(&c, &s, vec![9u8; 4096]).await;
+    let recv = c.recv(Box::new(vec![0u8; 1 << 20]));
+    let send = c.send(Box::new(vec![1u8; 8 << 20]));
+    drop(s);
+    sc.close();
+    drop(sc);
+    let both = join(recv, send);
+    let deadline = async_io::Timer::after(Duration::from_secs(10));
+    match futures::future::select(Box::pin(both), Box::pin(deadline)).await {
+        futures::future::Either::Left((((_, rr), (_, rs)), _)) => {
+            assert!(rr.is_err(), "a receive from a vanished peer cannot succeed");
+            assert!(rs.is_err(), "nobody took the 8 MiB: {rs:?}");
+        }
+        futures::future::Either::Right(_) => {
+            panic!("pending operations hung after the peer vanished")
+        }
+    }
+}
+
 macro_rules! channel_conformance {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -261,7 +283,8 @@ macro_rules! channel_conformance {
                 device_descriptors, client_to_server, server_to_client, one_byte,
                 large_256_mib, many_tensors_in_flight, both_ways_at_once,
                 empty_and_nonempty_tensors, completions_come_in_issue_order,
-                close_fails_pending_ops_exactly_once, context_close_closes_its_channels);
+                close_fails_pending_ops_exactly_once, context_close_closes_its_channels,
+                a_vanished_peer_fails_pending_ops);
         }
     };
     (@cases $($case:ident),*) => {
