@@ -5,14 +5,13 @@
 //! contexts: its descriptor is `any`. One connection.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tp_transport::BoxConnection;
-use tp_transport::order::Order;
 
 use crate::children::{Children, Close};
+use crate::ops::Ops;
 use crate::{
     BoxChannel, Channel, ChannelContext, ChannelError, Device, Endpoint, RecvBuf, RecvDone,
     SendBuf, SendDone,
@@ -63,9 +62,7 @@ impl ChannelContext for BasicContext {
             })?;
             let inner = Arc::new(Inner {
                 conn,
-                sends: Order::default(),
-                recvs: Order::default(),
-                closed: AtomicBool::new(false),
+                ops: Ops::default(),
             });
             children.adopt(Arc::downgrade(&inner) as std::sync::Weak<dyn Close>);
             Ok(Box::new(BasicChannel { inner }) as BoxChannel)
@@ -80,25 +77,13 @@ impl ChannelContext for BasicContext {
 
 struct Inner {
     conn: BoxConnection,
-    sends: Order,
-    recvs: Order,
-    closed: AtomicBool,
+    ops: Ops,
 }
 
 impl Close for Inner {
     fn close(&self) {
-        if !self.closed.swap(true, Ordering::AcqRel) {
+        if self.ops.mark_closed() {
             self.conn.close();
-        }
-    }
-}
-
-impl Inner {
-    fn check(&self) -> Result<(), ChannelError> {
-        if self.closed.load(Ordering::Acquire) {
-            Err(ChannelError::Closed)
-        } else {
-            Ok(())
         }
     }
 }
@@ -111,22 +96,19 @@ struct BasicChannel {
 impl std::fmt::Debug for BasicChannel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BasicChannel")
-            .field("closed", &self.inner.closed.load(Ordering::Relaxed))
+            .field("closed", &self.inner.ops.is_closed())
             .finish()
     }
 }
 
 impl Channel for BasicChannel {
     fn send(&self, buf: Box<dyn SendBuf>) -> BoxFuture<'static, SendDone> {
-        let turn = self.inner.sends.turn();
+        let turn = self.inner.ops.send_turn();
         let inner = self.inner.clone();
         async move {
-            if buf.bytes().is_empty() {
-                return (buf, inner.check());
-            }
-            turn.ready().await;
-            if let Err(e) = inner.check() {
-                return (buf, Err(e));
+            match inner.ops.start(&turn, buf.bytes().len()).await {
+                Ok(true) => {}
+                r => return (buf, r.map(drop)),
             }
             // Queue the write now, in issue order; later sends queue behind it.
             let bufs = [buf.bytes()];
@@ -139,15 +121,12 @@ impl Channel for BasicChannel {
     }
 
     fn recv(&self, mut buf: Box<dyn RecvBuf>) -> BoxFuture<'static, RecvDone> {
-        let turn = self.inner.recvs.turn();
+        let turn = self.inner.ops.recv_turn();
         let inner = self.inner.clone();
         async move {
-            if buf.bytes().is_empty() {
-                return (buf, inner.check());
-            }
-            turn.ready().await;
-            if let Err(e) = inner.check() {
-                return (buf, Err(e));
+            match inner.ops.start(&turn, buf.bytes().len()).await {
+                Ok(true) => {}
+                r => return (buf, r.map(drop)),
             }
             let r = {
                 let read = inner.conn.read_exact(buf.bytes_mut());
@@ -160,12 +139,12 @@ impl Channel for BasicChannel {
     }
 
     fn close(&self) {
-        self.inner.close();
+        Close::close(&*self.inner);
     }
 }
 
 impl Drop for BasicChannel {
     fn drop(&mut self) {
-        self.inner.close();
+        Close::close(&*self.inner);
     }
 }

@@ -12,15 +12,15 @@
 //! between those two steps would leave the pairing unknown, so it closes the channel.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tp_transport::BoxConnection;
 use tp_transport::order::Order;
 
-use crate::children::Close;
-use crate::{Channel, ChannelError, RecvBuf, RecvDone, SendBuf, SendDone};
+use crate::children::{Children, Close};
+use crate::ops::Ops;
+use crate::{BoxChannel, Channel, ChannelError, Device, RecvBuf, RecvDone, SendBuf, SendDone};
 
 /// Descriptors are small; anything longer is a protocol violation.
 const MAX_DESCRIPTOR: u64 = 64;
@@ -57,10 +57,9 @@ struct Inner<F> {
     descriptors: BoxConnection,
     /// Connection 1: acknowledgements, receiver → sender.
     acks: BoxConnection,
-    sends: Order,
+    ops: Ops,
+    /// Sends wait for their acknowledgements in this order.
     send_acks: Order,
-    recvs: Order,
-    closed: AtomicBool,
 }
 
 impl<F: Send + Sync> Close for Inner<F> {
@@ -71,17 +70,9 @@ impl<F: Send + Sync> Close for Inner<F> {
 
 impl<F> Inner<F> {
     fn close(&self) {
-        if !self.closed.swap(true, Ordering::AcqRel) {
+        if self.ops.mark_closed() {
             self.descriptors.close();
             self.acks.close();
-        }
-    }
-
-    fn check(&self) -> Result<(), ChannelError> {
-        if self.closed.load(Ordering::Acquire) {
-            Err(ChannelError::Closed)
-        } else {
-            Ok(())
         }
     }
 }
@@ -134,7 +125,7 @@ impl<F> std::fmt::Debug for HandoffChannel<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Channel")
             .field("name", &self.name)
-            .field("closed", &self.inner.closed.load(Ordering::Relaxed))
+            .field("closed", &self.inner.ops.is_closed())
             .finish()
     }
 }
@@ -160,10 +151,8 @@ impl<F: Fetch> HandoffChannel<F> {
                 fetch,
                 descriptors,
                 acks,
-                sends: Order::default(),
+                ops: Ops::default(),
                 send_acks: Order::default(),
-                recvs: Order::default(),
-                closed: AtomicBool::new(false),
             }),
         })
     }
@@ -171,16 +160,13 @@ impl<F: Fetch> HandoffChannel<F> {
 
 impl<F: Fetch> Channel for HandoffChannel<F> {
     fn send(&self, buf: Box<dyn SendBuf>) -> BoxFuture<'static, SendDone> {
-        let turn = self.inner.sends.turn();
+        let turn = self.inner.ops.send_turn();
         let ack_turn = self.inner.send_acks.turn();
         let inner = self.inner.clone();
         async move {
-            if buf.bytes().is_empty() {
-                return (buf, inner.check());
-            }
-            turn.ready().await;
-            if let Err(e) = inner.check() {
-                return (buf, Err(e));
+            match inner.ops.start(&turn, buf.bytes().len()).await {
+                Ok(true) => {}
+                r => return (buf, r.map(drop)),
             }
             let (descriptor, held) = inner.fetch.publish(buf);
             let held = Published {
@@ -223,15 +209,12 @@ impl<F: Fetch> Channel for HandoffChannel<F> {
     }
 
     fn recv(&self, mut buf: Box<dyn RecvBuf>) -> BoxFuture<'static, RecvDone> {
-        let turn = self.inner.recvs.turn();
+        let turn = self.inner.ops.recv_turn();
         let inner = self.inner.clone();
         async move {
-            if buf.bytes().is_empty() {
-                return (buf, inner.check());
-            }
-            turn.ready().await;
-            if let Err(e) = inner.check() {
-                return (buf, Err(e));
+            match inner.ops.start(&turn, buf.bytes().len()).await {
+                Ok(true) => {}
+                r => return (buf, r.map(drop)),
             }
             let descriptor = match inner.descriptors.read_frame(MAX_DESCRIPTOR).await {
                 Ok(d) => d,
@@ -269,6 +252,67 @@ impl<F: Fetch> Channel for HandoffChannel<F> {
 impl<F> Drop for HandoffChannel<F> {
     fn drop(&mut self) {
         self.inner.close();
+    }
+}
+
+/// The context side xth and cma share: a descriptor probed at creation (or why not),
+/// two connections per channel, and the channels made, for closing.
+#[derive(Debug)]
+pub(crate) struct HandoffContext {
+    name: &'static str,
+    descriptor: Result<Vec<u8>, String>,
+    children: Arc<Children>,
+}
+
+impl HandoffContext {
+    pub(crate) fn new(name: &'static str, descriptor: Result<Vec<u8>, String>) -> Self {
+        if let Err(why) = &descriptor {
+            tracing::info!(channel = name, reason = why, "channel not viable");
+        }
+        Self {
+            name,
+            descriptor,
+            children: Arc::default(),
+        }
+    }
+
+    pub(crate) fn viability(&self) -> Result<(), ChannelError> {
+        self.descriptor
+            .as_ref()
+            .map(|_| ())
+            .map_err(|why| ChannelError::not_viable(self.name, why))
+    }
+
+    pub(crate) fn device_descriptors(&self) -> Vec<(Device, Vec<u8>)> {
+        self.descriptor
+            .as_ref()
+            .map(|d| vec![(Device::CPU, d.clone())])
+            .unwrap_or_default()
+    }
+
+    /// Makes a channel over `conns` with `fetch`, adopted for [`HandoffContext::close`].
+    pub(crate) fn create<F: Fetch>(
+        &self,
+        fetch: F,
+        conns: Vec<BoxConnection>,
+    ) -> BoxFuture<'static, Result<BoxChannel, ChannelError>> {
+        let ready = self.viability();
+        let children = self.children.clone();
+        let name = self.name;
+        async move {
+            ready?;
+            if children.is_closed() {
+                return Err(ChannelError::Closed);
+            }
+            let channel = HandoffChannel::new(name, fetch, conns)?;
+            children.adopt(channel.closer());
+            Ok(Box::new(channel) as BoxChannel)
+        }
+        .boxed()
+    }
+
+    pub(crate) fn close(&self) {
+        self.children.close_all();
     }
 }
 

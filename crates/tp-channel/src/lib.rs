@@ -49,6 +49,7 @@ mod error;
 mod handoff;
 #[cfg(feature = "mpt")]
 pub mod mpt;
+mod ops;
 #[cfg(any(feature = "xth", feature = "cma"))]
 mod system;
 #[cfg(feature = "xth")]

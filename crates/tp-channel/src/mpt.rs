@@ -14,7 +14,6 @@
 //! Descriptor `mpt:<N>:tcp:*`: two contexts must agree on the lane count.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -22,11 +21,11 @@ use std::pin::pin;
 
 use futures::future::{BoxFuture, Either, join_all, select};
 use futures::stream::{FuturesUnordered, StreamExt};
-use tp_transport::order::Order;
 use tp_transport::tcp::TcpTransport;
 use tp_transport::{BoxConnection, Transport};
 
 use crate::children::{Children, Close};
+use crate::ops::Ops;
 use crate::{
     BoxChannel, Channel, ChannelContext, ChannelError, Device, Endpoint, RecvBuf, RecvDone,
     SendBuf, SendDone,
@@ -153,9 +152,7 @@ impl ChannelContext for MptContext {
             let inner = Arc::new(Inner {
                 control,
                 lanes,
-                sends: Order::default(),
-                recvs: Order::default(),
-                closed: AtomicBool::new(false),
+                ops: Ops::default(),
             });
             children.adopt(Arc::downgrade(&inner) as std::sync::Weak<dyn Close>);
             Ok(Box::new(MptChannel { inner }) as BoxChannel)
@@ -278,14 +275,12 @@ fn bracket(host: &str) -> String {
 struct Inner {
     control: BoxConnection,
     lanes: Vec<BoxConnection>,
-    sends: Order,
-    recvs: Order,
-    closed: AtomicBool,
+    ops: Ops,
 }
 
 impl Close for Inner {
     fn close(&self) {
-        if !self.closed.swap(true, Ordering::AcqRel) {
+        if self.ops.mark_closed() {
             self.control.close();
             for l in &self.lanes {
                 l.close();
@@ -295,14 +290,6 @@ impl Close for Inner {
 }
 
 impl Inner {
-    fn check(&self) -> Result<(), ChannelError> {
-        if self.closed.load(Ordering::Acquire) {
-            Err(ChannelError::Closed)
-        } else {
-            Ok(())
-        }
-    }
-
     /// Slice `i` of `n` of a `len`-byte tensor.
     fn bounds(len: usize, i: usize, n: usize) -> (usize, usize) {
         let at = |k: usize| (len as u128 * k as u128 / n as u128) as usize;
@@ -318,7 +305,7 @@ impl std::fmt::Debug for MptChannel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MptChannel")
             .field("lanes", &self.inner.lanes.len())
-            .field("closed", &self.inner.closed.load(Ordering::Relaxed))
+            .field("closed", &self.inner.ops.is_closed())
             .finish()
     }
 }
@@ -332,15 +319,12 @@ fn first_error(results: Vec<Result<(), tp_transport::TransportError>>) -> Result
 
 impl Channel for MptChannel {
     fn send(&self, buf: Box<dyn SendBuf>) -> BoxFuture<'static, SendDone> {
-        let turn = self.inner.sends.turn();
+        let turn = self.inner.ops.send_turn();
         let inner = self.inner.clone();
         async move {
-            if buf.bytes().is_empty() {
-                return (buf, inner.check());
-            }
-            turn.ready().await;
-            if let Err(e) = inner.check() {
-                return (buf, Err(e));
+            match inner.ops.start(&turn, buf.bytes().len()).await {
+                Ok(true) => {}
+                r => return (buf, r.map(drop)),
             }
             let bytes = buf.bytes();
             let n = inner.lanes.len();
@@ -368,15 +352,12 @@ impl Channel for MptChannel {
     }
 
     fn recv(&self, mut buf: Box<dyn RecvBuf>) -> BoxFuture<'static, RecvDone> {
-        let turn = self.inner.recvs.turn();
+        let turn = self.inner.ops.recv_turn();
         let inner = self.inner.clone();
         async move {
-            if buf.bytes().is_empty() {
-                return (buf, inner.check());
-            }
-            turn.ready().await;
-            if let Err(e) = inner.check() {
-                return (buf, Err(e));
+            match inner.ops.start(&turn, buf.bytes().len()).await {
+                Ok(true) => {}
+                r => return (buf, r.map(drop)),
             }
             let n = inner.lanes.len();
             let r = {
@@ -400,13 +381,13 @@ impl Channel for MptChannel {
     }
 
     fn close(&self) {
-        self.inner.close();
+        Close::close(&*self.inner);
     }
 }
 
 impl Drop for MptChannel {
     fn drop(&mut self) {
-        self.inner.close();
+        Close::close(&*self.inner);
     }
 }
 

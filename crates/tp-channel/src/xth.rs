@@ -13,12 +13,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
-use futures::FutureExt;
 use futures::future::BoxFuture;
 use tp_transport::BoxConnection;
 
-use crate::children::Children;
-use crate::handoff::{Fetch, HandoffChannel, le_bytes};
+use crate::handoff::{Fetch, HandoffContext, le_bytes};
 use crate::{BoxChannel, ChannelContext, ChannelError, Device, Endpoint, SendBuf};
 
 type Parked = Arc<Mutex<Option<Box<dyn SendBuf>>>>;
@@ -144,8 +142,7 @@ fn copy(dst: &mut [u8], src: &[u8]) {
 /// The xth channel context.
 #[derive(Debug)]
 pub struct XthContext {
-    descriptor: Result<Vec<u8>, String>,
-    children: Arc<Children>,
+    core: HandoffContext,
 }
 
 impl Default for XthContext {
@@ -163,8 +160,7 @@ impl XthContext {
             Ok(format!("xth:{boot}:{pidns}:{}", std::process::id()).into_bytes())
         })();
         Self {
-            descriptor,
-            children: Arc::default(),
+            core: HandoffContext::new("xth", descriptor),
         }
     }
 }
@@ -175,17 +171,11 @@ impl ChannelContext for XthContext {
     }
 
     fn viability(&self) -> Result<(), ChannelError> {
-        self.descriptor
-            .as_ref()
-            .map(|_| ())
-            .map_err(|why| ChannelError::not_viable("xth", why))
+        self.core.viability()
     }
 
     fn device_descriptors(&self) -> Vec<(Device, Vec<u8>)> {
-        self.descriptor
-            .as_ref()
-            .map(|d| vec![(Device::CPU, d.clone())])
-            .unwrap_or_default()
+        self.core.device_descriptors()
     }
 
     fn connections_needed(&self) -> usize {
@@ -197,22 +187,11 @@ impl ChannelContext for XthContext {
         conns: Vec<BoxConnection>,
         _endpoint: Endpoint,
     ) -> BoxFuture<'static, Result<BoxChannel, ChannelError>> {
-        let ready = self.viability();
-        let children = self.children.clone();
-        async move {
-            ready?;
-            if children.is_closed() {
-                return Err(ChannelError::Closed);
-            }
-            let channel = HandoffChannel::new("xth", Memcpy, conns)?;
-            children.adopt(channel.closer());
-            Ok(Box::new(channel) as BoxChannel)
-        }
-        .boxed()
+        self.core.create(Memcpy, conns)
     }
 
     fn close(&self) {
-        self.children.close_all();
+        self.core.close();
     }
 }
 

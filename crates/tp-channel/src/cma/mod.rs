@@ -25,14 +25,10 @@
 #[allow(unsafe_code)]
 mod sys;
 
-use std::sync::Arc;
-
-use futures::FutureExt;
 use futures::future::BoxFuture;
 use tp_transport::BoxConnection;
 
-use crate::children::Children;
-use crate::handoff::{Fetch, HandoffChannel, le_bytes};
+use crate::handoff::{Fetch, HandoffContext, le_bytes};
 use crate::{BoxChannel, ChannelContext, ChannelError, Device, Endpoint, SendBuf};
 
 /// Settings of a cma context.
@@ -62,9 +58,8 @@ impl Default for CmaConfig {
 /// The cma channel context.
 #[derive(Debug)]
 pub struct CmaContext {
-    descriptor: Result<Vec<u8>, String>,
+    core: HandoffContext,
     config: CmaConfig,
-    children: Arc<Children>,
 }
 
 impl Default for CmaContext {
@@ -154,14 +149,9 @@ fn probe(config: &CmaConfig) -> Result<Vec<u8>, String> {
 impl CmaContext {
     /// Creates a context and probes viability for real.
     pub fn new(config: CmaConfig) -> Self {
-        let descriptor = probe(&config);
-        if let Err(why) = &descriptor {
-            tracing::info!(reason = why, "cma channel not viable");
-        }
         Self {
-            descriptor,
+            core: HandoffContext::new("cma", probe(&config)),
             config,
-            children: Arc::default(),
         }
     }
 }
@@ -172,17 +162,11 @@ impl ChannelContext for CmaContext {
     }
 
     fn viability(&self) -> Result<(), ChannelError> {
-        self.descriptor
-            .as_ref()
-            .map(|_| ())
-            .map_err(|why| ChannelError::not_viable("cma", why))
+        self.core.viability()
     }
 
     fn device_descriptors(&self) -> Vec<(Device, Vec<u8>)> {
-        self.descriptor
-            .as_ref()
-            .map(|d| vec![(Device::CPU, d.clone())])
-            .unwrap_or_default()
+        self.core.device_descriptors()
     }
 
     fn connections_needed(&self) -> usize {
@@ -194,24 +178,15 @@ impl ChannelContext for CmaContext {
         conns: Vec<BoxConnection>,
         _endpoint: Endpoint,
     ) -> BoxFuture<'static, Result<BoxChannel, ChannelError>> {
-        let ready = self.viability();
-        let children = self.children.clone();
-        let config = self.config;
-        async move {
-            ready?;
-            if children.is_closed() {
-                return Err(ChannelError::Closed);
-            }
-            let pid = std::process::id();
-            let channel = HandoffChannel::new("cma", Pull { pid, config }, conns)?;
-            children.adopt(channel.closer());
-            Ok(Box::new(channel) as BoxChannel)
-        }
-        .boxed()
+        let pull = Pull {
+            pid: std::process::id(),
+            config: self.config,
+        };
+        self.core.create(pull, conns)
     }
 
     fn close(&self) {
-        self.children.close_all();
+        self.core.close();
     }
 }
 

@@ -24,7 +24,7 @@ use tp_transport::{BoxConnection, Transport};
 
 use crate::limits::{PINGPONG, Regime, cma_gbps, header, memcpy_gbps, parse_header, spawn_server};
 use crate::stats::{Summary, parse_sizes, size_label};
-use crate::{CommonArgs, Mode};
+use crate::{Mode, PingPongArgs};
 
 #[derive(Debug, Args, Clone)]
 pub(crate) struct ChannelArgs {
@@ -37,26 +37,11 @@ pub(crate) struct ChannelArgs {
     /// mpt: lanes per channel.
     #[arg(long, default_value_t = 2)]
     lanes: usize,
-    /// Which end(s) to run here.
-    #[arg(long, value_enum, default_value = "both")]
-    mode: Mode,
-    /// Listen: the address to bind; connect: the listener's address.
-    #[arg(long)]
-    address: Option<String>,
-    /// Tensor sizes, comma separated (K, M, G suffixes).
-    #[arg(long, default_value = "8,1K,64K,1M,16M,64M")]
-    sizes: String,
-    /// Round trips per size (default: calibrated to --seconds).
-    #[arg(long)]
-    round_trips: Option<usize>,
-    /// Target time per size when calibrating.
-    #[arg(long, default_value_t = 1.5)]
-    seconds: f64,
+    #[command(flatten)]
+    run: PingPongArgs,
     /// Compare every echo with what was sent (default: the first and last of a size).
     #[arg(long)]
     verify: bool,
-    #[command(flatten)]
-    common: CommonArgs,
 }
 
 fn make_channel(args: &ChannelArgs) -> Result<Arc<dyn ChannelContext>, String> {
@@ -103,10 +88,11 @@ pub(crate) fn run(args: &ChannelArgs) -> Result<(), String> {
     let ctx = make_channel(args)?;
     let transport = make_transport(&args.transport)?;
     let bind = args
+        .run
         .address
         .clone()
         .unwrap_or_else(|| default_bind(&args.transport).to_string());
-    match args.mode {
+    match args.run.mode {
         Mode::Listen => {
             let listener = transport.listen(&bind).map_err(|e| e.to_string())?;
             println!("LISTENING {}", listener.address());
@@ -114,6 +100,7 @@ pub(crate) fn run(args: &ChannelArgs) -> Result<(), String> {
         }
         Mode::Connect => {
             let addr = args
+                .run
                 .address
                 .clone()
                 .ok_or("--mode connect needs --address")?;
@@ -153,7 +140,7 @@ pub(crate) fn run(args: &ChannelArgs) -> Result<(), String> {
                 "--lanes",
                 &lanes,
             ];
-            if let Some(a) = &args.address {
+            if let Some(a) = &args.run.address {
                 child_args.extend(["--address", a]);
             }
             let (mut child, addr) = spawn_server(&child_args)?;
@@ -295,15 +282,16 @@ async fn client(
     addr: &str,
     args: &ChannelArgs,
 ) -> Result<Vec<Row>, String> {
-    let sizes = parse_sizes(&args.sizes)?;
+    let sizes = parse_sizes(&args.run.sizes)?;
     let (channel, control) = open(ctx, transport, addr).await?;
     let mut rows = Vec::new();
     for &size in &sizes {
         let warm = round_trips(&channel, &control, size, 5, true).await?;
         let est = warm.iter().sum::<Duration>().as_secs_f64() / 5.0;
         let count = args
+            .run
             .round_trips
-            .unwrap_or(((args.seconds / est.max(1e-9)) as usize).clamp(20, 300_000));
+            .unwrap_or(((args.run.seconds / est.max(1e-9)) as usize).clamp(20, 300_000));
         let mut samples = round_trips(&channel, &control, size, count, args.verify).await?;
         let limit = match args.channel.as_str() {
             "xth" if size >= 64 << 10 => Some(memcpy_gbps(size)),
@@ -328,7 +316,7 @@ fn report(args: &ChannelArgs, regime: &Regime, rows: &[Row]) {
     } else {
         args.channel.clone()
     };
-    if args.common.json {
+    if args.run.common.json {
         let items: Vec<String> = rows
             .iter()
             .map(|(size, s, limit)| {

@@ -66,6 +66,28 @@ pub(crate) struct CommonArgs {
     json: bool,
 }
 
+/// What every ping-pong benchmark takes: where its ends run, and what to send.
+#[derive(Debug, Args, Clone)]
+pub(crate) struct PingPongArgs {
+    /// Which end(s) to run here.
+    #[arg(long, value_enum, default_value = "both")]
+    mode: Mode,
+    /// Listen: the address to bind; connect: the listener's address.
+    #[arg(long)]
+    address: Option<String>,
+    /// Message or tensor sizes, comma separated (K, M, G suffixes).
+    #[arg(long, default_value = "8,1K,64K,1M,16M,64M")]
+    sizes: String,
+    /// Round trips per size (default: calibrated to --seconds).
+    #[arg(long)]
+    round_trips: Option<usize>,
+    /// Target time per size when calibrating.
+    #[arg(long, default_value_t = 1.5)]
+    seconds: f64,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
 /// Which end(s) this process runs.
 #[derive(Clone, Copy, Debug, Eq, PartialEq, ValueEnum)]
 pub(crate) enum Mode {

@@ -20,33 +20,18 @@ use tp_transport::{Connection, Transport};
 
 use crate::limits::{PINGPONG, RawTcp, Regime, STREAM, header, parse_header, spawn_server};
 use crate::stats::{Summary, parse_sizes, size_label};
-use crate::{CommonArgs, Mode};
+use crate::{Mode, PingPongArgs};
 
 #[derive(Debug, Args)]
 pub(crate) struct TransportArgs {
     /// Which transport.
     #[arg(long, default_value = "tcp")]
     transport: String,
-    /// Which end(s) to run here.
-    #[arg(long, value_enum, default_value = "both")]
-    mode: Mode,
-    /// Listen: the address to bind; connect: the listener's address.
-    #[arg(long)]
-    address: Option<String>,
-    /// Message sizes, comma separated (K, M, G suffixes).
-    #[arg(long, default_value = "8,1K,64K,1M,16M,64M")]
-    sizes: String,
-    /// Round trips per size (default: calibrated to --seconds).
-    #[arg(long)]
-    round_trips: Option<usize>,
-    /// Target time per size when calibrating.
-    #[arg(long, default_value_t = 1.5)]
-    seconds: f64,
+    #[command(flatten)]
+    run: PingPongArgs,
     /// shm: which peers may connect.
     #[arg(long, value_enum, default_value = "same-uid")]
     shm_peer: ShmPeer,
-    #[command(flatten)]
-    common: CommonArgs,
 }
 
 /// Which peers an shm end accepts.
@@ -105,15 +90,17 @@ fn default_bind(transport: &str) -> &'static str {
 
 pub(crate) fn run(args: &TransportArgs) -> Result<(), String> {
     let transport = make(&args.transport, args.shm_peer)?;
-    match args.mode {
+    match args.run.mode {
         Mode::Listen => listen(
             &transport,
-            args.address
+            args.run
+                .address
                 .as_deref()
                 .unwrap_or(default_bind(&args.transport)),
         ),
         Mode::Connect => {
             let addr = args
+                .run
                 .address
                 .as_deref()
                 .ok_or("--mode connect needs --address")?;
@@ -122,6 +109,7 @@ pub(crate) fn run(args: &TransportArgs) -> Result<(), String> {
         Mode::Both => {
             let regime = Regime::measure()?;
             let bind = args
+                .run
                 .address
                 .clone()
                 .unwrap_or_else(|| default_bind(&args.transport).into());
@@ -222,7 +210,7 @@ fn connect_and_report(
     regime: Option<&Regime>,
     server_pid: Option<u32>,
 ) -> Result<(), String> {
-    let sizes = parse_sizes(&args.sizes)?;
+    let sizes = parse_sizes(&args.run.sizes)?;
     let mut raw = RawTcp::start()?;
     let rows = async_io::block_on(async {
         let conn = transport.connect(addr).await.map_err(|e| e.to_string())?;
@@ -232,15 +220,16 @@ fn connect_and_report(
             let warm = block(conn.as_ref(), &mut buf, 5).await?;
             let est = warm.iter().sum::<Duration>().as_secs_f64() / 5.0;
             let count = args
+                .run
                 .round_trips
-                .unwrap_or(((args.seconds / est.max(1e-9)) as usize).clamp(20, 300_000));
+                .unwrap_or(((args.run.seconds / est.max(1e-9)) as usize).clamp(20, 300_000));
             let mut samples = block(conn.as_ref(), &mut buf, count).await?;
             // The reference: raw blocking TCP, same size and count, same run.
             let mut raw_samples = raw.pingpong(size, count.min(20_000))?;
             let streams = if size >= STREAM_FROM {
                 // About --seconds of one-way traffic at the ping-pong's rate, >= 64 MiB.
                 let rate = 2.0 * size as f64 / est.max(1e-9);
-                let total = ((rate * args.seconds) as usize).clamp(64 << 20, 4 << 30);
+                let total = ((rate * args.run.seconds) as usize).clamp(64 << 20, 4 << 30);
                 let n = (total / size).max(4);
                 let tp = stream(conn.as_ref(), &buf, n).await?;
                 let raw = raw.stream(size, n * size)?;
@@ -273,7 +262,7 @@ fn connect_and_report(
         Ok::<_, String>((rows, idle))
     })?;
     let (rows, idle) = rows;
-    if args.common.json {
+    if args.run.common.json {
         let items: Vec<String> = rows
             .iter()
             .map(|(size, s, raw, streams)| {
