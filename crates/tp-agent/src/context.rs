@@ -20,7 +20,7 @@ use std::sync::Arc;
 use tp_channel::ChannelContext;
 use tp_transport::Transport;
 use tp_wire::packet::OwnedDeviceDescriptor;
-use tp_wire::pipe::{LocalChannel, LocalOffer, LocalTransport};
+use tp_wire::pipe::{LocalChannel, LocalOffer, LocalTransport, PipeConfig};
 
 /// Why a context could not be built, or a URL not used.
 #[non_exhaustive]
@@ -231,6 +231,18 @@ impl ContextBuilder {
         self
     }
 
+    fn build_unchecked(self) -> Context {
+        Context {
+            name: self.name,
+            transports: self.transports,
+            channels: self.channels,
+            skipped: Vec::new(),
+            config: PipeConfig::default(),
+            epoch: std::time::Instant::now(),
+            pool: std::sync::OnceLock::new(),
+        }
+    }
+
     /// Builds the context: applies the priorities, drops backends that are not viable
     /// (logging why), and ranks the rest.
     ///
@@ -283,16 +295,23 @@ impl ContextBuilder {
             transports,
             channels,
             skipped,
+            config: PipeConfig::default(),
+            epoch: std::time::Instant::now(),
+            pool: std::sync::OnceLock::new(),
         })
     }
 }
 
-/// The registries of one tp instance: viable transports and channels, best first.
+/// The registries of one tp instance: viable transports and channels, best first; and
+/// the runtime its pipes do their I/O on.
 pub struct Context {
     name: String,
     transports: Vec<TransportEntry>,
     channels: Vec<ChannelEntry>,
     skipped: Vec<(String, String)>,
+    config: PipeConfig,
+    epoch: std::time::Instant,
+    pool: std::sync::OnceLock<futures::executor::ThreadPool>,
 }
 
 impl fmt::Debug for Context {
@@ -310,12 +329,10 @@ impl Context {
     /// A context with every backend of this build at the default priorities.
     pub fn new(name: impl Into<String>) -> Self {
         // Without priority overrides, building cannot fail.
-        ContextBuilder::new(name).build().unwrap_or_else(|_| Self {
-            name: String::new(),
-            transports: Vec::new(),
-            channels: Vec::new(),
-            skipped: Vec::new(),
-        })
+        let name = name.into();
+        ContextBuilder::new(name.clone())
+            .build()
+            .unwrap_or_else(|_| ContextBuilder::empty(name).build_unchecked())
     }
 
     /// Starts building a context.
@@ -341,6 +358,64 @@ impl Context {
     /// Backends left out as not viable, with the reason.
     pub fn skipped(&self) -> &[(String, String)] {
         &self.skipped
+    }
+
+    /// The settings every pipe of this context uses.
+    pub fn pipe_config(&self) -> PipeConfig {
+        self.config
+    }
+
+    /// Time as the pipes' state machines see it.
+    pub(crate) fn now(&self) -> tp_wire::Instant {
+        tp_wire::Instant::from_nanos(
+            u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX),
+        )
+    }
+
+    /// The thread pool pipes do their I/O on (started on first use).
+    pub(crate) fn pool(&self) -> &futures::executor::ThreadPool {
+        self.pool.get_or_init(|| {
+            futures::executor::ThreadPool::builder()
+                .pool_size(2)
+                .name_prefix("tp-pipe-")
+                .create()
+                .unwrap_or_else(|e| panic!("cannot start tp's I/O threads: {e}"))
+        })
+    }
+
+    /// Opens a pipe to the listener at `url` (`tcp://host:port`, `shm://name`). The pipe
+    /// is returned at once; its operations queue until the handshake is done.
+    ///
+    /// # Errors
+    /// A malformed URL or one naming no transport of this context.
+    pub fn connect(self: &Arc<Self>, url: &str) -> Result<crate::Pipe, ContextError> {
+        let (transport, address) = self.resolve_url(url)?;
+        let connect = transport.connect(address);
+        let pipe = tp_wire::pipe::Pipe::connect(
+            self.config,
+            self.offer(&BTreeMap::new()),
+            transport.name(),
+            url.to_string(),
+            self.now(),
+        );
+        let shared = crate::pipe::Shared::new(pipe, self.clone(), None);
+        shared.connect_primary(connect);
+        Ok(crate::Pipe::from_shared(shared))
+    }
+
+    /// Listens on every URL (`tcp://127.0.0.1:0`, `shm://`; port 0 and an empty shm
+    /// name pick one, see [`Listener::urls`](crate::Listener::urls)).
+    ///
+    /// # Errors
+    /// A malformed URL, an unknown scheme, or the transport's error as text.
+    pub fn listen(self: &Arc<Self>, urls: &[&str]) -> Result<crate::Listener, ListenError> {
+        let mut bound = Vec::new();
+        for url in urls {
+            let (transport, address) = self.resolve_url(url).map_err(ListenError::Url)?;
+            let l = transport.listen(address).map_err(ListenError::Transport)?;
+            bound.push((transport.name().to_string(), l));
+        }
+        Ok(crate::Listener::start(self, bound))
     }
 
     /// The transport registered under `name`.
@@ -410,6 +485,33 @@ impl Context {
                 .collect(),
         }
     }
+}
+
+/// Why [`Context::listen`] failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ListenError {
+    /// A bad URL.
+    Url(ContextError),
+    /// The transport could not listen.
+    Transport(tp_transport::TransportError),
+}
+
+impl fmt::Display for ListenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Url(e) => e.fmt(f),
+            Self::Transport(e) => write!(f, "cannot listen: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ListenError {}
+
+/// A random 64-bit number (registration id seeds), without a dependency.
+pub(crate) fn random_u64() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now())
 }
 
 /// Splits `scheme://address`.

@@ -1,12 +1,38 @@
 //! tp-agent: tp's public face — Context, Listener, Pipe — and the RPC agent (steps 4
 //! and 6 of the roadmap), plus the `tp` command-line tool.
 //!
-//! **Status.** [`Context`] is here: the registries of transports and channels, chosen
-//! by cargo feature, ranked by PyTorch's priorities (overridable), with backends that
-//! are not viable skipped and the reason logged; URL parsing for listen/connect. The
-//! Listener and Pipe that drive [`tp_wire`]'s sans-IO pipe over real transports and
-//! channels, `tp demo`, `tp bench pipe` and the RPC agent are not written yet, and
-//! nothing here claims to be one.
+//! ```no_run
+//! use std::sync::Arc;
+//! use tp_agent::{Allocation, Context, Message, Payload, Tensor};
+//!
+//! # futures::executor::block_on(async {
+//! let server = Arc::new(Context::new("server"));
+//! let listener = server.listen(&["tcp://127.0.0.1:0", "shm://"]).unwrap();
+//! let client = Arc::new(Context::new("client"));
+//! let pipe = client.connect(&listener.urls()[0]).unwrap();
+//! let msg = Message {
+//!     metadata: b"hello".to_vec(),
+//!     payloads: vec![Payload { data: vec![1, 2, 3], metadata: vec![] }],
+//!     tensors: vec![Tensor { data: Box::new(vec![0u8; 1 << 20]), target_device: None, metadata: vec![] }],
+//! };
+//! let write = pipe.write(msg);
+//! let served = listener.accept().await.unwrap();
+//! let incoming = served.read_descriptor().await.unwrap();
+//! let alloc = Allocation::for_descriptor(&incoming.descriptor);
+//! let (alloc, read) = served.read(incoming, alloc).await;
+//! read.unwrap();
+//! let (_msg_back, written) = write.await;
+//! written.unwrap();
+//! # });
+//! ```
+//!
+//! **Status.** [`Context`] (backend registries by cargo feature and priority, backends
+//! that are not viable skipped with the reason logged, URL parsing), [`Listener`] and
+//! [`Pipe`] work: a pipe is [`tp_wire`]'s state machine driven by I/O tasks on the
+//! context's thread pool — the handshake picks the transport and a channel per device
+//! pair, messages with payloads and tensors move both ways in order, and closing one
+//! end fails the other's pending operations. Not yet: the multi-process pipe tests,
+//! `tp demo`, `tp bench pipe`, `join`, and the RPC agent.
 //!
 //! The `tp` binary (built with the default features) has the benchmarks:
 //!
@@ -24,5 +50,9 @@
 #![forbid(unsafe_code)]
 
 pub mod context;
+mod listener;
+pub mod pipe;
 
-pub use context::{Context, ContextBuilder, ContextError};
+pub use context::{Context, ContextBuilder, ContextError, ListenError};
+pub use listener::Listener;
+pub use pipe::{Allocation, Incoming, Message, OpError, Payload, Pipe, Tensor};

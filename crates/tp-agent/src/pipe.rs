@@ -1,0 +1,1008 @@
+//! [`Pipe`]: [`tp_wire`]'s sans-IO pipe driven over real transports and channels.
+//!
+//! A pipe is two parts: the state machine ([`tp_wire::pipe::Pipe`]), which decides
+//! everything, and this driver, which does what it asks. All of a pipe's I/O runs as
+//! tasks on its [`Context`]'s runtime thread pool, so the pipe works
+//! whatever executor (if any) the user awaits its futures on.
+//!
+//! - Each connection has one task running two loops: writes (frames, payload bytes,
+//!   close) and reads (frames, payload bytes), each in the order the state machine
+//!   asked for them. Every payload action is reported back exactly once, also after a
+//!   failure (the state machine needs that to know the user's memory is free).
+//! - When a channel has all its connections, their tasks hand the connections over
+//!   once every pipe write queued on them was issued, and the channel is created on
+//!   them; channel operations wait for that, then run in the order asked.
+//! - User operations complete through one-shot channels: [`Pipe::write`] hands the
+//!   message back with the result; [`Pipe::read_descriptor`] gives the descriptor;
+//!   [`Pipe::read`] fills and hands back an [`Allocation`].
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use futures::channel::{mpsc, oneshot};
+use futures::executor::ThreadPool;
+use futures::future::{BoxFuture, join, join_all};
+use futures::{FutureExt, StreamExt};
+use tp_channel::{BoxChannel, ChannelError, Device, RecvBuf, SendBuf};
+use tp_transport::{BoxConnection, TransportError};
+use tp_wire::frame::{FrameHeader, HEADER_LEN};
+use tp_wire::packet::{Descriptor, Payload as WirePayload, Tensor as WireTensor};
+use tp_wire::pipe::{
+    ChannelId, ChannelOp, ConnId, Event, Io, IoErrorKind, OpId, Pipe as WirePipe, PipeError,
+};
+use tp_wire::{Instant, Limits};
+
+use crate::context::Context;
+
+/// A payload: bytes the pipe writes on its primary connection.
+#[derive(Debug, Default)]
+pub struct Payload {
+    /// The bytes.
+    pub data: Vec<u8>,
+    /// Opaque metadata the reader sees in the descriptor.
+    pub metadata: Vec<u8>,
+}
+
+/// A tensor: bytes a channel moves.
+pub struct Tensor {
+    /// The bytes (CPU memory).
+    pub data: Box<dyn SendBuf>,
+    /// Where the reader must put them, if the writer decides.
+    pub target_device: Option<Device>,
+    /// Opaque metadata the reader sees in the descriptor.
+    pub metadata: Vec<u8>,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tensor")
+            .field("len", &self.data.bytes().len())
+            .field("target_device", &self.target_device)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A message: metadata, payloads and tensors.
+#[derive(Debug, Default)]
+pub struct Message {
+    /// Opaque metadata.
+    pub metadata: Vec<u8>,
+    /// Payloads, in order.
+    pub payloads: Vec<Payload>,
+    /// Tensors, in order.
+    pub tensors: Vec<Tensor>,
+}
+
+/// Where a read puts a message: one buffer per payload and per tensor, each exactly as
+/// long as the descriptor says.
+#[derive(Default)]
+pub struct Allocation {
+    /// Payload buffers.
+    pub payloads: Vec<Vec<u8>>,
+    /// Tensor buffers.
+    pub tensors: Vec<Box<dyn RecvBuf>>,
+}
+
+impl std::fmt::Debug for Allocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Allocation")
+            .field(
+                "payloads",
+                &self.payloads.iter().map(Vec::len).collect::<Vec<_>>(),
+            )
+            .field(
+                "tensors",
+                &self
+                    .tensors
+                    .iter()
+                    .map(|t| t.bytes().len())
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Allocation {
+    /// Zeroed heap buffers for every payload and tensor of `descriptor`.
+    pub fn for_descriptor(descriptor: &Descriptor) -> Self {
+        Self {
+            payloads: descriptor
+                .payloads
+                .iter()
+                .map(|p| vec![0u8; usize::try_from(p.length).unwrap_or(0)])
+                .collect(),
+            tensors: descriptor
+                .tensors
+                .iter()
+                .map(|t| {
+                    Box::new(vec![0u8; usize::try_from(t.length).unwrap_or(0)]) as Box<dyn RecvBuf>
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A message's descriptor, ready to be read with [`Pipe::read`].
+#[derive(Debug)]
+pub struct Incoming {
+    /// What the message holds.
+    pub descriptor: Descriptor,
+    op: OpId,
+}
+
+/// Lengths and devices, for the state machine's checks of an allocation.
+struct Shape {
+    len: usize,
+    device: Device,
+}
+
+impl tp_wire::allocation::Buffer for Shape {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn device(&self) -> Device {
+        self.device
+    }
+}
+
+enum WriteAct {
+    Frame(Vec<u8>),
+    Payload {
+        op: OpId,
+        index: usize,
+    },
+    Close,
+    /// Hand the connection over (to a channel) once earlier writes were issued.
+    Release(oneshot::Sender<BoxConnection>),
+}
+
+enum ReadAct {
+    Frame,
+    Payload { op: OpId, index: usize, len: u64 },
+    Release,
+}
+
+struct ConnHandle {
+    writes: mpsc::UnboundedSender<WriteAct>,
+    reads: mpsc::UnboundedSender<ReadAct>,
+}
+
+enum ChanSlot {
+    Pending(VecDeque<ChannelOp>),
+    Ready(Arc<BoxChannel>),
+    Failed,
+}
+
+/// A tensor of a write: its buffer (out while a channel holds it), target, metadata.
+type HeldTensor = (Option<Box<dyn SendBuf>>, Option<Device>, Vec<u8>);
+
+struct WriteSlot {
+    metadata: Vec<u8>,
+    payloads: Vec<(Arc<Vec<u8>>, Vec<u8>)>,
+    tensors: Vec<HeldTensor>,
+    done: Option<oneshot::Sender<(Message, Result<(), PipeError>)>>,
+}
+
+struct ReadSlot {
+    payloads: Vec<Option<Vec<u8>>>,
+    tensors: Vec<Option<Box<dyn RecvBuf>>>,
+    done: Option<oneshot::Sender<(Allocation, Result<(), PipeError>)>>,
+}
+
+struct Core {
+    pipe: WirePipe,
+    conns: HashMap<ConnId, ConnHandle>,
+    channels: HashMap<ChannelId, ChanSlot>,
+    writes: HashMap<OpId, WriteSlot>,
+    reads: HashMap<OpId, ReadSlot>,
+    descriptors: HashMap<OpId, oneshot::Sender<Result<Incoming, PipeError>>>,
+    timer: Option<Instant>,
+    closed: Option<PipeError>,
+}
+
+pub(crate) struct Shared {
+    core: Mutex<Core>,
+    pool: ThreadPool,
+    ctx: Arc<Context>,
+    limits: Limits,
+    /// Server: where this pipe's registration ids are routed from.
+    router: Option<Arc<crate::listener::Router>>,
+}
+
+/// One end of a pipe.
+pub struct Pipe {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Pipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipe")
+            .field("remote_name", &self.remote_name())
+            .field("transport", &self.transport())
+            .finish()
+    }
+}
+
+fn kind_of(e: &TransportError) -> IoErrorKind {
+    match e {
+        TransportError::Eof => IoErrorKind::Eof,
+        TransportError::Broken => IoErrorKind::Reset,
+        _ => IoErrorKind::Other,
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(
+        pipe: WirePipe,
+        ctx: Arc<Context>,
+        router: Option<Arc<crate::listener::Router>>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            core: Mutex::new(Core {
+                pipe,
+                conns: HashMap::new(),
+                channels: HashMap::new(),
+                writes: HashMap::new(),
+                reads: HashMap::new(),
+                descriptors: HashMap::new(),
+                timer: None,
+                closed: None,
+            }),
+            pool: ctx.pool().clone(),
+            limits: ctx.pipe_config().limits,
+            ctx,
+            router,
+        })
+    }
+
+    /// Client: starts the pipe's first connection.
+    pub(crate) fn connect_primary(
+        self: &Arc<Self>,
+        connect: BoxFuture<'static, Result<BoxConnection, TransportError>>,
+    ) {
+        let mut core = self.lock();
+        self.start_conn(&mut core, ConnId(0), connect);
+        self.pump(&mut core);
+    }
+
+    /// Server: a connection presented registration id `id`; it joins this pipe.
+    pub(crate) fn attach_requested(
+        self: &Arc<Self>,
+        id: tp_wire::packet::RegistrationId,
+        conn: BoxConnection,
+    ) {
+        let mut core = self.lock();
+        match core.pipe.handle_requested_connection(id) {
+            Ok(cid) => self.start_conn(&mut core, cid, async move { Ok(conn) }.boxed()),
+            Err(e) => tracing::warn!(error = %e, "pipe: refused a requested connection"),
+        }
+        self.pump(&mut core);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn now(&self) -> Instant {
+        self.ctx.now()
+    }
+
+    /// Applies `f` to the state machine, then does what it asks.
+    pub(crate) fn input(self: &Arc<Self>, f: impl FnOnce(&mut WirePipe)) {
+        let mut core = self.lock();
+        f(&mut core.pipe);
+        self.pump(&mut core);
+    }
+
+    /// Starts the tasks of a connection that exists already (conn 0, or a requested one
+    /// the listener routed here).
+    pub(crate) fn attach(self: &Arc<Self>, id: ConnId, conn: BoxConnection) {
+        let mut core = self.lock();
+        self.start_conn(&mut core, id, async move { Ok(conn) }.boxed());
+        self.pump(&mut core);
+    }
+
+    fn start_conn(
+        self: &Arc<Self>,
+        core: &mut Core,
+        id: ConnId,
+        conn: BoxFuture<'static, Result<BoxConnection, TransportError>>,
+    ) {
+        let (wtx, wrx) = mpsc::unbounded();
+        let (rtx, rrx) = mpsc::unbounded();
+        core.conns.insert(
+            id,
+            ConnHandle {
+                writes: wtx,
+                reads: rtx,
+            },
+        );
+        let me = self.clone();
+        self.pool
+            .spawn_ok(async move { me.run_conn(id, conn, wrx, rrx).await });
+    }
+
+    async fn run_conn(
+        self: Arc<Self>,
+        id: ConnId,
+        conn: BoxFuture<'static, Result<BoxConnection, TransportError>>,
+        writes: mpsc::UnboundedReceiver<WriteAct>,
+        reads: mpsc::UnboundedReceiver<ReadAct>,
+    ) {
+        let conn = match conn.await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::debug!(conn = id.0, error = %e, "pipe: connect failed");
+                self.input(|p| p.handle_connection_error(id, IoErrorKind::ConnectFailed));
+                None
+            }
+        };
+        let (release, ()) = join(
+            self.write_loop(id, conn.as_ref(), writes),
+            self.read_loop(id, conn.as_ref(), reads),
+        )
+        .await;
+        if let (Some(tx), Some(conn)) = (release, conn) {
+            let _ = tx.send(conn);
+        }
+    }
+
+    async fn write_loop(
+        self: &Arc<Self>,
+        id: ConnId,
+        conn: Option<&BoxConnection>,
+        mut acts: mpsc::UnboundedReceiver<WriteAct>,
+    ) -> Option<oneshot::Sender<BoxConnection>> {
+        let mut failed = conn.is_none();
+        while let Some(act) = acts.next().await {
+            match act {
+                WriteAct::Frame(frame) => {
+                    if let (false, Some(c)) = (failed, conn)
+                        && let Err(e) = c.write(&[&frame]).await
+                    {
+                        failed = true;
+                        self.input(|p| p.handle_connection_error(id, kind_of(&e)));
+                    }
+                }
+                WriteAct::Payload { op, index } => {
+                    let data = self
+                        .lock()
+                        .writes
+                        .get(&op)
+                        .and_then(|w| w.payloads.get(index))
+                        .map(|(d, _)| d.clone());
+                    let r = match (failed, conn, &data) {
+                        (false, Some(c), Some(d)) => c.write(&[d]).await.map_err(|e| kind_of(&e)),
+                        _ => Err(IoErrorKind::Other),
+                    };
+                    drop(data);
+                    if r.is_err() {
+                        failed = true;
+                    }
+                    self.input(|p| {
+                        let _ = p.handle_payload_done(op, r);
+                    });
+                }
+                WriteAct::Close => {
+                    if let Some(c) = conn {
+                        c.close();
+                    }
+                    failed = true;
+                }
+                WriteAct::Release(tx) => return Some(tx),
+            }
+        }
+        None
+    }
+
+    async fn read_loop(
+        self: &Arc<Self>,
+        id: ConnId,
+        conn: Option<&BoxConnection>,
+        mut acts: mpsc::UnboundedReceiver<ReadAct>,
+    ) {
+        let mut failed = conn.is_none();
+        while let Some(act) = acts.next().await {
+            match act {
+                ReadAct::Frame => {
+                    let Some(c) = conn.filter(|_| !failed) else {
+                        continue;
+                    };
+                    match read_frame(c, &self.limits).await {
+                        Ok(frame) => self.input(|p| p.handle_frame(id, &frame)),
+                        Err(kind) => {
+                            failed = true;
+                            self.input(|p| p.handle_connection_error(id, kind));
+                        }
+                    }
+                }
+                ReadAct::Payload { op, index, len } => {
+                    let buf = self
+                        .lock()
+                        .reads
+                        .get_mut(&op)
+                        .and_then(|r| r.payloads.get_mut(index))
+                        .and_then(Option::take);
+                    let (buf, r) = match (failed, conn, buf) {
+                        (false, Some(c), Some(mut b)) if b.len() as u64 == len => {
+                            let r = c.read_exact(&mut b).await.map_err(|e| kind_of(&e));
+                            (Some(b), r)
+                        }
+                        (_, _, b) => (b, Err(IoErrorKind::Other)),
+                    };
+                    if r.is_err() {
+                        failed = true;
+                    }
+                    let mut core = self.lock();
+                    if let (Some(b), Some(slot)) = (
+                        buf,
+                        core.reads
+                            .get_mut(&op)
+                            .and_then(|s| s.payloads.get_mut(index)),
+                    ) {
+                        *slot = Some(b);
+                    }
+                    let _ = core.pipe.handle_payload_done(op, r);
+                    self.pump(&mut core);
+                }
+                ReadAct::Release => return,
+            }
+        }
+    }
+
+    /// Does everything the state machine asks for now.
+    fn pump(self: &Arc<Self>, core: &mut Core) {
+        loop {
+            let mut progressed = false;
+            while let Some(io) = core.pipe.poll_io() {
+                progressed = true;
+                self.do_io(core, io);
+            }
+            while let Some(op) = core.pipe.poll_channel_op() {
+                progressed = true;
+                self.do_channel_op(core, op);
+            }
+            while let Some(ev) = core.pipe.poll_event() {
+                progressed = true;
+                self.on_event(core, ev);
+            }
+            if !progressed {
+                break;
+            }
+        }
+        let deadline = core.pipe.poll_timeout();
+        if deadline.is_some() && deadline != core.timer {
+            core.timer = deadline;
+            if let Some(at) = deadline {
+                let me = self.clone();
+                let wait = std::time::Duration::from_nanos(
+                    at.as_nanos().saturating_sub(self.now().as_nanos()),
+                );
+                self.pool.spawn_ok(async move {
+                    async_io::Timer::after(wait).await;
+                    let now = me.now();
+                    me.input(|p| p.handle_timeout(now));
+                });
+            }
+        }
+    }
+
+    fn do_io(self: &Arc<Self>, core: &mut Core, io: Io) {
+        match io {
+            Io::Connect {
+                conn,
+                transport,
+                address,
+            } => {
+                let connect = match self.ctx.transport(&transport) {
+                    Some(t) => t.connect(&address),
+                    None => async move { Err(TransportError::Closed) }.boxed(),
+                };
+                self.start_conn(core, conn, connect);
+            }
+            Io::Send { conn, frame } => send_to(core, conn, WriteAct::Frame(frame)),
+            Io::SendPayload {
+                conn, op, index, ..
+            } => send_to(core, conn, WriteAct::Payload { op, index }),
+            Io::Close { conn } => send_to(core, conn, WriteAct::Close),
+            Io::RecvFrame { conn } => {
+                if let Some(h) = core.conns.get(&conn) {
+                    let _ = h.reads.unbounded_send(ReadAct::Frame);
+                }
+            }
+            Io::RecvPayload {
+                conn,
+                op,
+                index,
+                len,
+            } => match core.conns.get(&conn) {
+                Some(h) => {
+                    let _ = h.reads.unbounded_send(ReadAct::Payload { op, index, len });
+                }
+                None => {
+                    let _ = core.pipe.handle_payload_done(op, Err(IoErrorKind::Other));
+                }
+            },
+        }
+    }
+
+    fn do_channel_op(self: &Arc<Self>, core: &mut Core, op: ChannelOp) {
+        let channel = match op {
+            ChannelOp::Send { channel, .. }
+            | ChannelOp::Recv { channel, .. }
+            | ChannelOp::Close { channel } => channel,
+        };
+        match core
+            .channels
+            .entry(channel)
+            .or_insert_with(|| ChanSlot::Pending(VecDeque::new()))
+        {
+            ChanSlot::Pending(q) => q.push_back(op),
+            ChanSlot::Ready(ch) => {
+                let ch = ch.clone();
+                self.issue(core, &ch, op);
+            }
+            ChanSlot::Failed => fail_channel_op(core, op),
+        }
+    }
+
+    /// Starts a channel operation now (the channel queues it in call order).
+    fn issue(self: &Arc<Self>, core: &mut Core, ch: &Arc<BoxChannel>, op: ChannelOp) {
+        match op {
+            ChannelOp::Send {
+                channel,
+                op,
+                tensor,
+                ..
+            } => {
+                let buf = core
+                    .writes
+                    .get_mut(&op)
+                    .and_then(|w| w.tensors.get_mut(tensor))
+                    .and_then(|t| t.0.take());
+                let Some(buf) = buf else {
+                    let _ = core
+                        .pipe
+                        .handle_channel_done(channel, op, Err(IoErrorKind::Other));
+                    return;
+                };
+                let fut = ch.send(buf);
+                let me = self.clone();
+                self.pool.spawn_ok(async move {
+                    let (buf, r) = fut.await;
+                    let mut core = me.lock();
+                    if let Some(t) = core
+                        .writes
+                        .get_mut(&op)
+                        .and_then(|w| w.tensors.get_mut(tensor))
+                    {
+                        t.0 = Some(buf);
+                    }
+                    let _ = core.pipe.handle_channel_done(
+                        channel,
+                        op,
+                        r.map_err(|e: ChannelError| e.kind()),
+                    );
+                    me.pump(&mut core);
+                });
+            }
+            ChannelOp::Recv {
+                channel,
+                op,
+                tensor,
+                ..
+            } => {
+                let buf = core
+                    .reads
+                    .get_mut(&op)
+                    .and_then(|r| r.tensors.get_mut(tensor))
+                    .and_then(Option::take);
+                let Some(buf) = buf else {
+                    let _ = core
+                        .pipe
+                        .handle_channel_done(channel, op, Err(IoErrorKind::Other));
+                    return;
+                };
+                let fut = ch.recv(buf);
+                let me = self.clone();
+                self.pool.spawn_ok(async move {
+                    let (buf, r) = fut.await;
+                    let mut core = me.lock();
+                    if let Some(t) = core
+                        .reads
+                        .get_mut(&op)
+                        .and_then(|w| w.tensors.get_mut(tensor))
+                    {
+                        *t = Some(buf);
+                    }
+                    let _ = core.pipe.handle_channel_done(
+                        channel,
+                        op,
+                        r.map_err(|e: ChannelError| e.kind()),
+                    );
+                    me.pump(&mut core);
+                });
+            }
+            ChannelOp::Close { .. } => ch.close(),
+        }
+    }
+
+    fn on_event(self: &Arc<Self>, core: &mut Core, ev: Event) {
+        match ev {
+            Event::ConnectionsRequested { ids } => {
+                if let Some(router) = &self.router {
+                    router.expect(&ids, Arc::downgrade(self));
+                }
+            }
+            Event::ChannelReady {
+                channel,
+                name,
+                conns,
+                endpoint,
+            } => {
+                let mut handed = Vec::new();
+                for id in &conns {
+                    if let Some(h) = core.conns.remove(id) {
+                        let (tx, rx) = oneshot::channel();
+                        let _ = h.reads.unbounded_send(ReadAct::Release);
+                        let _ = h.writes.unbounded_send(WriteAct::Release(tx));
+                        handed.push(rx);
+                    }
+                }
+                core.channels
+                    .entry(channel)
+                    .or_insert_with(|| ChanSlot::Pending(VecDeque::new()));
+                let ctx = self.ctx.channel(&name).cloned();
+                let me = self.clone();
+                let expected = conns.len();
+                self.pool.spawn_ok(async move {
+                    let got: Vec<BoxConnection> = join_all(handed)
+                        .await
+                        .into_iter()
+                        .filter_map(Result::ok)
+                        .collect();
+                    let made = match ctx {
+                        Some(ctx) if got.len() == expected => {
+                            ctx.create_channel(got, endpoint).await.ok()
+                        }
+                        _ => None,
+                    };
+                    let mut core = me.lock();
+                    let pending = match core.channels.remove(&channel) {
+                        Some(ChanSlot::Pending(q)) => q,
+                        _ => VecDeque::new(),
+                    };
+                    match made {
+                        Some(ch) => {
+                            let ch = Arc::new(ch);
+                            core.channels.insert(channel, ChanSlot::Ready(ch.clone()));
+                            for op in pending {
+                                me.issue(&mut core, &ch, op);
+                            }
+                        }
+                        None => {
+                            tracing::warn!(channel = name, "pipe: channel setup failed");
+                            core.channels.insert(channel, ChanSlot::Failed);
+                            for op in pending {
+                                fail_channel_op(&mut core, op);
+                            }
+                        }
+                    }
+                    me.pump(&mut core);
+                });
+            }
+            Event::Established { transport, .. } => {
+                tracing::debug!(transport, "pipe established");
+            }
+            Event::DescriptorReady { op, result } => {
+                if let Some(tx) = core.descriptors.remove(&op) {
+                    let _ = tx.send(result.map(|descriptor| Incoming { descriptor, op }));
+                }
+            }
+            Event::ReadDone { op, result } => {
+                if let Some(mut slot) = core.reads.remove(&op) {
+                    let alloc = Allocation {
+                        payloads: slot
+                            .payloads
+                            .into_iter()
+                            .map(Option::unwrap_or_default)
+                            .collect(),
+                        tensors: slot
+                            .tensors
+                            .into_iter()
+                            .map(|t| t.unwrap_or_else(|| Box::new(Vec::new())))
+                            .collect(),
+                    };
+                    if let Some(tx) = slot.done.take() {
+                        let _ = tx.send((alloc, result));
+                    }
+                }
+            }
+            Event::WriteDone { op, result } => {
+                if let Some(mut slot) = core.writes.remove(&op) {
+                    let msg = Message {
+                        metadata: std::mem::take(&mut slot.metadata),
+                        payloads: slot
+                            .payloads
+                            .into_iter()
+                            .map(|(data, metadata)| Payload {
+                                data: Arc::try_unwrap(data).unwrap_or_else(|d| (*d).clone()),
+                                metadata,
+                            })
+                            .collect(),
+                        tensors: slot
+                            .tensors
+                            .into_iter()
+                            .map(|(data, target_device, metadata)| Tensor {
+                                data: data.unwrap_or_else(|| Box::new(Vec::new())),
+                                target_device,
+                                metadata,
+                            })
+                            .collect(),
+                    };
+                    if let Some(tx) = slot.done.take() {
+                        let _ = tx.send((msg, result));
+                    }
+                }
+            }
+            Event::Closed { error } => {
+                tracing::debug!(%error, "pipe closed");
+                core.closed = Some(error);
+                for slot in core.channels.values() {
+                    if let ChanSlot::Ready(ch) = slot {
+                        ch.close();
+                    }
+                }
+                for h in core.conns.values() {
+                    let _ = h.writes.unbounded_send(WriteAct::Close);
+                }
+            }
+        }
+    }
+}
+
+fn send_to(core: &mut Core, conn: ConnId, act: WriteAct) {
+    match core.conns.get(&conn) {
+        Some(h) => {
+            if let Err(e) = h.writes.unbounded_send(act)
+                && let WriteAct::Payload { op, .. } = e.into_inner()
+            {
+                let _ = core.pipe.handle_payload_done(op, Err(IoErrorKind::Other));
+            }
+        }
+        None => {
+            if let WriteAct::Payload { op, .. } = act {
+                let _ = core.pipe.handle_payload_done(op, Err(IoErrorKind::Other));
+            }
+        }
+    }
+}
+
+fn fail_channel_op(core: &mut Core, op: ChannelOp) {
+    match op {
+        ChannelOp::Send { channel, op, .. } | ChannelOp::Recv { channel, op, .. } => {
+            let _ = core
+                .pipe
+                .handle_channel_done(channel, op, Err(IoErrorKind::Other));
+        }
+        ChannelOp::Close { .. } => {}
+    }
+}
+
+/// Reads one frame: the header (checked against `limits` before the body is
+/// allocated), then the body.
+pub(crate) async fn read_first_frame(
+    conn: &BoxConnection,
+    limits: &Limits,
+) -> Result<Vec<u8>, IoErrorKind> {
+    read_frame(conn, limits).await
+}
+
+async fn read_frame(conn: &BoxConnection, limits: &Limits) -> Result<Vec<u8>, IoErrorKind> {
+    let mut frame = vec![0u8; HEADER_LEN];
+    conn.read_exact(&mut frame).await.map_err(|e| kind_of(&e))?;
+    // A bad header goes to the state machine as it is, which fails the pipe with the
+    // reason.
+    let Ok(header) = FrameHeader::parse(&frame, limits) else {
+        return Ok(frame);
+    };
+    let body = usize::try_from(header.body_len).map_err(|_| IoErrorKind::Other)?;
+    frame.resize(HEADER_LEN + body, 0);
+    conn.read_exact(frame.get_mut(HEADER_LEN..).unwrap_or_default())
+        .await
+        .map_err(|e| kind_of(&e))?;
+    Ok(frame)
+}
+
+/// Why a pipe operation failed.
+#[non_exhaustive]
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum OpError {
+    /// The pipe failed or was closed (the first error, sticky).
+    Pipe(PipeError),
+    /// The operation itself was refused (a message over the limits, an allocation that
+    /// does not fit its descriptor); the pipe goes on.
+    Command(tp_wire::pipe::CommandError),
+}
+
+impl std::fmt::Display for OpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Pipe(e) => write!(f, "pipe failed: {e}"),
+            Self::Command(e) => write!(f, "refused: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for OpError {}
+
+impl Pipe {
+    pub(crate) fn from_shared(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// The peer's context name.
+    pub fn remote_name(&self) -> String {
+        self.shared.lock().pipe.remote_name().to_string()
+    }
+
+    /// The transport the handshake chose, once established.
+    pub fn transport(&self) -> Option<String> {
+        self.shared.lock().pipe.transport().map(str::to_string)
+    }
+
+    /// The channels the handshake chose, by name.
+    pub fn channel_names(&self) -> Vec<String> {
+        self.shared
+            .lock()
+            .pipe
+            .channel_names()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Writes a message. Completes once every payload was written and every tensor
+    /// sent (or the pipe failed), after every earlier write; hands the message back.
+    pub fn write(&self, msg: Message) -> BoxFuture<'static, (Message, Result<(), OpError>)> {
+        let desc = Descriptor {
+            metadata: msg.metadata.clone(),
+            payloads: msg
+                .payloads
+                .iter()
+                .map(|p| WirePayload {
+                    length: p.data.len() as u64,
+                    metadata: p.metadata.clone(),
+                })
+                .collect(),
+            tensors: msg
+                .tensors
+                .iter()
+                .map(|t| WireTensor {
+                    length: t.data.bytes().len() as u64,
+                    source_device: Device::CPU,
+                    target_device: t.target_device,
+                    metadata: t.metadata.clone(),
+                })
+                .collect(),
+        };
+        let mut core = self.shared.lock();
+        let op = match core.pipe.write(desc) {
+            Ok(op) => op,
+            Err(e) => return async move { (msg, Err(OpError::Command(e))) }.boxed(),
+        };
+        let (tx, rx) = oneshot::channel();
+        core.writes.insert(
+            op,
+            WriteSlot {
+                metadata: msg.metadata,
+                payloads: msg
+                    .payloads
+                    .into_iter()
+                    .map(|p| (Arc::new(p.data), p.metadata))
+                    .collect(),
+                tensors: msg
+                    .tensors
+                    .into_iter()
+                    .map(|t| (Some(t.data), t.target_device, t.metadata))
+                    .collect(),
+                done: Some(tx),
+            },
+        );
+        self.shared.pump(&mut core);
+        drop(core);
+        async move {
+            rx.await.map_or_else(
+                |_| (Message::default(), Err(OpError::Pipe(PipeError::Closed))),
+                |(m, r)| (m, r.map_err(OpError::Pipe)),
+            )
+        }
+        .boxed()
+    }
+
+    /// Waits for the next message's descriptor (reads complete in order).
+    pub fn read_descriptor(&self) -> BoxFuture<'static, Result<Incoming, OpError>> {
+        let mut core = self.shared.lock();
+        let op = core.pipe.read_descriptor();
+        let (tx, rx) = oneshot::channel();
+        core.descriptors.insert(op, tx);
+        self.shared.pump(&mut core);
+        drop(core);
+        async move {
+            match rx.await {
+                Ok(r) => r.map_err(OpError::Pipe),
+                Err(_) => Err(OpError::Pipe(PipeError::Closed)),
+            }
+        }
+        .boxed()
+    }
+
+    /// Reads the message `incoming` describes into `alloc` (one buffer per payload and
+    /// tensor, of the described lengths), and hands the buffers back.
+    pub fn read(
+        &self,
+        incoming: Incoming,
+        alloc: Allocation,
+    ) -> BoxFuture<'static, (Allocation, Result<(), OpError>)> {
+        let payload_shapes: Vec<Shape> = alloc
+            .payloads
+            .iter()
+            .map(|p| Shape {
+                len: p.len(),
+                device: Device::CPU,
+            })
+            .collect();
+        let tensor_shapes: Vec<Shape> = alloc
+            .tensors
+            .iter()
+            .map(|t| Shape {
+                len: t.bytes().len(),
+                device: Device::CPU,
+            })
+            .collect();
+        let mut core = self.shared.lock();
+        let (tx, rx) = oneshot::channel();
+        // The slot goes in first: the state machine may ask for its bytes at once.
+        core.reads.insert(
+            incoming.op,
+            ReadSlot {
+                payloads: Vec::new(),
+                tensors: Vec::new(),
+                done: Some(tx),
+            },
+        );
+        if let Some(slot) = core.reads.get_mut(&incoming.op) {
+            slot.payloads = alloc.payloads.into_iter().map(Some).collect();
+            slot.tensors = alloc.tensors.into_iter().map(Some).collect();
+        }
+        if let Err(e) = core.pipe.read(incoming.op, &payload_shapes, &tensor_shapes) {
+            let slot = core.reads.remove(&incoming.op);
+            let alloc = slot.map_or_else(Allocation::default, |s| Allocation {
+                payloads: s.payloads.into_iter().flatten().collect(),
+                tensors: s.tensors.into_iter().flatten().collect(),
+            });
+            return async move { (alloc, Err(OpError::Command(e))) }.boxed();
+        }
+        self.shared.pump(&mut core);
+        drop(core);
+        async move {
+            rx.await.map_or_else(
+                |_| (Allocation::default(), Err(OpError::Pipe(PipeError::Closed))),
+                |(a, r)| (a, r.map_err(OpError::Pipe)),
+            )
+        }
+        .boxed()
+    }
+
+    /// Closes the pipe: says goodbye, fails pending operations with
+    /// [`PipeError::Closed`]. Idempotent.
+    pub fn close(&self) {
+        self.shared.input(WirePipe::close);
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

@@ -1,0 +1,227 @@
+//! Pipes end to end inside one process: a real listener and real transports and
+//! channels, driven by tp-wire's state machine.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::executor::block_on;
+use futures::future::join;
+use tp_agent::{Allocation, Context, Message, Payload, Tensor};
+
+/// Runs `f` on a thread and fails the test if it takes longer than `secs`.
+fn within<F: FnOnce() + Send + 'static>(secs: u64, f: F) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        f();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(secs))
+        .expect("panicked or hung");
+}
+
+fn message(seed: u8, payloads: &[usize], tensors: &[usize]) -> Message {
+    Message {
+        metadata: vec![seed; 3],
+        payloads: payloads
+            .iter()
+            .map(|&n| Payload {
+                data: (0..n).map(|i| (i as u8).wrapping_add(seed)).collect(),
+                metadata: vec![seed],
+            })
+            .collect(),
+        tensors: tensors
+            .iter()
+            .map(|&n| Tensor {
+                data: Box::new(
+                    (0..n)
+                        .map(|i| (i as u8).wrapping_mul(7) ^ seed)
+                        .collect::<Vec<u8>>(),
+                ),
+                target_device: None,
+                metadata: vec![seed, 1],
+            })
+            .collect(),
+    }
+}
+
+fn check(seed: u8, alloc: &Allocation, payloads: &[usize], tensors: &[usize]) {
+    for (k, &n) in payloads.iter().enumerate() {
+        let want: Vec<u8> = (0..n).map(|i| (i as u8).wrapping_add(seed)).collect();
+        assert_eq!(alloc.payloads[k], want, "payload {k}");
+    }
+    for (k, &n) in tensors.iter().enumerate() {
+        let want: Vec<u8> = (0..n).map(|i| (i as u8).wrapping_mul(7) ^ seed).collect();
+        assert!(alloc.tensors[k].bytes() == &want[..], "tensor {k}");
+    }
+}
+
+fn round_trip(listen: &'static str) {
+    within(60, move || {
+        let server_ctx = Arc::new(Context::new("server"));
+        let client_ctx = Arc::new(Context::new("client"));
+        let listener = server_ctx.listen(&[listen]).unwrap();
+        let url = listener.urls()[0].clone();
+        block_on(async {
+            let client = client_ctx.connect(&url).unwrap();
+            let server = listener.accept().await.unwrap();
+            let payloads = [3usize, 0, 70_000];
+            let tensors = [1000usize, 0, 3 << 20];
+            for seed in 0..3u8 {
+                let (w, r) = join(client.write(message(seed, &payloads, &tensors)), async {
+                    let inc = server.read_descriptor().await.unwrap();
+                    assert_eq!(inc.descriptor.metadata, vec![seed; 3]);
+                    let alloc = Allocation::for_descriptor(&inc.descriptor);
+                    server.read(inc, alloc).await
+                })
+                .await;
+                w.1.unwrap();
+                assert_eq!(
+                    w.0.tensors[2].data.bytes().len(),
+                    3 << 20,
+                    "buffers come back"
+                );
+                r.1.unwrap();
+                check(seed, &r.0, &payloads, &tensors);
+            }
+            assert_eq!(server.remote_name(), "client");
+            assert!(client.transport().is_some());
+        });
+    });
+}
+
+#[test]
+fn messages_cross_a_tcp_pipe_intact() {
+    round_trip("tcp://127.0.0.1:0");
+}
+
+#[test]
+fn messages_cross_an_shm_pipe_intact() {
+    round_trip("shm://");
+}
+
+#[test]
+fn the_handshake_upgrades_to_shm_and_picks_xth_inside_one_process() {
+    within(60, || {
+        let server_ctx = Arc::new(Context::new("server"));
+        let client_ctx = Arc::new(Context::new("client"));
+        let listener = server_ctx.listen(&["tcp://127.0.0.1:0", "shm://"]).unwrap();
+        let tcp_url = listener.urls()[0].clone();
+        assert!(tcp_url.starts_with("tcp://"), "{tcp_url}");
+        block_on(async {
+            let client = client_ctx.connect(&tcp_url).unwrap();
+            let server = listener.accept().await.unwrap();
+            let (w, r) = join(client.write(message(9, &[10], &[4096])), async {
+                let inc = server.read_descriptor().await.unwrap();
+                let alloc = Allocation::for_descriptor(&inc.descriptor);
+                server.read(inc, alloc).await
+            })
+            .await;
+            w.1.unwrap();
+            r.1.unwrap();
+            check(9, &r.0, &[10], &[4096]);
+            assert_eq!(client.transport().as_deref(), Some("shm"));
+            assert_eq!(client.channel_names(), ["xth"]);
+            assert_eq!(server.channel_names(), ["xth"]);
+        });
+    });
+}
+
+#[test]
+fn many_messages_in_flight_both_ways_complete_in_order() {
+    within(60, || {
+        let server_ctx = Arc::new(Context::new("server"));
+        let client_ctx = Arc::new(Context::new("client"));
+        let listener = server_ctx.listen(&["tcp://127.0.0.1:0"]).unwrap();
+        let url = listener.urls()[0].clone();
+        block_on(async {
+            let client = client_ctx.connect(&url).unwrap();
+            let server = listener.accept().await.unwrap();
+            let shapes: Vec<(Vec<usize>, Vec<usize>)> = (0..20)
+                .map(|i| (vec![i * 100 + 1], vec![(i % 4) * 50_000, 7]))
+                .collect();
+            let writes: Vec<_> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, (p, t))| client.write(message(i as u8, p, t)))
+                .collect();
+            let back: Vec<_> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, (p, t))| server.write(message(100 + i as u8, p, t)))
+                .collect();
+            let reads = async {
+                let mut got = Vec::new();
+                for _ in 0..shapes.len() {
+                    let inc = server.read_descriptor().await.unwrap();
+                    let alloc = Allocation::for_descriptor(&inc.descriptor);
+                    got.push(server.read(inc, alloc).await);
+                }
+                got
+            };
+            let reads_back = async {
+                let mut got = Vec::new();
+                for _ in 0..shapes.len() {
+                    let inc = client.read_descriptor().await.unwrap();
+                    let alloc = Allocation::for_descriptor(&inc.descriptor);
+                    got.push(client.read(inc, alloc).await);
+                }
+                got
+            };
+            let (((w, b), got), got_back) = join(
+                join(
+                    join(
+                        futures::future::join_all(writes),
+                        futures::future::join_all(back),
+                    ),
+                    reads,
+                ),
+                reads_back,
+            )
+            .await;
+            for (_, r) in w.iter().chain(b.iter()) {
+                assert!(r.is_ok(), "{r:?}");
+            }
+            for (i, (alloc, r)) in got.iter().enumerate() {
+                r.as_ref().unwrap();
+                check(i as u8, alloc, &shapes[i].0, &shapes[i].1);
+            }
+            for (i, (alloc, r)) in got_back.iter().enumerate() {
+                r.as_ref().unwrap();
+                check(100 + i as u8, alloc, &shapes[i].0, &shapes[i].1);
+            }
+        });
+    });
+}
+
+#[test]
+fn closing_one_end_fails_the_others_pending_reads() {
+    within(30, || {
+        let server_ctx = Arc::new(Context::new("server"));
+        let client_ctx = Arc::new(Context::new("client"));
+        let listener = server_ctx.listen(&["tcp://127.0.0.1:0"]).unwrap();
+        let url = listener.urls()[0].clone();
+        block_on(async {
+            let client = client_ctx.connect(&url).unwrap();
+            let server = listener.accept().await.unwrap();
+            // Establish first.
+            let (w, r) = join(client.write(message(1, &[1], &[])), async {
+                let inc = server.read_descriptor().await.unwrap();
+                let alloc = Allocation::for_descriptor(&inc.descriptor);
+                server.read(inc, alloc).await
+            })
+            .await;
+            w.1.unwrap();
+            r.1.unwrap();
+            let pending = server.read_descriptor();
+            let pending2 = server.read_descriptor();
+            client.close();
+            assert!(pending.await.is_err());
+            assert!(pending2.await.is_err());
+            // A local close fails what comes later at once.
+            server.close();
+            assert!(server.read_descriptor().await.is_err());
+            let (_, r) = server.write(message(2, &[5], &[5])).await;
+            assert!(r.is_err());
+        });
+    });
+}
