@@ -261,3 +261,24 @@ fn bench_channel_rejects_unknown_channels() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown channel"));
 }
+
+/// The README's first command: two processes, one pipe, every byte checked.
+#[test]
+fn demo_moves_verified_tensors_between_two_processes() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tp"))
+        .args(["demo", "--sizes", "1K,3M", "--round-trips", "2"])
+        .output()
+        .expect("run tp");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Same machine, same user: shm is always viable here; cma when the probe allows.
+    assert!(
+        stdout.contains("handshake chose transport shm and channel(s) "),
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches("   yes").count(), 2, "{stdout}");
+}

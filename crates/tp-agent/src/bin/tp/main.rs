@@ -1,5 +1,6 @@
 //! `tp`: tp's command-line tool.
 //!
+//! - `tp demo`: two processes, one pipe, tensors both ways (the README's first command).
 //! - `tp bench transport --transport tcp`: a ping-pong over a raw transport connection,
 //!   like the original's `benchmark_transport`.
 //! - `tp bench channel --channel basic|xth|cma|mpt`: a tensor ping-pong over one channel.
@@ -8,6 +9,7 @@
 //! `tp demo` and the pipe and RPC benchmarks arrive with the later steps.
 
 mod channel;
+mod demo;
 mod limits;
 mod stats;
 mod transport;
@@ -23,6 +25,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Two processes, one pipe: what the handshake chose and why, and tensors of several
+    /// sizes sent there and back, every byte checked.
+    Demo(demo::DemoArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(Bench),
@@ -102,6 +107,7 @@ pub(crate) enum Mode {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => demo::run(&args),
         Command::Bench(Bench::Transport(args)) => transport::run(&args),
         Command::Bench(Bench::Channel(args)) => channel::run(&args),
         Command::Bench(Bench::Limits(args)) => limits::run(&args),

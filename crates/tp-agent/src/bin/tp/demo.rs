@@ -1,0 +1,207 @@
+//! `tp demo`: tp's main job on its embedded default, end to end.
+//!
+//! This process listens (tcp and shm), starts a second `tp` process that connects to
+//! the tcp URL, and shows what the handshake chose and why. Then it sends messages —
+//! a payload and a tensor of several sizes — that the other process sends back; every
+//! byte is checked, and a table shows sizes, round-trip times and throughput.
+
+use std::any::Any;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use tp_agent::{Allocation, Context, Message, Payload, Tensor};
+use tp_channel::{RecvBuf, SendBuf};
+
+use crate::stats::{parse_sizes, size_label};
+
+#[derive(Debug, Args)]
+pub(crate) struct DemoArgs {
+    /// Tensor sizes, comma separated (K, M, G suffixes).
+    #[arg(long, default_value = "1K,64K,1M,16M,64M")]
+    sizes: String,
+    /// Round trips per size.
+    #[arg(long, default_value_t = 5)]
+    round_trips: usize,
+    /// Internal: be the echoing peer, connected to this URL.
+    #[arg(long, hide = true)]
+    peer: Option<String>,
+}
+
+const BYE: &[u8] = b"bye";
+
+pub(crate) fn run(args: &DemoArgs) -> Result<(), String> {
+    match &args.peer {
+        Some(url) => peer(url),
+        None => lead(args),
+    }
+}
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed) ^ ((i >> 11) as u8))
+        .collect()
+}
+
+fn lead(args: &DemoArgs) -> Result<(), String> {
+    let sizes = parse_sizes(&args.sizes)?;
+    let ctx = Arc::new(Context::new("tp-demo-leader"));
+    println!("tp demo: two processes, one pipe\n");
+    println!("this context offers (best first):");
+    for t in ctx.transports() {
+        println!("  transport {:<6} priority {:>5}", t.name, t.priority);
+    }
+    for c in ctx.channels() {
+        println!("  channel   {:<6} priority {:>5}", c.name, c.priority);
+    }
+    for (name, why) in ctx.skipped() {
+        println!("  skipped   {name:<6} {why}");
+    }
+    let listener = ctx
+        .listen(&["tcp://127.0.0.1:0", "shm://"])
+        .map_err(|e| e.to_string())?;
+    let url = listener.urls().first().cloned().ok_or("no listening URL")?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .args(["demo", "--peer", &url])
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting the second process: {e}"))?;
+    println!(
+        "\nlistening on {}; started process {} to connect to {url}",
+        listener.urls().join(" and "),
+        child.id()
+    );
+    let result = async_io::block_on(async {
+        let pipe = listener.accept().await.map_err(|e| e.to_string())?;
+        let mut rows = Vec::new();
+        for &size in &sizes {
+            let mut times = Vec::new();
+            for i in 0..args.round_trips {
+                let seed = (size as u8).wrapping_add(i as u8);
+                let msg = Message {
+                    metadata: format!("size {size}").into_bytes(),
+                    payloads: vec![Payload {
+                        data: pattern(64, seed),
+                        metadata: b"a small payload".to_vec(),
+                    }],
+                    tensors: vec![Tensor {
+                        data: Box::new(pattern(size, seed)),
+                        target_device: None,
+                        metadata: b"a tensor".to_vec(),
+                    }],
+                };
+                let t = Instant::now();
+                let (_, w) = pipe.write(msg).await;
+                w.map_err(|e| format!("write: {e}"))?;
+                let incoming = pipe.read_descriptor().await.map_err(|e| e.to_string())?;
+                let alloc = Allocation::for_descriptor(&incoming.descriptor);
+                let (alloc, r) = pipe.read(incoming, alloc).await;
+                r.map_err(|e| format!("read: {e}"))?;
+                times.push(t.elapsed());
+                let ok = alloc
+                    .payloads
+                    .first()
+                    .is_some_and(|p| *p == pattern(64, seed))
+                    && alloc
+                        .tensors
+                        .first()
+                        .is_some_and(|t| t.bytes() == &pattern(size, seed)[..]);
+                if !ok {
+                    return Err(format!("the echo of {} differs", size_label(size)));
+                }
+            }
+            times.sort();
+            rows.push((size, times[times.len() / 2]));
+        }
+        println!(
+            "\nhandshake chose transport {} and channel(s) {}",
+            pipe.transport().unwrap_or_default(),
+            pipe.channel_names().join(", ")
+        );
+        println!(
+            "  why: both ends offered these; the highest priority whose descriptors match wins"
+        );
+        println!(
+            "  (shm: same boot id and network namespace; cma: same machine, namespaces and user;"
+        );
+        println!("   xth would need one process, so its descriptors differ)");
+        let (_, bye) = pipe
+            .write(Message {
+                metadata: BYE.to_vec(),
+                ..Message::default()
+            })
+            .await;
+        bye.map_err(|e| e.to_string())?;
+        Ok::<_, String>(rows)
+    });
+    let status = child.wait().map_err(|e| e.to_string())?;
+    let rows = result?;
+    if !status.success() {
+        return Err(format!("the second process failed: {status}"));
+    }
+    println!(
+        "\n{:>8} {:>14} {:>10}   every byte checked",
+        "tensor", "round trip", "GB/s"
+    );
+    for (size, t) in rows {
+        println!(
+            "{:>8} {:>11.3} ms {:>10.3}   yes",
+            size_label(size),
+            t.as_secs_f64() * 1e3,
+            2.0 * size as f64 / t.as_secs_f64().max(1e-12) / 1e9
+        );
+    }
+    println!("\n(median of the round trips per size; GB/s counts both directions)");
+    Ok(())
+}
+
+/// Echoes every message back until the leader says bye.
+fn peer(url: &str) -> Result<(), String> {
+    let ctx = Arc::new(Context::new("tp-demo-peer"));
+    let pipe = ctx.connect(url).map_err(|e| e.to_string())?;
+    async_io::block_on(async {
+        loop {
+            let incoming = pipe.read_descriptor().await.map_err(|e| e.to_string())?;
+            if incoming.descriptor.metadata == BYE {
+                // Give the leader's goodbye write time to be acknowledged.
+                async_io::Timer::after(Duration::from_millis(50)).await;
+                return Ok(());
+            }
+            let alloc = Allocation::for_descriptor(&incoming.descriptor);
+            let metadata = incoming.descriptor.metadata.clone();
+            let (alloc, r) = pipe.read(incoming, alloc).await;
+            r.map_err(|e| e.to_string())?;
+            let msg = Message {
+                metadata,
+                payloads: alloc
+                    .payloads
+                    .into_iter()
+                    .map(|data| Payload {
+                        data,
+                        metadata: Vec::new(),
+                    })
+                    .collect(),
+                tensors: alloc
+                    .tensors
+                    .into_iter()
+                    .map(|t| Tensor {
+                        data: into_send(t),
+                        target_device: None,
+                        metadata: Vec::new(),
+                    })
+                    .collect(),
+            };
+            let (_, w) = pipe.write(msg).await;
+            w.map_err(|e| e.to_string())?;
+        }
+    })
+}
+
+/// Allocations here are `Vec<u8>`s; this gets one back to send it.
+fn into_send(b: Box<dyn RecvBuf>) -> Box<dyn SendBuf> {
+    let any: Box<dyn Any> = b;
+    any.downcast::<Vec<u8>>()
+        .unwrap_or_else(|_| Box::new(Vec::new()))
+}
