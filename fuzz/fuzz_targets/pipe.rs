@@ -99,6 +99,7 @@ fuzz_target!(|input: Input| {
     let knobs = Knobs {
         max_chunk: usize::from(input.chunk).max(1),
         delay_percent: input.delay % 100,
+        fail_channels: input.delay % 7 == 0,
     };
     let mut p = Pair::new(
         PipeConfig::default(),

@@ -95,6 +95,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Knobs {
             max_chunk: 7,
             delay_percent: 20,
+            ..Knobs::default()
         },
         42,
     );

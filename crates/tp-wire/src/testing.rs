@@ -146,6 +146,8 @@ pub struct Knobs {
     pub max_chunk: usize,
     /// Chance, in percent, that a step defers a ready action.
     pub delay_percent: u8,
+    /// Every channel transfer fails on both ends (a channel whose peer died).
+    pub fail_channels: bool,
 }
 
 impl Default for Knobs {
@@ -153,6 +155,7 @@ impl Default for Knobs {
         Self {
             max_chunk: usize::MAX,
             delay_percent: 0,
+            fail_channels: false,
         }
     }
 }
@@ -780,7 +783,9 @@ impl Pair {
                     .unwrap();
                 // Equal lengths unless the pipes paired the wrong tensors (a bug) or a peer
                 // injected a forged descriptor; a real channel would fail, so does this one.
+                let fail = self.knobs.fail_channels;
                 let result = match self.peer(to).allocations.get_mut(&rop) {
+                    _ if fail => Err(IoErrorKind::Reset),
                     Some(dst) if data.len() == len => {
                         dst.tensors[rtensor].0.copy_from_slice(&data);
                         Ok(())

@@ -21,6 +21,7 @@ const SCHEDULES: [(u64, Knobs); 4] = [
         Knobs {
             max_chunk: usize::MAX,
             delay_percent: 0,
+            fail_channels: false,
         },
     ),
     (
@@ -28,6 +29,7 @@ const SCHEDULES: [(u64, Knobs); 4] = [
         Knobs {
             max_chunk: 1,
             delay_percent: 0,
+            fail_channels: false,
         },
     ),
     (
@@ -35,6 +37,7 @@ const SCHEDULES: [(u64, Knobs); 4] = [
         Knobs {
             max_chunk: 5,
             delay_percent: 50,
+            fail_channels: false,
         },
     ),
     (
@@ -42,6 +45,7 @@ const SCHEDULES: [(u64, Knobs); 4] = [
         Knobs {
             max_chunk: 64,
             delay_percent: 90,
+            fail_channels: false,
         },
     ),
 ];
@@ -291,6 +295,7 @@ fn empty_and_zero_length_messages() {
         Knobs {
             max_chunk: 3,
             delay_percent: 30,
+            fail_channels: false,
         },
     );
     let mut msg = message(4, 2, 2, |_| None);
@@ -774,4 +779,32 @@ fn truncated_frame_is_a_decode_error() {
             ..
         })
     ));
+}
+
+/// A channel operation that fails fails its own message, even when it was the message's
+/// last I/O (found by tp-agent's two-process test: a write whose channel peer died
+/// reported success).
+#[test]
+fn a_failed_channel_operation_fails_its_own_message() {
+    for (seed, mut knobs) in SCHEDULES {
+        knobs.fail_channels = true;
+        let mut p = pair(seed, knobs);
+        let w = p.write(Side::Client, message(7, 1, 1, |_| None)).unwrap();
+        let r = p.read_descriptor(Side::Server);
+        p.drive();
+        let desc = take_descriptor(&mut p, Side::Server, r);
+        p.read(Side::Server, r, &desc, &[]).unwrap();
+        p.drive();
+        let writes = write_results(&p.events(Side::Client));
+        assert_eq!(writes.len(), 1, "seed {seed}");
+        assert_eq!(writes[0].0, w);
+        assert!(writes[0].1.is_err(), "seed {seed}: {writes:?}");
+        let events = p.events(Side::Server);
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::ReadDone { op, result: Err(_) } if *op == r)),
+            "seed {seed}: {events:?}"
+        );
+    }
 }

@@ -69,7 +69,7 @@ proptest! {
         actions in prop::collection::vec(action(), 0..40),
     ) {
         let mut p = Pair::new(PipeConfig::default(), offer("c", b"b", 0), offer("s", b"b", 0), "tcp",
-            Knobs { max_chunk: chunk, delay_percent: delay }, seed);
+            Knobs { max_chunk: chunk, delay_percent: delay, fail_channels: false }, seed);
         p.drive();
         let mut logs = [Log::default(), Log::default()];
         let mut closed = false;

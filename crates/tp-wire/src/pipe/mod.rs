@@ -601,6 +601,9 @@ impl Pipe {
         op: OpId,
         result: Result<(), IoErrorKind>,
     ) -> Result<(), CommandError> {
+        if result.is_err() {
+            self.mark_failed(op);
+        }
         self.io_done(op)?;
         if let Err(kind) = result {
             let conn = self.primary;
@@ -620,12 +623,29 @@ impl Pipe {
         op: OpId,
         result: Result<(), IoErrorKind>,
     ) -> Result<(), CommandError> {
+        if result.is_err() {
+            self.mark_failed(op);
+        }
         self.io_done(op)?;
         if let Err(kind) = result {
             self.fail(PipeError::Channel { channel, kind });
         }
         self.advance();
         Ok(())
+    }
+
+    /// An operation whose own I/O failed fails, even if it was the last I/O it had
+    /// (the pipe-level error set next would otherwise find it complete).
+    fn mark_failed(&mut self, op: OpId) {
+        if let Some(w) = self.writes.iter_mut().find(|w| w.id == op) {
+            w.io_failed = true;
+            return;
+        }
+        if let Some(r) = self.reads.iter_mut().find(|r| r.id == op)
+            && let ReadStage::Reading { failed, .. } = &mut r.stage
+        {
+            *failed = true;
+        }
     }
 
     fn io_done(&mut self, op: OpId) -> Result<(), CommandError> {
