@@ -282,3 +282,41 @@ fn demo_moves_verified_tensors_between_two_processes() {
     );
     assert_eq!(stdout.matches("   yes").count(), 2, "{stdout}");
 }
+
+#[test]
+fn bench_pipe_runs_both_ends_and_draws_its_plot() {
+    let plot = std::env::temp_dir().join(format!("tp-bench-pipe-{}.svg", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_tp"))
+        .args([
+            "bench",
+            "pipe",
+            "--transport",
+            "shm",
+            "--channel",
+            "cma",
+            "--payloads",
+            "2",
+            "--payload-size",
+            "100",
+            "--tensors",
+            "2",
+            "--metadata-size",
+            "16",
+            "--sizes",
+            "1K,2M",
+            "--round-trips",
+            "10",
+            "--json",
+            "--plot",
+        ])
+        .arg(&plot)
+        .output()
+        .expect("run tp");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json = String::from_utf8(out.stdout).unwrap();
+    assert!(json.starts_with("{\"bench\":\"pipe\",\"transport\":\"shm\""), "{json}");
+    assert_eq!(json.matches("\"round_trips\":10").count(), 2, "{json}");
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("2 MiB"), "{svg}");
+    let _ = std::fs::remove_file(&plot);
+}

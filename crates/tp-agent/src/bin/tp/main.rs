@@ -4,6 +4,7 @@
 //! - `tp bench transport --transport tcp`: a ping-pong over a raw transport connection,
 //!   like the original's `benchmark_transport`.
 //! - `tp bench channel --channel basic|xth|cma|mpt`: a tensor ping-pong over one channel.
+//! - `tp bench pipe`: message ping-pong over a pipe, like the original's `benchmark_pipe`.
 //! - `tp bench limits`: this machine's physical limits, measured in the same run.
 //!
 //! `tp demo` and the pipe and RPC benchmarks arrive with the later steps.
@@ -11,6 +12,7 @@
 mod channel;
 mod demo;
 mod limits;
+mod pipebench;
 mod stats;
 mod transport;
 
@@ -39,6 +41,9 @@ enum Bench {
     Transport(transport::TransportArgs),
     /// Tensor ping-pong over one channel (both ends spawned unless --mode is given).
     Channel(channel::ChannelArgs),
+    /// Message ping-pong over a pipe, like the original's benchmark_pipe (both ends
+    /// spawned unless --mode is given).
+    Pipe(pipebench::PipeArgs),
     /// This machine's limits: memcpy bandwidth, raw loopback TCP round trip and streaming.
     Limits(CommonArgs),
     /// Holds a buffer for `bench limits`' process_vm_readv measurement (internal).
@@ -110,6 +115,7 @@ fn main() {
         Command::Demo(args) => demo::run(&args),
         Command::Bench(Bench::Transport(args)) => transport::run(&args),
         Command::Bench(Bench::Channel(args)) => channel::run(&args),
+        Command::Bench(Bench::Pipe(args)) => pipebench::run(&args),
         Command::Bench(Bench::Limits(args)) => limits::run(&args),
         Command::Bench(Bench::CmaPeer { size }) => limits::cma_peer(size),
         Command::Bench(Bench::RawServer) => limits::raw_server(),

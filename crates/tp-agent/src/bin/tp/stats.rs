@@ -8,6 +8,7 @@ pub(crate) struct Summary {
     pub(crate) count: usize,
     pub(crate) avg_us: f64,
     pub(crate) p50_us: f64,
+    pub(crate) p75_us: f64,
     pub(crate) p90_us: f64,
     pub(crate) p99_us: f64,
 }
@@ -29,6 +30,7 @@ impl Summary {
                 us(total) / samples.len() as f64
             },
             p50_us: pct(0.50),
+            p75_us: pct(0.75),
             p90_us: pct(0.90),
             p99_us: pct(0.99),
         }

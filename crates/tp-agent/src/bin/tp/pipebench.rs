@@ -1,0 +1,403 @@
+//! `tp bench pipe`: the original's `benchmark_pipe`, on tp's pipes.
+//!
+//! The connecting end writes a message (`--payloads` × `--payload-size`,
+//! `--tensors` × each `--tensor-sizes`, `--metadata-size` bytes of metadata), then
+//! reads the echo, timing each round trip; the listening end reads each message into
+//! its own buffers and writes them back. The listening end is the pipe's server, so its
+//! priorities decide: `--transport` is the only transport it listens on and
+//! `--channel` goes first among its channels. Both ends are spawned unless `--mode` is
+//! given; every size's first and last echo is checked byte for byte.
+
+use std::any::Any;
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use tp_agent::{Allocation, Context, Message, Payload, Pipe, Tensor};
+use tp_channel::{RecvBuf, SendBuf};
+
+use crate::limits::{Regime, spawn_server};
+use crate::stats::{Summary, parse_sizes, size_label};
+use crate::{Mode, PingPongArgs};
+
+#[derive(Debug, Args)]
+pub(crate) struct PipeArgs {
+    /// Transport the listening end offers: tcp or shm.
+    #[arg(long, default_value = "tcp")]
+    transport: String,
+    /// Channel the listening end ranks first: basic, xth, cma, mpt.
+    #[arg(long, default_value = "basic")]
+    channel: String,
+    /// Payloads per message.
+    #[arg(long, default_value_t = 0)]
+    payloads: usize,
+    /// Bytes per payload.
+    #[arg(long, default_value_t = 0)]
+    payload_size: usize,
+    /// Tensors per message.
+    #[arg(long, default_value_t = 1)]
+    tensors: usize,
+    /// Metadata bytes per message.
+    #[arg(long, default_value_t = 0)]
+    metadata_size: usize,
+    /// Draw throughput against size into this SVG file.
+    #[arg(long)]
+    plot: Option<String>,
+    #[command(flatten)]
+    run: PingPongArgs,
+}
+
+fn context(args: &PipeArgs, name: &str) -> Result<Arc<Context>, String> {
+    Context::builder(name)
+        .priority(&args.channel, 1_000_000)
+        .build()
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
+}
+
+fn listen_url(transport: &str) -> Result<&'static str, String> {
+    match transport {
+        "tcp" => Ok("tcp://127.0.0.1:0"),
+        "shm" => Ok("shm://"),
+        other => Err(format!("unknown transport {other:?} (known: tcp, shm)")),
+    }
+}
+
+pub(crate) fn run(args: &PipeArgs) -> Result<(), String> {
+    let url = listen_url(&args.transport)?;
+    match args.run.mode {
+        Mode::Listen => {
+            let ctx = context(args, "bench-server")?;
+            let listener = ctx.listen(&[url]).map_err(|e| e.to_string())?;
+            println!("LISTENING {}", listener.urls()[0]);
+            std::io::stdout().flush().ok();
+            async_io::block_on(async {
+                let pipe = listener.accept().await.map_err(|e| e.to_string())?;
+                echo(&pipe).await
+            })
+        }
+        Mode::Connect => {
+            let addr = args
+                .run
+                .address
+                .clone()
+                .ok_or("--mode connect needs --address (the listener's URL)")?;
+            let regime = Regime::measure()?;
+            let rows = client(args, &addr)?;
+            report(args, &regime, &rows)
+        }
+        Mode::Both => {
+            let regime = Regime::measure()?;
+            let child_args = [
+                "bench",
+                "pipe",
+                "--mode",
+                "listen",
+                "--transport",
+                &args.transport,
+                "--channel",
+                &args.channel,
+            ];
+            let (mut child, addr) = spawn_server(&child_args)?;
+            let rows = client(args, &addr);
+            let status = child.wait().map_err(|e| e.to_string())?;
+            let rows = rows?;
+            if !status.success() {
+                return Err(format!("the serving process failed: {status}"));
+            }
+            report(args, &regime, &rows)
+        }
+    }
+}
+
+/// Echoes messages until the client closes the pipe.
+async fn echo(pipe: &Pipe) -> Result<(), String> {
+    loop {
+        let Ok(incoming) = pipe.read_descriptor().await else {
+            return Ok(());
+        };
+        let metadata = incoming.descriptor.metadata.clone();
+        let payload_meta: Vec<Vec<u8>> = incoming
+            .descriptor
+            .payloads
+            .iter()
+            .map(|p| p.metadata.clone())
+            .collect();
+        let alloc = Allocation::for_descriptor(&incoming.descriptor);
+        let (alloc, r) = pipe.read(incoming, alloc).await;
+        if r.is_err() {
+            return Ok(());
+        }
+        let msg = Message {
+            metadata,
+            payloads: alloc
+                .payloads
+                .into_iter()
+                .zip(payload_meta)
+                .map(|(data, metadata)| Payload { data, metadata })
+                .collect(),
+            tensors: alloc
+                .tensors
+                .into_iter()
+                .map(|t| Tensor {
+                    data: into_send(t),
+                    target_device: None,
+                    metadata: Vec::new(),
+                })
+                .collect(),
+        };
+        let (_, w) = pipe.write(msg).await;
+        if w.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+fn into_send(b: Box<dyn RecvBuf>) -> Box<dyn SendBuf> {
+    let any: Box<dyn Any> = b;
+    any.downcast::<Vec<u8>>()
+        .unwrap_or_else(|_| Box::new(Vec::new()))
+}
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(17).wrapping_add(seed))
+        .collect()
+}
+
+fn message(args: &PipeArgs, tensor_size: usize, seed: u8) -> Message {
+    Message {
+        metadata: pattern(args.metadata_size, seed),
+        payloads: (0..args.payloads)
+            .map(|k| Payload {
+                data: pattern(args.payload_size, seed.wrapping_add(k as u8)),
+                metadata: Vec::new(),
+            })
+            .collect(),
+        tensors: (0..args.tensors)
+            .map(|k| Tensor {
+                data: Box::new(pattern(tensor_size, seed.wrapping_add(50 + k as u8))),
+                target_device: None,
+                metadata: Vec::new(),
+            })
+            .collect(),
+    }
+}
+
+/// One round trip; checks the echo when `check`.
+async fn round_trip(
+    pipe: &Pipe,
+    args: &PipeArgs,
+    size: usize,
+    seed: u8,
+    check: bool,
+) -> Result<Duration, String> {
+    let msg = message(args, size, seed);
+    let t = Instant::now();
+    let (_, w) = pipe.write(msg).await;
+    w.map_err(|e| format!("write: {e}"))?;
+    let incoming = pipe.read_descriptor().await.map_err(|e| e.to_string())?;
+    let alloc = Allocation::for_descriptor(&incoming.descriptor);
+    let (alloc, r) = pipe.read(incoming, alloc).await;
+    r.map_err(|e| format!("read: {e}"))?;
+    let took = t.elapsed();
+    if check {
+        let sent = message(args, size, seed);
+        let payloads_ok = alloc
+            .payloads
+            .iter()
+            .zip(&sent.payloads)
+            .all(|(a, b)| *a == b.data);
+        let tensors_ok = alloc
+            .tensors
+            .iter()
+            .zip(&sent.tensors)
+            .all(|(a, b)| a.bytes() == b.data.bytes());
+        if !(payloads_ok && tensors_ok) {
+            return Err(format!("the echo at {} differs", size_label(size)));
+        }
+    }
+    Ok(took)
+}
+
+type Row = (usize, Summary);
+
+fn client(args: &PipeArgs, url: &str) -> Result<Vec<Row>, String> {
+    let sizes = parse_sizes(&args.run.sizes)?;
+    let ctx = context(args, "bench-client")?;
+    let pipe = ctx.connect(url).map_err(|e| e.to_string())?;
+    let rows = async_io::block_on(async {
+        let mut rows = Vec::new();
+        for &size in &sizes {
+            let mut warm = Duration::ZERO;
+            for i in 0..5u8 {
+                warm += round_trip(&pipe, args, size, i, i == 0).await?;
+            }
+            let est = warm.as_secs_f64() / 5.0;
+            let count = args
+                .run
+                .round_trips
+                .unwrap_or(((args.run.seconds / est.max(1e-9)) as usize).clamp(10, 100_000));
+            let mut samples = Vec::with_capacity(count);
+            let started = Instant::now();
+            let mut shown = Instant::now();
+            for i in 0..count {
+                let seed = i as u8;
+                samples.push(round_trip(&pipe, args, size, seed, i + 1 == count).await?);
+                if !args.run.common.json && shown.elapsed() > Duration::from_millis(500) {
+                    shown = Instant::now();
+                    eprint!(
+                        "\r{:>8}: {:>6}/{count} round trips, {:.0} s",
+                        size_label(size),
+                        i + 1,
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+            }
+            if !args.run.common.json && started.elapsed() > Duration::from_millis(500) {
+                eprint!("\r{:60}\r", "");
+            }
+            rows.push((size, Summary::of(&mut samples)));
+        }
+        Ok::<_, String>(rows)
+    })?;
+    pipe.close();
+    Ok(rows)
+}
+
+fn report(args: &PipeArgs, regime: &Regime, rows: &[Row]) -> Result<(), String> {
+    // Bytes moved one way per message, for throughput.
+    let bytes =
+        |size: usize| args.payloads * args.payload_size + args.tensors * size + args.metadata_size;
+    if args.run.common.json {
+        let items: Vec<String> = rows
+            .iter()
+            .map(|(size, s)| {
+                format!(
+                    "{{\"tensor_size\":{size},\"round_trips\":{},\"avg_us\":{:.3},\"p50_us\":{:.3},\"p75_us\":{:.3},\"p90_us\":{:.3},\"p99_us\":{:.3},\"throughput_gbps\":{:.3}}}",
+                    s.count,
+                    s.avg_us,
+                    s.p50_us,
+                    s.p75_us,
+                    s.p90_us,
+                    s.p99_us,
+                    s.throughput_gbps(bytes(*size))
+                )
+            })
+            .collect();
+        println!(
+            "{{\"bench\":\"pipe\",\"transport\":\"{}\",\"channel\":\"{}\",\"payloads\":{},\"payload_size\":{},\"tensors\":{},\"metadata_size\":{},\"regime\":{},\"results\":[{}]}}",
+            args.transport,
+            args.channel,
+            args.payloads,
+            args.payload_size,
+            args.tensors,
+            args.metadata_size,
+            regime.json(),
+            items.join(",")
+        );
+    } else {
+        println!(
+            "tp bench pipe --transport {} --channel {} ({} x {} B payloads, {} tensor(s), {} B metadata)",
+            args.transport,
+            args.channel,
+            args.payloads,
+            args.payload_size,
+            args.tensors,
+            args.metadata_size
+        );
+        println!("{}", regime.line());
+        println!(
+            "\n{:>8} {:>11} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
+            "tensor", "round trips", "avg µs", "p50 µs", "p75 µs", "p90 µs", "p99 µs", "GB/s"
+        );
+        for (size, s) in rows {
+            println!(
+                "{:>8} {:>11} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>9.3}",
+                size_label(*size),
+                s.count,
+                s.avg_us,
+                s.p50_us,
+                s.p75_us,
+                s.p90_us,
+                s.p99_us,
+                s.throughput_gbps(bytes(*size))
+            );
+        }
+        println!("\nthroughput = 2 x message bytes / p50 round trip (baseline.md's definition)");
+    }
+    if let Some(path) = &args.plot {
+        let points: Vec<(usize, f64)> = rows
+            .iter()
+            .map(|(size, s)| (*size, s.throughput_gbps(bytes(*size))))
+            .collect();
+        let title = format!(
+            "tp bench pipe: {} + {} (throughput vs tensor size)",
+            args.transport, args.channel
+        );
+        std::fs::write(path, svg(&title, &points)).map_err(|e| format!("{path}: {e}"))?;
+        if !args.run.common.json {
+            println!("plot written to {path}");
+        }
+    }
+    Ok(())
+}
+
+/// A small line chart: log2 size on x, GB/s on y.
+fn svg(title: &str, points: &[(usize, f64)]) -> String {
+    let (w, h, m) = (640.0, 400.0, 60.0);
+    let xs: Vec<f64> = points
+        .iter()
+        .map(|(s, _)| (*s.max(&1) as f64).log2())
+        .collect();
+    let (xmin, xmax) = xs
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+    let ymax = points.iter().map(|(_, y)| *y).fold(0.0, f64::max).max(1e-9) * 1.1;
+    let sx = |x: f64| m + (x - xmin) / (xmax - xmin).max(1e-9) * (w - 2.0 * m);
+    let sy = |y: f64| h - m - y / ymax * (h - 2.0 * m);
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"24\" text-anchor=\"middle\" font-size=\"14\">{}</text>\n",
+        w / 2.0,
+        title.replace('&', "&amp;").replace('<', "&lt;")
+    );
+    out.push_str(&format!(
+        "<line x1=\"{m}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{}\" stroke=\"black\"/>\n",
+        h - m,
+        w - m,
+        h - m,
+        h - m
+    ));
+    for k in 0..=4 {
+        let y = ymax * f64::from(k) / 4.0;
+        out.push_str(&format!(
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{y:.2}</text>\n",
+            m - 6.0,
+            sy(y) + 4.0
+        ));
+    }
+    out.push_str(&format!(
+        "<text x=\"16\" y=\"{}\" transform=\"rotate(-90 16 {})\" text-anchor=\"middle\">GB/s</text>\n",
+        h / 2.0,
+        h / 2.0
+    ));
+    let mut path = String::new();
+    for (i, ((size, y), x)) in points.iter().zip(&xs).enumerate() {
+        let (px, py) = (sx(*x), sy(*y));
+        path.push_str(&format!(
+            "{}{px:.1},{py:.1} ",
+            if i == 0 { "M" } else { "L" }
+        ));
+        out.push_str(&format!(
+            "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"3\" fill=\"steelblue\"/>\n<text x=\"{px:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n",
+            h - m + 18.0,
+            size_label(*size)
+        ));
+    }
+    out.push_str(&format!(
+        "<path d=\"{}\" fill=\"none\" stroke=\"steelblue\" stroke-width=\"2\"/>\n</svg>\n",
+        path.trim_end()
+    ));
+    out
+}
