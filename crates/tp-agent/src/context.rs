@@ -239,7 +239,7 @@ impl ContextBuilder {
             skipped: Vec::new(),
             config: PipeConfig::default(),
             epoch: std::time::Instant::now(),
-            pool: std::sync::OnceLock::new(),
+            runtime: std::sync::OnceLock::new(),
         }
     }
 
@@ -297,7 +297,7 @@ impl ContextBuilder {
             skipped,
             config: PipeConfig::default(),
             epoch: std::time::Instant::now(),
-            pool: std::sync::OnceLock::new(),
+            runtime: std::sync::OnceLock::new(),
         })
     }
 }
@@ -311,7 +311,7 @@ pub struct Context {
     skipped: Vec<(String, String)>,
     config: PipeConfig,
     epoch: std::time::Instant,
-    pool: std::sync::OnceLock<futures::executor::ThreadPool>,
+    runtime: std::sync::OnceLock<crate::runtime::Runtime>,
 }
 
 impl fmt::Debug for Context {
@@ -372,14 +372,11 @@ impl Context {
         )
     }
 
-    /// The thread pool pipes do their I/O on (started on first use).
-    pub(crate) fn pool(&self) -> &futures::executor::ThreadPool {
-        self.pool.get_or_init(|| {
-            futures::executor::ThreadPool::builder()
-                .pool_size(2)
-                .name_prefix("tp-pipe-")
-                .create()
-                .unwrap_or_else(|e| panic!("cannot start tp's I/O threads: {e}"))
+    /// The runtime pipes do their I/O on (its thread starts on first use).
+    pub(crate) fn pool(&self) -> &crate::runtime::Runtime {
+        self.runtime.get_or_init(|| {
+            crate::runtime::Runtime::start(&format!("tp-{}", self.name))
+                .unwrap_or_else(|e| panic!("cannot start tp's I/O thread: {e}"))
         })
     }
 

@@ -29,7 +29,7 @@
 //! **Status.** [`Context`] (backend registries by cargo feature and priority, backends
 //! that are not viable skipped with the reason logged, URL parsing), [`Listener`] and
 //! [`Pipe`] work: a pipe is [`tp_wire`]'s state machine driven by I/O tasks on the
-//! context's thread pool — the handshake picks the transport and a channel per device
+//! context's runtime thread — the handshake picks the transport and a channel per device
 //! pair, messages with payloads and tensors move both ways in order, and closing one
 //! end fails the other's pending operations. Not yet: the multi-process pipe tests,
 //! `tp demo`, `tp bench pipe`, `join`, and the RPC agent.
@@ -52,6 +52,7 @@
 pub mod context;
 mod listener;
 pub mod pipe;
+mod runtime;
 
 pub use context::{Context, ContextBuilder, ContextError, ListenError};
 pub use listener::Listener;

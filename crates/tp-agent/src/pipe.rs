@@ -2,7 +2,7 @@
 //!
 //! A pipe is two parts: the state machine ([`tp_wire::pipe::Pipe`]), which decides
 //! everything, and this driver, which does what it asks. All of a pipe's I/O runs as
-//! tasks on its [`Context`]'s runtime thread pool, so the pipe works
+//! tasks on its [`Context`]'s runtime thread, so the pipe works
 //! whatever executor (if any) the user awaits its futures on.
 //!
 //! - Each connection has one task running two loops: writes (frames, payload bytes,
@@ -20,7 +20,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use futures::channel::{mpsc, oneshot};
-use futures::executor::ThreadPool;
 use futures::future::{BoxFuture, join, join_all};
 use futures::{FutureExt, StreamExt};
 use tp_channel::{BoxChannel, ChannelError, Device, RecvBuf, SendBuf};
@@ -203,7 +202,7 @@ struct Core {
 
 pub(crate) struct Shared {
     core: Mutex<Core>,
-    pool: ThreadPool,
+    pool: crate::runtime::Runtime,
     ctx: Arc<Context>,
     limits: Limits,
     /// Server: where this pipe's registration ids are routed from.

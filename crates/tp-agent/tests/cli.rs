@@ -312,9 +312,16 @@ fn bench_pipe_runs_both_ends_and_draws_its_plot() {
         .arg(&plot)
         .output()
         .expect("run tp");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json = String::from_utf8(out.stdout).unwrap();
-    assert!(json.starts_with("{\"bench\":\"pipe\",\"transport\":\"shm\""), "{json}");
+    assert!(
+        json.starts_with("{\"bench\":\"pipe\",\"transport\":\"shm\""),
+        "{json}"
+    );
     assert_eq!(json.matches("\"round_trips\":10").count(), 2, "{json}");
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("2 MiB"), "{svg}");

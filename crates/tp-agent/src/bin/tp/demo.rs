@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use tp_agent::{Allocation, Context, Message, Payload, Tensor};
-use tp_channel::{RecvBuf, SendBuf};
+use tp_channel::{Device, RecvBuf, SendBuf};
 
 use crate::stats::{parse_sizes, size_label};
 
@@ -88,7 +88,7 @@ fn lead(args: &DemoArgs) -> Result<(), String> {
                     }],
                     tensors: vec![Tensor {
                         data: Box::new(pattern(size, seed)),
-                        target_device: None,
+                        target_device: Some(Device::CPU),
                         metadata: b"a tensor".to_vec(),
                     }],
                 };
@@ -188,7 +188,7 @@ fn peer(url: &str) -> Result<(), String> {
                     .into_iter()
                     .map(|t| Tensor {
                         data: into_send(t),
-                        target_device: None,
+                        target_device: Some(Device::CPU),
                         metadata: Vec::new(),
                     })
                     .collect(),
