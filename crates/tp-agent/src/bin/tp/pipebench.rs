@@ -74,7 +74,7 @@ pub(crate) fn run(args: &PipeArgs) -> Result<(), String> {
             let listener = ctx.listen(&[url]).map_err(|e| e.to_string())?;
             println!("LISTENING {}", listener.urls()[0]);
             std::io::stdout().flush().ok();
-            async_io::block_on(async {
+            futures::executor::block_on(async {
                 let pipe = listener.accept().await.map_err(|e| e.to_string())?;
                 echo(&pipe).await
             })
@@ -229,7 +229,7 @@ fn client(args: &PipeArgs, url: &str) -> Result<Vec<Row>, String> {
     let sizes = parse_sizes(&args.run.sizes)?;
     let ctx = context(args, "bench-client")?;
     let pipe = ctx.connect(url).map_err(|e| e.to_string())?;
-    let rows = async_io::block_on(async {
+    let rows = futures::executor::block_on(async {
         let mut rows = Vec::new();
         for &size in &sizes {
             let mut warm = Duration::ZERO;
