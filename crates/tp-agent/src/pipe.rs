@@ -17,6 +17,7 @@
 //!   [`Pipe::read`] fills and hands back an [`Allocation`].
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use futures::channel::{mpsc, oneshot};
@@ -158,13 +159,25 @@ enum WriteAct {
 
 enum ReadAct {
     Frame,
-    Payload { op: OpId, index: usize, len: u64 },
+    Payload {
+        op: OpId,
+        index: usize,
+        len: u64,
+    },
     Release,
+    /// A read started inline that must wait: finish it, before any later read (a
+    /// frame is two reads, header then body, and nothing may come between them).
+    Continue(BoxFuture<'static, ()>),
 }
 
 struct ConnHandle {
     writes: mpsc::UnboundedSender<WriteAct>,
     reads: mpsc::UnboundedSender<ReadAct>,
+    /// The connection, once it exists: reads are started inline through it.
+    conn: Option<Arc<BoxConnection>>,
+    /// Read actions queued for (or being done by) the connection's task; a read is
+    /// started inline only when this is zero, so reads stay in order.
+    reads_busy: Arc<AtomicUsize>,
 }
 
 enum ChanSlot {
@@ -310,16 +323,19 @@ impl Shared {
     ) {
         let (wtx, wrx) = mpsc::unbounded();
         let (rtx, rrx) = mpsc::unbounded();
+        let reads_busy = Arc::new(AtomicUsize::new(0));
         core.conns.insert(
             id,
             ConnHandle {
                 writes: wtx,
                 reads: rtx,
+                conn: None,
+                reads_busy: reads_busy.clone(),
             },
         );
         let me = self.clone();
         self.pool
-            .spawn_ok(async move { me.run_conn(id, conn, wrx, rrx).await });
+            .spawn_ok(async move { me.run_conn(id, conn, wrx, rrx, reads_busy).await });
     }
 
     async fn run_conn(
@@ -328,9 +344,16 @@ impl Shared {
         conn: BoxFuture<'static, Result<BoxConnection, TransportError>>,
         writes: mpsc::UnboundedReceiver<WriteAct>,
         reads: mpsc::UnboundedReceiver<ReadAct>,
+        reads_busy: Arc<AtomicUsize>,
     ) {
         let conn = match conn.await {
-            Ok(c) => Some(c),
+            Ok(c) => {
+                let c = Arc::new(c);
+                if let Some(h) = self.lock().conns.get_mut(&id) {
+                    h.conn = Some(c.clone());
+                }
+                Some(c)
+            }
             Err(e) => {
                 tracing::debug!(conn = id.0, error = %e, "pipe: connect failed");
                 self.input(|p| p.handle_connection_error(id, IoErrorKind::ConnectFailed));
@@ -338,12 +361,14 @@ impl Shared {
             }
         };
         let (release, ()) = join(
-            self.write_loop(id, conn.as_ref(), writes),
-            self.read_loop(id, conn.as_ref(), reads),
+            self.write_loop(id, conn.as_deref(), writes),
+            self.read_loop(id, conn.as_deref(), reads, &reads_busy),
         )
         .await;
         if let (Some(tx), Some(conn)) = (release, conn) {
-            let _ = tx.send(conn);
+            // The core dropped its handle, and its clone, when it asked for the
+            // release; an inline read may still hold one for a moment, so share.
+            let _ = tx.send(Box::new(SharedConn(conn)) as BoxConnection);
         }
     }
 
@@ -400,9 +425,11 @@ impl Shared {
         id: ConnId,
         conn: Option<&BoxConnection>,
         mut acts: mpsc::UnboundedReceiver<ReadAct>,
+        busy: &AtomicUsize,
     ) {
         let mut failed = conn.is_none();
         while let Some(act) = acts.next().await {
+            let _done = Done(busy);
             match act {
                 ReadAct::Frame => {
                     let Some(c) = conn.filter(|_| !failed) else {
@@ -445,6 +472,7 @@ impl Shared {
                     let _ = core.pipe.handle_payload_done(op, r);
                     self.pump(&mut core);
                 }
+                ReadAct::Continue(rest) => rest.await,
                 ReadAct::Release => return,
             }
         }
@@ -506,8 +534,18 @@ impl Shared {
             } => send_to(core, conn, WriteAct::Payload { op, index }),
             Io::Close { conn } => send_to(core, conn, WriteAct::Close),
             Io::RecvFrame { conn } => {
-                if let Some(h) = core.conns.get(&conn) {
-                    let _ = h.reads.unbounded_send(ReadAct::Frame);
+                if let Some(c) = inline_reader(core, conn) {
+                    let limits = self.limits;
+                    let io = async move { read_frame(&c, &limits).await }.boxed();
+                    self.inline(core, conn, io, move |core, r| match r {
+                        Ok(frame) => core.pipe.handle_frame(conn, &frame),
+                        Err(kind) => core.pipe.handle_connection_error(conn, kind),
+                    });
+                } else if let Some(h) = core.conns.get(&conn) {
+                    h.reads_busy.fetch_add(1, Ordering::AcqRel);
+                    if h.reads.unbounded_send(ReadAct::Frame).is_err() {
+                        h.reads_busy.fetch_sub(1, Ordering::AcqRel);
+                    }
                 }
             }
             Io::RecvPayload {
@@ -515,14 +553,89 @@ impl Shared {
                 op,
                 index,
                 len,
-            } => match core.conns.get(&conn) {
-                Some(h) => {
-                    let _ = h.reads.unbounded_send(ReadAct::Payload { op, index, len });
+            } => {
+                let buf = match inline_reader(core, conn) {
+                    Some(c) => core
+                        .reads
+                        .get_mut(&op)
+                        .and_then(|r| r.payloads.get_mut(index))
+                        .and_then(Option::take)
+                        .map(|b| (c, b)),
+                    None => None,
+                };
+                if let Some((c, mut b)) = buf {
+                    let io = async move {
+                        let r = if b.len() as u64 == len {
+                            c.read_exact(&mut b).await.map_err(|e| kind_of(&e))
+                        } else {
+                            Err(IoErrorKind::Other)
+                        };
+                        (b, r)
+                    }
+                    .boxed();
+                    self.inline(core, conn, io, move |core, (b, r)| {
+                        if let Some(slot) = core
+                            .reads
+                            .get_mut(&op)
+                            .and_then(|s| s.payloads.get_mut(index))
+                        {
+                            *slot = Some(b);
+                        }
+                        if let Err(kind) = r {
+                            core.pipe.handle_connection_error(conn, kind);
+                        }
+                        let _ = core.pipe.handle_payload_done(op, r);
+                    });
+                } else {
+                    match core.conns.get(&conn) {
+                        Some(h) => {
+                            h.reads_busy.fetch_add(1, Ordering::AcqRel);
+                            if h.reads
+                                .unbounded_send(ReadAct::Payload { op, index, len })
+                                .is_err()
+                            {
+                                h.reads_busy.fetch_sub(1, Ordering::AcqRel);
+                                let _ = core.pipe.handle_payload_done(op, Err(IoErrorKind::Other));
+                            }
+                        }
+                        None => {
+                            let _ = core.pipe.handle_payload_done(op, Err(IoErrorKind::Other));
+                        }
+                    }
                 }
-                None => {
-                    let _ = core.pipe.handle_payload_done(op, Err(IoErrorKind::Other));
+            }
+        }
+    }
+
+    /// Starts read `io` on connection `conn` right here, where the state machine asked
+    /// for it: if it finishes at once (the bytes were there), `finish` runs now and no
+    /// thread is woken; if not, the connection's task finishes it before later reads.
+    fn inline<T: Send + 'static>(
+        self: &Arc<Self>,
+        core: &mut Core,
+        conn: ConnId,
+        mut io: BoxFuture<'static, T>,
+        finish: impl FnOnce(&mut Core, T) + Send + 'static,
+    ) {
+        let waker = futures::task::noop_waker();
+        match io.poll_unpin(&mut std::task::Context::from_waker(&waker)) {
+            std::task::Poll::Ready(v) => finish(core, v),
+            std::task::Poll::Pending => {
+                let me = self.clone();
+                let rest = async move {
+                    let v = io.await;
+                    let mut core = me.lock();
+                    finish(&mut core, v);
+                    me.pump(&mut core);
                 }
-            },
+                .boxed();
+                if let Some(h) = core.conns.get(&conn) {
+                    h.reads_busy.fetch_add(1, Ordering::AcqRel);
+                    if h.reads.unbounded_send(ReadAct::Continue(rest)).is_err() {
+                        h.reads_busy.fetch_sub(1, Ordering::AcqRel);
+                    }
+                }
+            }
         }
     }
 
@@ -644,6 +757,7 @@ impl Shared {
                 for id in &conns {
                     if let Some(h) = core.conns.remove(id) {
                         let (tx, rx) = oneshot::channel();
+                        h.reads_busy.fetch_add(1, Ordering::AcqRel);
                         let _ = h.reads.unbounded_send(ReadAct::Release);
                         let _ = h.writes.unbounded_send(WriteAct::Release(tx));
                         handed.push(rx);
@@ -758,6 +872,25 @@ impl Shared {
                 }
             }
         }
+    }
+}
+
+/// The connection to start a read on inline, if it exists and has no queued reads.
+fn inline_reader(core: &Core, id: ConnId) -> Option<Arc<BoxConnection>> {
+    let h = core.conns.get(&id)?;
+    if h.reads_busy.load(Ordering::Acquire) == 0 {
+        h.conn.clone()
+    } else {
+        None
+    }
+}
+
+/// Counts a queued read done when dropped.
+struct Done<'a>(&'a AtomicUsize);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -1003,5 +1136,36 @@ impl Pipe {
 impl Drop for Pipe {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// A connection shared by the pipe's tasks and, after the hand-over, a channel.
+struct SharedConn(Arc<BoxConnection>);
+
+impl std::fmt::Debug for SharedConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl tp_transport::Connection for SharedConn {
+    fn write<'a>(&'a self, bufs: &'a [&'a [u8]]) -> BoxFuture<'a, Result<(), TransportError>> {
+        self.0.write(bufs)
+    }
+
+    fn read_exact<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, Result<(), TransportError>> {
+        self.0.read_exact(buf)
+    }
+
+    fn read_frame(&self, limit: u64) -> BoxFuture<'_, Result<Vec<u8>, TransportError>> {
+        self.0.read_frame(limit)
+    }
+
+    fn write_frame<'a>(&'a self, body: &'a [u8]) -> BoxFuture<'a, Result<(), TransportError>> {
+        self.0.write_frame(body)
+    }
+
+    fn close(&self) {
+        self.0.close();
     }
 }
