@@ -169,7 +169,17 @@ async fn greet(
     conn: BoxConnection,
 ) {
     let limits = ctx.pipe_config().limits;
-    let Ok(frame) = crate::pipe::read_first_frame(&conn, &limits).await else {
+    // A connection that never says who it is (a port scan, a stuck client) costs only
+    // itself, and only until the handshake timeout.
+    let patience = ctx
+        .pipe_config()
+        .handshake_timeout
+        .unwrap_or(std::time::Duration::from_secs(30));
+    let read = Box::pin(crate::pipe::read_first_frame(&conn, &limits));
+    let futures::future::Either::Left((Ok(frame), _)) =
+        futures::future::select(read, async_io::Timer::after(patience)).await
+    else {
+        tracing::debug!(transport, "listener: no greeting; connection dropped");
         return;
     };
     match Greeting::parse_frame(&frame, &limits) {

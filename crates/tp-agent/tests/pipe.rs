@@ -225,3 +225,31 @@ fn closing_one_end_fails_the_others_pending_reads() {
         });
     });
 }
+
+#[test]
+fn a_silent_or_garbage_connection_costs_only_itself() {
+    within(60, || {
+        let server_ctx = Arc::new(Context::new("server"));
+        let client_ctx = Arc::new(Context::new("client"));
+        let listener = server_ctx.listen(&["tcp://127.0.0.1:0"]).unwrap();
+        let url = listener.urls()[0].clone();
+        let addr = url.trim_start_matches("tcp://").to_string();
+        // One connection that never speaks, one that sends garbage.
+        let _silent = std::net::TcpStream::connect(&addr).unwrap();
+        let mut garbage = std::net::TcpStream::connect(&addr).unwrap();
+        std::io::Write::write_all(&mut garbage, &[0xff; 64]).unwrap();
+        block_on(async {
+            let client = client_ctx.connect(&url).unwrap();
+            let server = listener.accept().await.unwrap();
+            let (w, r) = join(client.write(message(3, &[5], &[5])), async {
+                let inc = server.read_descriptor().await.unwrap();
+                let alloc = Allocation::for_descriptor(&inc.descriptor);
+                server.read(inc, alloc).await
+            })
+            .await;
+            w.1.unwrap();
+            r.1.unwrap();
+            check(3, &r.0, &[5], &[5]);
+        });
+    });
+}
