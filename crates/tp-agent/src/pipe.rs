@@ -629,11 +629,27 @@ impl Shared {
                     me.pump(&mut core);
                 }
                 .boxed();
-                if let Some(h) = core.conns.get(&conn) {
-                    h.reads_busy.fetch_add(1, Ordering::AcqRel);
-                    if h.reads.unbounded_send(ReadAct::Continue(rest)).is_err() {
-                        h.reads_busy.fetch_sub(1, Ordering::AcqRel);
+                // Its turn on the connection is taken: it must run to the end (that is
+                // how its result is reported), on the connection's task if there is
+                // one, else on its own.
+                let rest = match core.conns.get(&conn) {
+                    Some(h) => {
+                        h.reads_busy.fetch_add(1, Ordering::AcqRel);
+                        match h.reads.unbounded_send(ReadAct::Continue(rest)) {
+                            Ok(()) => None,
+                            Err(e) => {
+                                h.reads_busy.fetch_sub(1, Ordering::AcqRel);
+                                match e.into_inner() {
+                                    ReadAct::Continue(rest) => Some(rest),
+                                    _ => None,
+                                }
+                            }
+                        }
                     }
+                    None => Some(rest),
+                };
+                if let Some(rest) = rest {
+                    self.pool.spawn_ok(rest);
                 }
             }
         }
