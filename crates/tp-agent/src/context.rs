@@ -415,6 +415,18 @@ impl Context {
         Ok(crate::Listener::start(self, bound))
     }
 
+    /// Closes the context: every transport and channel context it holds closes its
+    /// listeners, connections and channels, so every pipe and listener of this context
+    /// fails its pending operations and accepts nothing more. Idempotent.
+    pub fn close(&self) {
+        for t in &self.transports {
+            t.transport.close();
+        }
+        for c in &self.channels {
+            c.channel.close();
+        }
+    }
+
     /// The transport registered under `name`.
     pub fn transport(&self, name: &str) -> Option<&Arc<dyn Transport>> {
         self.transports

@@ -253,3 +253,35 @@ fn a_silent_or_garbage_connection_costs_only_itself() {
         });
     });
 }
+
+#[test]
+fn closing_a_context_fails_its_pipes_and_the_peers_pending_reads() {
+    within(30, || {
+        let server_ctx = Arc::new(Context::new("server"));
+        let client_ctx = Arc::new(Context::new("client"));
+        let listener = server_ctx.listen(&["tcp://127.0.0.1:0"]).unwrap();
+        let url = listener.urls()[0].clone();
+        block_on(async {
+            let client = client_ctx.connect(&url).unwrap();
+            let server = listener.accept().await.unwrap();
+            let (w, r) = join(client.write(message(1, &[1], &[1])), async {
+                let inc = server.read_descriptor().await.unwrap();
+                let alloc = Allocation::for_descriptor(&inc.descriptor);
+                server.read(inc, alloc).await
+            })
+            .await;
+            w.1.unwrap();
+            r.1.unwrap();
+            let local = client.read_descriptor();
+            let remote = server.read_descriptor();
+            client_ctx.close();
+            assert!(local.await.is_err());
+            assert!(remote.await.is_err());
+            // Nothing new gets through a closed context.
+            assert!(client.write(message(2, &[1], &[])).await.1.is_err());
+        });
+        // A closed context's listener accepts nothing more: it ends instead of hanging.
+        server_ctx.close();
+        assert!(block_on(listener.accept()).is_err());
+    });
+}
