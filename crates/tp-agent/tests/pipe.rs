@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::executor::block_on;
 use futures::future::join;
-use tp_agent::{Allocation, Context, Message, Payload, Tensor};
+use tp_agent::{Allocation, Context, Message, Payload, Pipe, Tensor};
 
 /// Runs `f` on a thread and fails the test if it takes longer than `secs`.
 fn within<F: FnOnce() + Send + 'static>(secs: u64, f: F) {
@@ -53,6 +53,19 @@ fn check(seed: u8, alloc: &Allocation, payloads: &[usize], tensors: &[usize]) {
         let want: Vec<u8> = (0..n).map(|i| (i as u8).wrapping_mul(7) ^ seed).collect();
         assert!(alloc.tensors[k].bytes() == &want[..], "tensor {k}");
     }
+}
+
+/// Writes `msg` on `from` and reads it on `to`; both must succeed. Returns what arrived.
+async fn deliver(from: &Pipe, to: &Pipe, msg: Message) -> Allocation {
+    let (w, r) = join(from.write(msg), async {
+        let inc = to.read_descriptor().await.unwrap();
+        let alloc = Allocation::for_descriptor(&inc.descriptor);
+        to.read(inc, alloc).await
+    })
+    .await;
+    w.1.unwrap();
+    r.1.unwrap();
+    r.0
 }
 
 fn round_trip(listen: &'static str) {
@@ -110,15 +123,8 @@ fn the_handshake_upgrades_to_shm_and_picks_xth_inside_one_process() {
         block_on(async {
             let client = client_ctx.connect(&tcp_url).unwrap();
             let server = listener.accept().await.unwrap();
-            let (w, r) = join(client.write(message(9, &[10], &[4096])), async {
-                let inc = server.read_descriptor().await.unwrap();
-                let alloc = Allocation::for_descriptor(&inc.descriptor);
-                server.read(inc, alloc).await
-            })
-            .await;
-            w.1.unwrap();
-            r.1.unwrap();
-            check(9, &r.0, &[10], &[4096]);
+            let got = deliver(&client, &server, message(9, &[10], &[4096])).await;
+            check(9, &got, &[10], &[4096]);
             assert_eq!(client.transport().as_deref(), Some("shm"));
             assert_eq!(client.channel_names(), ["xth"]);
             assert_eq!(server.channel_names(), ["xth"]);
@@ -204,14 +210,8 @@ fn closing_one_end_fails_the_others_pending_reads() {
             let client = client_ctx.connect(&url).unwrap();
             let server = listener.accept().await.unwrap();
             // Establish first.
-            let (w, r) = join(client.write(message(1, &[1], &[])), async {
-                let inc = server.read_descriptor().await.unwrap();
-                let alloc = Allocation::for_descriptor(&inc.descriptor);
-                server.read(inc, alloc).await
-            })
-            .await;
-            w.1.unwrap();
-            r.1.unwrap();
+            let got = deliver(&client, &server, message(1, &[1], &[])).await;
+            check(1, &got, &[1], &[]);
             let pending = server.read_descriptor();
             let pending2 = server.read_descriptor();
             client.close();
@@ -241,15 +241,8 @@ fn a_silent_or_garbage_connection_costs_only_itself() {
         block_on(async {
             let client = client_ctx.connect(&url).unwrap();
             let server = listener.accept().await.unwrap();
-            let (w, r) = join(client.write(message(3, &[5], &[5])), async {
-                let inc = server.read_descriptor().await.unwrap();
-                let alloc = Allocation::for_descriptor(&inc.descriptor);
-                server.read(inc, alloc).await
-            })
-            .await;
-            w.1.unwrap();
-            r.1.unwrap();
-            check(3, &r.0, &[5], &[5]);
+            let got = deliver(&client, &server, message(3, &[5], &[5])).await;
+            check(3, &got, &[5], &[5]);
         });
     });
 }
@@ -264,14 +257,8 @@ fn closing_a_context_fails_its_pipes_and_the_peers_pending_reads() {
         block_on(async {
             let client = client_ctx.connect(&url).unwrap();
             let server = listener.accept().await.unwrap();
-            let (w, r) = join(client.write(message(1, &[1], &[1])), async {
-                let inc = server.read_descriptor().await.unwrap();
-                let alloc = Allocation::for_descriptor(&inc.descriptor);
-                server.read(inc, alloc).await
-            })
-            .await;
-            w.1.unwrap();
-            r.1.unwrap();
+            let got = deliver(&client, &server, message(1, &[1], &[1])).await;
+            check(1, &got, &[1], &[1]);
             let local = client.read_descriptor();
             let remote = server.read_descriptor();
             client_ctx.close();

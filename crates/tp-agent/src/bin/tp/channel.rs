@@ -14,7 +14,6 @@
 //! the same run: hot `memcpy` of the same size (xth) or single-thread `process_vm_readv`
 //! from another process (cma), so the ratio stays within one machine state.
 
-use std::any::Any;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +21,7 @@ use clap::Args;
 use tp_channel::{BoxChannel, ChannelContext, Endpoint, RecvBuf, SendBuf};
 use tp_transport::{BoxConnection, Transport};
 
+use crate::echo::{into_recv, into_send, pattern};
 use crate::limits::{PINGPONG, Regime, cma_gbps, header, memcpy_gbps, parse_header, spawn_server};
 use crate::stats::{Summary, parse_sizes, size_label};
 use crate::{Mode, PingPongArgs};
@@ -220,25 +220,6 @@ async fn serve(
             buf = into_recv(sent);
         }
     }
-}
-
-/// The benchmark only ever hands `Vec<u8>`s to the channel; this gets them back.
-fn into_send(b: Box<dyn RecvBuf>) -> Box<dyn SendBuf> {
-    let any: Box<dyn Any> = b;
-    any.downcast::<Vec<u8>>()
-        .unwrap_or_else(|_| Box::new(Vec::new()))
-}
-
-fn into_recv(b: Box<dyn SendBuf>) -> Box<dyn RecvBuf> {
-    let any: Box<dyn Any> = b;
-    any.downcast::<Vec<u8>>()
-        .unwrap_or_else(|_| Box::new(Vec::new()))
-}
-
-fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n)
-        .map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed) ^ ((i >> 9) as u8))
-        .collect()
 }
 
 /// `count` round trips of one size; returns their durations.

@@ -5,15 +5,15 @@
 //! a payload and a tensor of several sizes — that the other process sends back; every
 //! byte is checked, and a table shows sizes, round-trip times and throughput.
 
-use std::any::Any;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Args;
 use tp_agent::{Allocation, Context, Message, Payload, Tensor};
-use tp_channel::{Device, RecvBuf, SendBuf};
+use tp_channel::Device;
 
+use crate::echo::{BYE, echo, pattern};
 use crate::stats::{parse_sizes, size_label};
 
 #[derive(Debug, Args)]
@@ -29,19 +29,11 @@ pub(crate) struct DemoArgs {
     peer: Option<String>,
 }
 
-const BYE: &[u8] = b"bye";
-
 pub(crate) fn run(args: &DemoArgs) -> Result<(), String> {
     match &args.peer {
         Some(url) => peer(url),
         None => lead(args),
     }
-}
-
-fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n)
-        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed) ^ ((i >> 11) as u8))
-        .collect()
 }
 
 fn lead(args: &DemoArgs) -> Result<(), String> {
@@ -161,47 +153,6 @@ fn lead(args: &DemoArgs) -> Result<(), String> {
 fn peer(url: &str) -> Result<(), String> {
     let ctx = Arc::new(Context::new("tp-demo-peer"));
     let pipe = ctx.connect(url).map_err(|e| e.to_string())?;
-    async_io::block_on(async {
-        loop {
-            let incoming = pipe.read_descriptor().await.map_err(|e| e.to_string())?;
-            if incoming.descriptor.metadata == BYE {
-                // Give the leader's goodbye write time to be acknowledged.
-                async_io::Timer::after(Duration::from_millis(50)).await;
-                return Ok(());
-            }
-            let alloc = Allocation::for_descriptor(&incoming.descriptor);
-            let metadata = incoming.descriptor.metadata.clone();
-            let (alloc, r) = pipe.read(incoming, alloc).await;
-            r.map_err(|e| e.to_string())?;
-            let msg = Message {
-                metadata,
-                payloads: alloc
-                    .payloads
-                    .into_iter()
-                    .map(|data| Payload {
-                        data,
-                        metadata: Vec::new(),
-                    })
-                    .collect(),
-                tensors: alloc
-                    .tensors
-                    .into_iter()
-                    .map(|t| Tensor {
-                        data: into_send(t),
-                        target_device: Some(Device::CPU),
-                        metadata: Vec::new(),
-                    })
-                    .collect(),
-            };
-            let (_, w) = pipe.write(msg).await;
-            w.map_err(|e| e.to_string())?;
-        }
-    })
-}
-
-/// Allocations here are `Vec<u8>`s; this gets one back to send it.
-fn into_send(b: Box<dyn RecvBuf>) -> Box<dyn SendBuf> {
-    let any: Box<dyn Any> = b;
-    any.downcast::<Vec<u8>>()
-        .unwrap_or_else(|_| Box::new(Vec::new()))
+    async_io::block_on(echo(&pipe));
+    Ok(())
 }

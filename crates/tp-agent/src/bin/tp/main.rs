@@ -11,6 +11,7 @@
 
 mod channel;
 mod demo;
+mod echo;
 mod limits;
 mod pipebench;
 mod stats;

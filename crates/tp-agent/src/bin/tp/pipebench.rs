@@ -10,15 +10,15 @@
 //! their target device (CPU), as the original's benchmark does, so no descriptor reply
 //! has to travel back before the tensors go.
 
-use std::any::Any;
 use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use tp_agent::{Allocation, Context, Message, Payload, Pipe, Tensor};
-use tp_channel::{Device, RecvBuf, SendBuf};
+use tp_channel::Device;
 
+use crate::echo::{echo, pattern};
 use crate::limits::{Regime, spawn_server};
 use crate::stats::{Summary, parse_sizes, size_label};
 use crate::{Mode, PingPongArgs};
@@ -76,7 +76,8 @@ pub(crate) fn run(args: &PipeArgs) -> Result<(), String> {
             std::io::stdout().flush().ok();
             futures::executor::block_on(async {
                 let pipe = listener.accept().await.map_err(|e| e.to_string())?;
-                echo(&pipe).await
+                echo(&pipe).await;
+                Ok(())
             })
         }
         Mode::Connect => {
@@ -111,61 +112,6 @@ pub(crate) fn run(args: &PipeArgs) -> Result<(), String> {
             report(args, &regime, &rows)
         }
     }
-}
-
-/// Echoes messages until the client closes the pipe.
-async fn echo(pipe: &Pipe) -> Result<(), String> {
-    loop {
-        let Ok(incoming) = pipe.read_descriptor().await else {
-            return Ok(());
-        };
-        let metadata = incoming.descriptor.metadata.clone();
-        let payload_meta: Vec<Vec<u8>> = incoming
-            .descriptor
-            .payloads
-            .iter()
-            .map(|p| p.metadata.clone())
-            .collect();
-        let alloc = Allocation::for_descriptor(&incoming.descriptor);
-        let (alloc, r) = pipe.read(incoming, alloc).await;
-        if r.is_err() {
-            return Ok(());
-        }
-        let msg = Message {
-            metadata,
-            payloads: alloc
-                .payloads
-                .into_iter()
-                .zip(payload_meta)
-                .map(|(data, metadata)| Payload { data, metadata })
-                .collect(),
-            tensors: alloc
-                .tensors
-                .into_iter()
-                .map(|t| Tensor {
-                    data: into_send(t),
-                    target_device: Some(Device::CPU),
-                    metadata: Vec::new(),
-                })
-                .collect(),
-        };
-        let (_, w) = pipe.write(msg).await;
-        if w.is_err() {
-            return Ok(());
-        }
-    }
-}
-
-fn into_send(b: Box<dyn RecvBuf>) -> Box<dyn SendBuf> {
-    let any: Box<dyn Any> = b;
-    any.downcast::<Vec<u8>>()
-        .unwrap_or_else(|_| Box::new(Vec::new()))
-}
-
-fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n)
-        .map(|i| (i as u8).wrapping_mul(17).wrapping_add(seed))
-        .collect()
 }
 
 fn message(args: &PipeArgs, tensor_size: usize, seed: u8) -> Message {

@@ -1,0 +1,81 @@
+//! What the `tp` tool's pipe and channel peers share: the echo loop, getting the
+//! tool's `Vec<u8>` buffers back from the channel traits, and the byte pattern every
+//! check compares against.
+
+use std::any::Any;
+use std::time::Duration;
+
+use tp_agent::{Allocation, Message, Payload, Pipe, Tensor};
+use tp_channel::{Device, RecvBuf, SendBuf};
+
+/// The metadata of the message that ends an echo.
+pub(crate) const BYE: &[u8] = b"bye";
+
+/// Bytes that differ with position and seed (so a shifted or stale buffer shows).
+pub(crate) fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed) ^ ((i >> 9) as u8))
+        .collect()
+}
+
+/// The tool only hands `Vec<u8>`s to channels and pipes; this gets one back to send it.
+pub(crate) fn into_send(b: Box<dyn RecvBuf>) -> Box<dyn SendBuf> {
+    let any: Box<dyn Any> = b;
+    any.downcast::<Vec<u8>>()
+        .unwrap_or_else(|_| Box::new(Vec::new()))
+}
+
+/// The other way round.
+pub(crate) fn into_recv(b: Box<dyn SendBuf>) -> Box<dyn RecvBuf> {
+    let any: Box<dyn Any> = b;
+    any.downcast::<Vec<u8>>()
+        .unwrap_or_else(|_| Box::new(Vec::new()))
+}
+
+/// Reads every message into fresh buffers and writes it back, until a message with
+/// [`BYE`] as metadata arrives or the pipe fails (the peer closed it).
+pub(crate) async fn echo(pipe: &Pipe) {
+    loop {
+        let Ok(incoming) = pipe.read_descriptor().await else {
+            return;
+        };
+        if incoming.descriptor.metadata == BYE {
+            // Give the goodbye's writer a moment to see its write complete.
+            async_io::Timer::after(Duration::from_millis(50)).await;
+            return;
+        }
+        let metadata = incoming.descriptor.metadata.clone();
+        let payload_meta: Vec<Vec<u8>> = incoming
+            .descriptor
+            .payloads
+            .iter()
+            .map(|p| p.metadata.clone())
+            .collect();
+        let alloc = Allocation::for_descriptor(&incoming.descriptor);
+        let (alloc, r) = pipe.read(incoming, alloc).await;
+        if r.is_err() {
+            return;
+        }
+        let msg = Message {
+            metadata,
+            payloads: alloc
+                .payloads
+                .into_iter()
+                .zip(payload_meta)
+                .map(|(data, metadata)| Payload { data, metadata })
+                .collect(),
+            tensors: alloc
+                .tensors
+                .into_iter()
+                .map(|t| Tensor {
+                    data: into_send(t),
+                    target_device: Some(Device::CPU),
+                    metadata: Vec::new(),
+                })
+                .collect(),
+        };
+        if pipe.write(msg).await.1.is_err() {
+            return;
+        }
+    }
+}
