@@ -57,3 +57,4 @@ mod runtime;
 pub use context::{Context, ContextBuilder, ContextError, ListenError};
 pub use listener::Listener;
 pub use pipe::{Allocation, Incoming, Message, OpError, Payload, Pipe, Tensor};
+pub use runtime::Spawned;

@@ -209,7 +209,8 @@ struct Core {
     writes: HashMap<OpId, WriteSlot>,
     reads: HashMap<OpId, ReadSlot>,
     descriptors: HashMap<OpId, oneshot::Sender<Result<Incoming, PipeError>>>,
-    timer: Option<Instant>,
+    /// The deadline a timer task waits for, and the handle that ends it.
+    timer: Option<(Instant, futures::future::AbortHandle)>,
     closed: Option<PipeError>,
 }
 
@@ -499,18 +500,24 @@ impl Shared {
             }
         }
         let deadline = core.pipe.poll_timeout();
-        if deadline.is_some() && deadline != core.timer {
-            core.timer = deadline;
+        if deadline != core.timer.as_ref().map(|t| t.0) {
+            // A timer the state machine no longer wants is ended, not left to fire: a
+            // pending timer makes every sleep of the runtime thread set a timerfd.
+            if let Some((_, old)) = core.timer.take() {
+                old.abort();
+            }
             if let Some(at) = deadline {
                 let me = self.clone();
                 let wait = std::time::Duration::from_nanos(
                     at.as_nanos().saturating_sub(self.now().as_nanos()),
                 );
-                self.pool.spawn_ok(async move {
+                let (timer, handle) = futures::future::abortable(async move {
                     async_io::Timer::after(wait).await;
                     let now = me.now();
                     me.input(|p| p.handle_timeout(now));
                 });
+                core.timer = Some((at, handle));
+                self.pool.spawn_ok(timer.map(|_| ()));
             }
         }
     }

@@ -272,3 +272,65 @@ fn closing_a_context_fails_its_pipes_and_the_peers_pending_reads() {
         assert!(block_on(listener.accept()).is_err());
     });
 }
+
+#[test]
+fn tasks_spawned_on_the_io_thread_drive_pipes_and_a_panic_in_one_spares_the_rest() {
+    within(60, || {
+        let server_ctx = Arc::new(Context::new("server"));
+        let client_ctx = Arc::new(Context::new("client"));
+        let listener = server_ctx.listen(&["tcp://127.0.0.1:0"]).unwrap();
+        let url = listener.urls()[0].clone();
+        let client = client_ctx.connect(&url).unwrap();
+        // The server's echo and the client's loop each run on their context's I/O thread.
+        let server = server_ctx.spawn(async move {
+            let pipe = listener.accept().await.unwrap();
+            let thread = std::thread::current().name().map(str::to_owned);
+            for _ in 0..20 {
+                let inc = pipe.read_descriptor().await.unwrap();
+                let alloc = Allocation::for_descriptor(&inc.descriptor);
+                let (alloc, r) = pipe.read(inc, alloc).await;
+                r.unwrap();
+                let back = Message {
+                    metadata: vec![],
+                    payloads: alloc
+                        .payloads
+                        .into_iter()
+                        .map(|data| Payload {
+                            data,
+                            metadata: vec![],
+                        })
+                        .collect(),
+                    tensors: vec![],
+                };
+                pipe.write(back).await.1.unwrap();
+            }
+            thread
+        });
+        let sums = block_on(client_ctx.spawn(async move {
+            let mut sums = Vec::new();
+            for seed in 0..20u8 {
+                client.write(message(seed, &[100], &[])).await.1.unwrap();
+                let inc = client.read_descriptor().await.unwrap();
+                let alloc = Allocation::for_descriptor(&inc.descriptor);
+                let (alloc, r) = client.read(inc, alloc).await;
+                r.unwrap();
+                check(seed, &alloc, &[100], &[]);
+                sums.push(alloc.payloads[0].iter().map(|&b| u64::from(b)).sum::<u64>());
+            }
+            sums
+        }))
+        .unwrap();
+        assert_eq!(sums.len(), 20);
+        assert_eq!(
+            block_on(server).unwrap().as_deref(),
+            Some("tp-server"),
+            "the task ran on the context's I/O thread"
+        );
+
+        // A panicking task is reported to its awaiter, and the thread goes on serving.
+        let boom = block_on(client_ctx.spawn(async { panic!("on purpose") }));
+        let why = boom.unwrap_err();
+        assert_eq!(why.downcast_ref::<&str>(), Some(&"on purpose"));
+        assert_eq!(block_on(client_ctx.spawn(async { 7 })).unwrap(), 7);
+    });
+}

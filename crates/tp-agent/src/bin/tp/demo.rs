@@ -153,6 +153,8 @@ fn lead(args: &DemoArgs) -> Result<(), String> {
 fn peer(url: &str) -> Result<(), String> {
     let ctx = Arc::new(Context::new("tp-demo-peer"));
     let pipe = ctx.connect(url).map_err(|e| e.to_string())?;
-    async_io::block_on(echo(&pipe));
-    Ok(())
+    // On the context's I/O thread: each completion runs the echo's next step there,
+    // without waking this thread (see `Context::spawn`).
+    futures::executor::block_on(ctx.spawn(async move { echo(&pipe).await }))
+        .map_err(|_| "the echo task panicked".to_string())
 }

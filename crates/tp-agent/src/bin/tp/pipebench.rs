@@ -23,7 +23,7 @@ use crate::limits::{Regime, spawn_server};
 use crate::stats::{Summary, parse_sizes, size_label};
 use crate::{Mode, PingPongArgs};
 
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 pub(crate) struct PipeArgs {
     /// Transport the listening end offers: tcp or shm.
     #[arg(long, default_value = "tcp")]
@@ -74,11 +74,15 @@ pub(crate) fn run(args: &PipeArgs) -> Result<(), String> {
             let listener = ctx.listen(&[url]).map_err(|e| e.to_string())?;
             println!("LISTENING {}", listener.urls()[0]);
             std::io::stdout().flush().ok();
-            futures::executor::block_on(async {
+            // The echo runs on the context's I/O thread, as the original's callbacks
+            // run on its loop thread: a completion runs the next step without a
+            // thread wake-up in between.
+            let served = ctx.spawn(async move {
                 let pipe = listener.accept().await.map_err(|e| e.to_string())?;
                 echo(&pipe).await;
                 Ok(())
-            })
+            });
+            futures::executor::block_on(served).map_err(|_| "the echo task panicked".to_string())?
         }
         Mode::Connect => {
             let addr = args
@@ -175,43 +179,55 @@ fn client(args: &PipeArgs, url: &str) -> Result<Vec<Row>, String> {
     let sizes = parse_sizes(&args.run.sizes)?;
     let ctx = context(args, "bench-client")?;
     let pipe = ctx.connect(url).map_err(|e| e.to_string())?;
-    let rows = futures::executor::block_on(async {
-        let mut rows = Vec::new();
-        for &size in &sizes {
-            let mut warm = Duration::ZERO;
-            for i in 0..5u8 {
-                warm += round_trip(&pipe, args, size, i, i == 0).await?;
-            }
-            let est = warm.as_secs_f64() / 5.0;
-            let count = args
-                .run
-                .round_trips
-                .unwrap_or(((args.run.seconds / est.max(1e-9)) as usize).clamp(10, 100_000));
-            let mut samples = Vec::with_capacity(count);
-            let started = Instant::now();
-            let mut shown = Instant::now();
-            for i in 0..count {
-                let seed = i as u8;
-                samples.push(round_trip(&pipe, args, size, seed, i + 1 == count).await?);
-                if !args.run.common.json && shown.elapsed() > Duration::from_millis(500) {
-                    shown = Instant::now();
-                    eprint!(
-                        "\r{:>8}: {:>6}/{count} round trips, {:.0} s",
-                        size_label(size),
-                        i + 1,
-                        started.elapsed().as_secs_f64()
-                    );
-                }
-            }
-            if !args.run.common.json && started.elapsed() > Duration::from_millis(500) {
-                eprint!("\r{:60}\r", "");
-            }
-            rows.push((size, Summary::of(&mut samples)));
+    let args = args.clone();
+    // On the context's I/O thread, like the echo (see `run`).
+    let rows = futures::executor::block_on(ctx.spawn(async move {
+        let rows = rounds(&pipe, &args, &sizes).await;
+        pipe.close();
+        rows
+    }))
+    .map_err(|_| "the benchmark task panicked".to_string())?;
+    rows
+}
+
+async fn rounds(pipe: &Pipe, args: &PipeArgs, sizes: &[usize]) -> Result<Vec<Row>, String> {
+    let mut rows = Vec::new();
+    for &size in sizes {
+        // Warm up for at least 5 round trips and 50 ms (the first ones set buffers and
+        // caches up, so they say little about the rest), then size the run from it.
+        let warm_started = Instant::now();
+        let mut warm = 0u32;
+        while warm < 5 || warm_started.elapsed() < Duration::from_millis(50) {
+            round_trip(pipe, args, size, warm as u8, warm == 0).await?;
+            warm += 1;
         }
-        Ok::<_, String>(rows)
-    })?;
-    pipe.close();
-    Ok(rows)
+        let est = warm_started.elapsed().as_secs_f64() / f64::from(warm);
+        let count = args
+            .run
+            .round_trips
+            .unwrap_or(((args.run.seconds / est.max(1e-9)) as usize).clamp(10, 1_000_000));
+        let mut samples = Vec::with_capacity(count);
+        let started = Instant::now();
+        let mut shown = Instant::now();
+        for i in 0..count {
+            let seed = i as u8;
+            samples.push(round_trip(pipe, args, size, seed, i + 1 == count).await?);
+            if !args.run.common.json && shown.elapsed() > Duration::from_millis(500) {
+                shown = Instant::now();
+                eprint!(
+                    "\r{:>8}: {:>6}/{count} round trips, {:.0} s",
+                    size_label(size),
+                    i + 1,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        if !args.run.common.json && started.elapsed() > Duration::from_millis(500) {
+            eprint!("\r{:60}\r", "");
+        }
+        rows.push((size, Summary::of(&mut samples)));
+    }
+    Ok::<_, String>(rows)
 }
 
 fn report(args: &PipeArgs, regime: &Regime, rows: &[Row]) -> Result<(), String> {
@@ -223,14 +239,15 @@ fn report(args: &PipeArgs, regime: &Regime, rows: &[Row]) -> Result<(), String> 
             .iter()
             .map(|(size, s)| {
                 format!(
-                    "{{\"tensor_size\":{size},\"round_trips\":{},\"avg_us\":{:.3},\"p50_us\":{:.3},\"p75_us\":{:.3},\"p90_us\":{:.3},\"p99_us\":{:.3},\"throughput_gbps\":{:.3}}}",
+                    "{{\"tensor_size\":{size},\"round_trips\":{},\"avg_us\":{:.3},\"p50_us\":{:.3},\"p75_us\":{:.3},\"p90_us\":{:.3},\"p99_us\":{:.3},\"throughput_gbps\":{:.3},\"p50_vs_raw_tcp\":{:.3}}}",
                     s.count,
                     s.avg_us,
                     s.p50_us,
                     s.p75_us,
                     s.p90_us,
                     s.p99_us,
-                    s.throughput_gbps(bytes(*size))
+                    s.throughput_gbps(bytes(*size)),
+                    s.p50_us / regime.tcp_8b_p50_us
                 )
             })
             .collect();
@@ -257,12 +274,20 @@ fn report(args: &PipeArgs, regime: &Regime, rows: &[Row]) -> Result<(), String> 
         );
         println!("{}", regime.line());
         println!(
-            "\n{:>8} {:>11} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
-            "tensor", "round trips", "avg µs", "p50 µs", "p75 µs", "p90 µs", "p99 µs", "GB/s"
+            "\n{:>8} {:>11} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8}",
+            "tensor",
+            "round trips",
+            "avg µs",
+            "p50 µs",
+            "p75 µs",
+            "p90 µs",
+            "p99 µs",
+            "GB/s",
+            "÷ raw"
         );
         for (size, s) in rows {
             println!(
-                "{:>8} {:>11} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>9.3}",
+                "{:>8} {:>11} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>9.3} {:>7.2}x",
                 size_label(*size),
                 s.count,
                 s.avg_us,
@@ -270,10 +295,12 @@ fn report(args: &PipeArgs, regime: &Regime, rows: &[Row]) -> Result<(), String> 
                 s.p75_us,
                 s.p90_us,
                 s.p99_us,
-                s.throughput_gbps(bytes(*size))
+                s.throughput_gbps(bytes(*size)),
+                s.p50_us / regime.tcp_8b_p50_us
             );
         }
         println!("\nthroughput = 2 x message bytes / p50 round trip (baseline.md's definition)");
+        println!("÷ raw = p50 / the raw TCP 8 B ping-pong p50 of the regime line (same run)");
     }
     if let Some(path) = &args.plot {
         let points: Vec<(usize, f64)> = rows
