@@ -182,7 +182,7 @@ mod tests {
             cx.waker().wake_by_ref();
             Poll::Pending
         }));
-        let s = stop.clone();
+        let s = stop;
         let timer = rt.spawn(async move {
             async_io::Timer::after(Duration::from_millis(20)).await;
             s.store(true, Ordering::Release);
