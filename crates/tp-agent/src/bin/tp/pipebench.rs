@@ -181,13 +181,12 @@ fn client(args: &PipeArgs, url: &str) -> Result<Vec<Row>, String> {
     let pipe = ctx.connect(url).map_err(|e| e.to_string())?;
     let args = args.clone();
     // On the context's I/O thread, like the echo (see `run`).
-    let rows = futures::executor::block_on(ctx.spawn(async move {
+    futures::executor::block_on(ctx.spawn(async move {
         let rows = rounds(&pipe, &args, &sizes).await;
         pipe.close();
         rows
     }))
-    .map_err(|_| "the benchmark task panicked".to_string())?;
-    rows
+    .map_err(|_| "the benchmark task panicked".to_string())?
 }
 
 async fn rounds(pipe: &Pipe, args: &PipeArgs, sizes: &[usize]) -> Result<Vec<Row>, String> {
