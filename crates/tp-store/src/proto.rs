@@ -663,20 +663,40 @@ pub fn parse_response<'a>(
 }
 
 #[cfg(feature = "alloc")]
+pub use encode::{put_string, put_strings};
+
+#[cfg(feature = "alloc")]
 mod encode {
     use alloc::vec::Vec;
 
     use super::{Command, Request, Response};
 
-    fn string(out: &mut Vec<u8>, s: &[u8]) {
+    /// Appends a string (or value): its `u64` length, then its bytes.
+    pub fn put_string(out: &mut Vec<u8>, s: &[u8]) {
         out.extend_from_slice(&(s.len() as u64).to_le_bytes());
         out.extend_from_slice(s);
+    }
+
+    /// Appends a list: the `u64` count, then each string (a CHECK, WAIT or MULTI_GET
+    /// key list; for MULTI_SET's pairs, pass the count of pairs and the keys and values
+    /// interleaved through [`put_string`]).
+    pub fn put_strings<'a>(out: &mut Vec<u8>, items: impl IntoIterator<Item = &'a [u8]>) {
+        let at = out.len();
+        out.extend_from_slice(&0u64.to_le_bytes());
+        let mut n = 0u64;
+        for s in items {
+            put_string(out, s);
+            n += 1;
+        }
+        if let Some(count) = out.get_mut(at..at + 8) {
+            count.copy_from_slice(&n.to_le_bytes());
+        }
     }
 
     fn strings<'a>(out: &mut Vec<u8>, n: usize, it: impl Iterator<Item = &'a [u8]>) {
         out.extend_from_slice(&(n as u64).to_le_bytes());
         for s in it {
-            string(out, s);
+            put_string(out, s);
         }
     }
 
@@ -715,28 +735,28 @@ mod encode {
                 Self::Set { key, value }
                 | Self::Append { key, value }
                 | Self::QueuePush { key, value } => {
-                    string(out, key);
-                    string(out, value);
+                    put_string(out, key);
+                    put_string(out, value);
                 }
                 Self::CompareSet {
                     key,
                     expected,
                     desired,
                 } => {
-                    string(out, key);
-                    string(out, expected);
-                    string(out, desired);
+                    put_string(out, key);
+                    put_string(out, expected);
+                    put_string(out, desired);
                 }
                 Self::Get { key }
                 | Self::DeleteKey { key }
                 | Self::QueuePop { key }
-                | Self::QueueLen { key } => string(out, key),
+                | Self::QueueLen { key } => put_string(out, key),
                 Self::Add { key, delta } => {
-                    string(out, key);
+                    put_string(out, key);
                     out.extend_from_slice(&delta.to_le_bytes());
                 }
                 Self::Barrier { key, world_size } => {
-                    string(out, key);
+                    put_string(out, key);
                     out.extend_from_slice(&world_size.to_le_bytes());
                 }
                 Self::Check { keys } | Self::Wait { keys } | Self::MultiGet { keys } => {
@@ -755,26 +775,26 @@ mod encode {
         /// Appends the response's bytes to `out`.
         pub fn encode(&self, out: &mut Vec<u8>) {
             match *self {
-                Self::Value(v) => string(out, v),
+                Self::Value(v) => put_string(out, v),
                 Self::Int(n) => out.extend_from_slice(&n.to_le_bytes()),
                 Self::Check { ready } => out.push(u8::from(!ready)),
                 Self::Wait { stop_waiting } => out.push(u8::from(!stop_waiting)),
                 Self::Values(vs) => {
                     for v in vs.iter() {
-                        string(out, v);
+                        put_string(out, v);
                     }
                 }
                 Self::Pong(n) => out.extend_from_slice(&n.to_le_bytes()),
                 Self::QueuePop { len_before, value } => {
                     out.extend_from_slice(&len_before.to_le_bytes());
                     if let Some(v) = value {
-                        string(out, v);
+                        put_string(out, v);
                     }
                 }
                 Self::Keys(ks) => {
                     out.extend_from_slice(&(ks.len() as i64).to_le_bytes());
                     for k in ks.iter() {
-                        string(out, k);
+                        put_string(out, k);
                     }
                 }
             }

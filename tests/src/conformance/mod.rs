@@ -1,2 +1,3 @@
 mod channel;
+mod store;
 mod transport;

@@ -1,0 +1,442 @@
+//! A TCPStore server as a sans-IO state machine: it owns the [`Data`], the per-client
+//! protocol state and the wait bookkeeping; a driver feeds it the bytes each client
+//! sent and writes out the bytes it produces, to whichever client they are for (a SET
+//! from one client can finish another's WAIT).
+//!
+//! ```
+//! use tp_store::proto::{Limits, Request, VALIDATE_MAGIC};
+//! use tp_store::serve::{ClientId, Server};
+//!
+//! let mut server = Server::new(Limits::DEFAULT);
+//! let (a, b) = (ClientId(1), ClientId(2));
+//! server.connect(a);
+//! server.connect(b);
+//! let mut bytes = Vec::new();
+//! Request::Validate { magic: VALIDATE_MAGIC }.encode(&mut bytes);
+//! assert_eq!(server.receive(a, &bytes), Ok(5));
+//! assert_eq!(server.receive(b, &bytes), Ok(5));
+//! // a waits for "/k" (WAIT: a count, then the keys) ...
+//! let mut wait = vec![6];
+//! tp_store::proto::put_strings(&mut wait, [&b"/k"[..]]);
+//! server.receive(a, &wait).unwrap();
+//! assert_eq!(server.poll_output(), None);
+//! // ... until b sets it: a gets STOP_WAITING (0).
+//! let mut set = Vec::new();
+//! Request::Set { key: b"/k", value: b"v" }.encode(&mut set);
+//! server.receive(b, &set).unwrap();
+//! assert_eq!(server.poll_output(), Some((a, vec![0])));
+//! ```
+//!
+//! Rules, beyond each command's semantics (see [`Data`]):
+//! - A connection's first command must be VALIDATE with [`VALIDATE_MAGIC`]; anything
+//!   else is refused (PyTorch's libuv server lets a later chunk through; this one does
+//!   not).
+//! - SET, ADD, APPEND, MULTI_SET and a COMPARE_SET that writes finish the waits on
+//!   their keys; QUEUE_PUSH finishes at most one (the first waiter it completes), since
+//!   one value can satisfy one pop.
+//! - A WAIT while the same client already waits is refused (a conforming client has
+//!   one request in flight). CANCEL_WAIT always replies WAIT_CANCELED, after the
+//!   STOP_WAITING the client may already have been sent: that is the race upstream's
+//!   client expects.
+//! - A client that disconnects stops waiting; what it stored stays.
+
+use alloc::collections::{BTreeMap, VecDeque};
+use alloc::vec::Vec;
+use core::fmt;
+
+use crate::data::{Data, NotANumber};
+use crate::proto::{self, Limits, ProtoError, Request, Response, VALIDATE_MAGIC};
+
+/// Who a driver is talking to; the driver picks the numbers.
+#[derive(Clone, Copy, Debug, Eq, Hash, Ord, PartialEq, PartialOrd)]
+pub struct ClientId(pub u64);
+
+/// Why a client's bytes were refused: the driver closes that connection (and calls
+/// [`Server::disconnect`]); every other client is unaffected.
+#[non_exhaustive]
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum ServeError {
+    /// Bytes that are not the protocol, or lengths over the limits.
+    Proto(ProtoError),
+    /// The first command was not VALIDATE with the right magic.
+    NotValidated {
+        /// The first byte the client sent.
+        first: u8,
+    },
+    /// ADD on a value that is not a number.
+    NotANumber(NotANumber),
+    /// A WAIT or BARRIER while this client already waits.
+    AlreadyWaiting,
+    /// A client the server does not know (never connected, or disconnected).
+    UnknownClient(ClientId),
+}
+
+impl fmt::Display for ServeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Proto(e) => write!(f, "protocol error: {e}"),
+            Self::NotValidated { first } => write!(
+                f,
+                "the first command must be VALIDATE with magic {VALIDATE_MAGIC:#x} (got byte {first})"
+            ),
+            Self::NotANumber(e) => e.fmt(f),
+            Self::AlreadyWaiting => f.write_str("a second WAIT while the first is pending"),
+            Self::UnknownClient(id) => write!(f, "unknown client {}", id.0),
+        }
+    }
+}
+
+impl core::error::Error for ServeError {}
+
+impl From<ProtoError> for ServeError {
+    fn from(e: ProtoError) -> Self {
+        Self::Proto(e)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Client {
+    validated: bool,
+    /// Keys still missing for this client's WAIT (each listed in `waiters`).
+    waiting_on: Vec<Vec<u8>>,
+    /// The counter key of the BARRIER this client waits at.
+    barrier: Option<Vec<u8>>,
+}
+
+impl Client {
+    fn waits(&self) -> bool {
+        !self.waiting_on.is_empty() || self.barrier.is_some()
+    }
+}
+
+/// The server: data, clients and their waits. See the module docs.
+#[derive(Debug)]
+pub struct Server {
+    data: Data,
+    limits: Limits,
+    clients: BTreeMap<ClientId, Client>,
+    /// Key → clients whose WAIT includes it, in arrival order.
+    waiters: BTreeMap<Vec<u8>, Vec<ClientId>>,
+    /// Barrier key → clients waiting there.
+    barriers: BTreeMap<Vec<u8>, Vec<ClientId>>,
+    /// Bytes to send, per client, in the order produced.
+    out: BTreeMap<ClientId, Vec<u8>>,
+    /// Clients with bytes in `out`, in the order they got them.
+    ready: VecDeque<ClientId>,
+}
+
+const STOP_WAITING: u8 = 0;
+const WAIT_CANCELED: u8 = 1;
+
+impl Server {
+    /// A server with no data and no clients, refusing requests over `limits`.
+    pub const fn new(limits: Limits) -> Self {
+        Self {
+            data: Data::new(),
+            limits,
+            clients: BTreeMap::new(),
+            waiters: BTreeMap::new(),
+            barriers: BTreeMap::new(),
+            out: BTreeMap::new(),
+            ready: VecDeque::new(),
+        }
+    }
+
+    /// The data.
+    pub const fn data(&self) -> &Data {
+        &self.data
+    }
+
+    /// The limits requests are checked against.
+    pub const fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// How many clients are connected.
+    pub fn clients(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// How many clients wait (WAIT or BARRIER).
+    pub fn waiting(&self) -> usize {
+        self.clients.values().filter(|c| c.waits()).count()
+    }
+
+    /// A new connection.
+    pub fn connect(&mut self, id: ClientId) {
+        self.clients.insert(id, Client::default());
+    }
+
+    /// A connection ended (closed by either side): its waits are dropped, and bytes
+    /// not yet taken for it are discarded.
+    pub fn disconnect(&mut self, id: ClientId) {
+        if let Some(client) = self.clients.remove(&id) {
+            self.forget_waits(id, &client);
+        }
+        self.out.remove(&id);
+        self.ready.retain(|c| *c != id);
+    }
+
+    /// Whether `id` has completed VALIDATE.
+    pub fn is_validated(&self, id: ClientId) -> bool {
+        self.clients.get(&id).is_some_and(|c| c.validated)
+    }
+
+    /// Handles every complete request at the front of `input` (bytes from `id`) and
+    /// returns how many bytes that was; the rest is an incomplete request to offer again
+    /// with more bytes after it. Replies are taken with [`poll_output`](Self::poll_output).
+    ///
+    /// # Errors
+    /// [`ServeError`]: the driver must close this client's connection. Requests before
+    /// the bad one were handled.
+    pub fn receive(&mut self, id: ClientId, input: &[u8]) -> Result<usize, ServeError> {
+        let limits = self.limits;
+        let mut used = 0;
+        loop {
+            let rest = input.get(used..).unwrap_or_default();
+            let validated = self
+                .clients
+                .get(&id)
+                .ok_or(ServeError::UnknownClient(id))?
+                .validated;
+            if !validated {
+                // Strict: the very first byte must be VALIDATE's, before waiting for the
+                // rest of it.
+                if let Some(&first) = rest.first()
+                    && first != 0
+                {
+                    return Err(ServeError::NotValidated { first });
+                }
+            }
+            let Some((req, n)) = proto::parse_request(rest, &limits)? else {
+                return Ok(used);
+            };
+            self.handle(id, req)?;
+            used += n;
+        }
+    }
+
+    /// The next bytes to send, and to whom. Bytes for one client come out in order.
+    pub fn poll_output(&mut self) -> Option<(ClientId, Vec<u8>)> {
+        let id = self.ready.pop_front()?;
+        self.out.remove(&id).map(|bytes| (id, bytes))
+    }
+
+    fn reply(&mut self, id: ClientId, resp: &Response<'_>) {
+        let buf = self.out.entry(id).or_default();
+        if buf.is_empty() {
+            self.ready.push_back(id);
+        }
+        resp.encode(buf);
+    }
+
+    fn reply_byte(&mut self, id: ClientId, b: u8) {
+        let buf = self.out.entry(id).or_default();
+        if buf.is_empty() {
+            self.ready.push_back(id);
+        }
+        buf.push(b);
+    }
+
+    fn handle(&mut self, id: ClientId, req: Request<'_>) -> Result<(), ServeError> {
+        match req {
+            Request::Validate { magic } => {
+                if magic != VALIDATE_MAGIC {
+                    return Err(ServeError::NotValidated { first: 0 });
+                }
+                if let Some(c) = self.clients.get_mut(&id) {
+                    c.validated = true;
+                }
+            }
+            Request::Set { key, value } => {
+                self.data.set(key, value);
+                self.arrived(key, false);
+            }
+            Request::CompareSet {
+                key,
+                expected,
+                desired,
+            } => {
+                let (now, wrote) = self.data.compare_set(key, expected, desired);
+                self.reply(id, &Response::Value(&now));
+                if wrote {
+                    self.arrived(key, false);
+                }
+            }
+            Request::Get { key } => {
+                // Missing: an empty value, as the libuv server (clients WAIT first).
+                let v = self.data.get(key).unwrap_or_default().to_vec();
+                self.reply(id, &Response::Value(&v));
+            }
+            Request::Add { key, delta } => {
+                let n = self.data.add(key, delta).map_err(ServeError::NotANumber)?;
+                self.reply(id, &Response::Int(n));
+                self.arrived(key, false);
+            }
+            Request::Check { keys } => {
+                let ready = keys.iter().all(|k| self.data.contains(k));
+                self.reply(id, &Response::Check { ready });
+            }
+            Request::Wait { keys } => {
+                if self.clients.get(&id).is_some_and(Client::waits) {
+                    return Err(ServeError::AlreadyWaiting);
+                }
+                let mut missing: Vec<Vec<u8>> = Vec::new();
+                for k in keys.iter() {
+                    if !self.data.contains(k) && !missing.iter().any(|m| m == k) {
+                        missing.push(k.to_vec());
+                    }
+                }
+                if missing.is_empty() {
+                    self.reply_byte(id, STOP_WAITING);
+                } else {
+                    for k in &missing {
+                        self.waiters.entry(k.clone()).or_default().push(id);
+                    }
+                    if let Some(c) = self.clients.get_mut(&id) {
+                        c.waiting_on = missing;
+                    }
+                }
+            }
+            Request::GetNumKeys => {
+                let n = i64::try_from(self.data.len()).unwrap_or(i64::MAX);
+                self.reply(id, &Response::Int(n));
+            }
+            Request::DeleteKey { key } => {
+                let n = i64::from(self.data.delete(key));
+                self.reply(id, &Response::Int(n));
+            }
+            Request::Append { key, value } => {
+                self.data.append(key, value);
+                self.arrived(key, false);
+            }
+            Request::MultiGet { keys } => {
+                let buf = self.out.entry(id).or_default();
+                if buf.is_empty() {
+                    self.ready.push_back(id);
+                }
+                for k in keys.iter() {
+                    proto::put_string(buf, self.data.get(k).unwrap_or_default());
+                }
+            }
+            Request::MultiSet { pairs } => {
+                for (k, v) in pairs.iter() {
+                    self.data.set(k, v);
+                    self.arrived(k, false);
+                }
+            }
+            Request::CancelWait => {
+                if let Some(c) = self.clients.get_mut(&id) {
+                    let old = Client {
+                        validated: c.validated,
+                        waiting_on: core::mem::take(&mut c.waiting_on),
+                        barrier: c.barrier.take(),
+                    };
+                    self.forget_waits(id, &old);
+                }
+                self.reply_byte(id, WAIT_CANCELED);
+            }
+            Request::Ping { nonce } => self.reply(id, &Response::Pong(nonce)),
+            Request::QueuePush { key, value } => {
+                self.data.queue_push(key, value);
+                self.arrived(key, true);
+            }
+            Request::QueuePop { key } => {
+                let (len_before, value) = self.data.queue_pop(key);
+                self.reply(
+                    id,
+                    &Response::QueuePop {
+                        len_before,
+                        value: value.as_deref(),
+                    },
+                );
+            }
+            Request::QueueLen { key } => {
+                let n = self.data.queue_len(key);
+                self.reply(id, &Response::Int(n));
+            }
+            Request::ListKeys => {
+                let buf = self.out.entry(id).or_default();
+                if buf.is_empty() {
+                    self.ready.push_back(id);
+                }
+                let n = i64::try_from(self.data.len()).unwrap_or(i64::MAX);
+                buf.extend_from_slice(&n.to_le_bytes());
+                for k in self.data.keys() {
+                    proto::put_string(buf, k);
+                }
+            }
+            Request::Barrier { key, world_size } => {
+                if self.clients.get(&id).is_some_and(Client::waits) {
+                    return Err(ServeError::AlreadyWaiting);
+                }
+                let n = self.data.add(key, 1).map_err(ServeError::NotANumber)?;
+                if n >= world_size {
+                    self.reply_byte(id, STOP_WAITING);
+                    for w in self.barriers.remove(key).unwrap_or_default() {
+                        if let Some(c) = self.clients.get_mut(&w) {
+                            c.barrier = None;
+                        }
+                        self.reply_byte(w, STOP_WAITING);
+                    }
+                } else {
+                    self.barriers.entry(key.to_vec()).or_default().push(id);
+                    if let Some(c) = self.clients.get_mut(&id) {
+                        c.barrier = Some(key.to_vec());
+                    }
+                }
+                self.arrived(key, false);
+            }
+        }
+        Ok(())
+    }
+
+    /// `key` now exists: every client waiting on it has one key fewer to wait for
+    /// (`one`: stop after the first client this completes — a queue push).
+    fn arrived(&mut self, key: &[u8], one: bool) {
+        let Some(list) = self.waiters.get_mut(key) else {
+            return;
+        };
+        let mut done = Vec::new();
+        let mut taken = 0;
+        for &w in list.iter() {
+            taken += 1;
+            let Some(c) = self.clients.get_mut(&w) else {
+                continue;
+            };
+            c.waiting_on.retain(|k| k.as_slice() != key);
+            if c.waiting_on.is_empty() {
+                done.push(w);
+                if one {
+                    break;
+                }
+            }
+        }
+        list.drain(..taken);
+        if list.is_empty() {
+            self.waiters.remove(key);
+        }
+        for w in done {
+            self.reply_byte(w, STOP_WAITING);
+        }
+    }
+
+    fn forget_waits(&mut self, id: ClientId, client: &Client) {
+        for k in &client.waiting_on {
+            if let Some(list) = self.waiters.get_mut(k) {
+                list.retain(|c| *c != id);
+                if list.is_empty() {
+                    self.waiters.remove(k);
+                }
+            }
+        }
+        if let Some(k) = &client.barrier
+            && let Some(list) = self.barriers.get_mut(k)
+        {
+            list.retain(|c| *c != id);
+            if list.is_empty() {
+                self.barriers.remove(k);
+            }
+        }
+    }
+}
