@@ -440,3 +440,305 @@ impl Server {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+    use proptest::prelude::*;
+
+    fn validate() -> Vec<u8> {
+        let mut b = Vec::new();
+        Request::Validate {
+            magic: VALIDATE_MAGIC,
+        }
+        .encode(&mut b);
+        b
+    }
+
+    fn wait(keys: &[&[u8]]) -> Vec<u8> {
+        let mut b = vec![Command::Wait as u8];
+        proto::put_strings(&mut b, keys.iter().copied());
+        b
+    }
+
+    fn set(key: &[u8], value: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        Request::Set { key, value }.encode(&mut b);
+        b
+    }
+
+    use crate::proto::Command;
+
+    fn server_with(n: u64) -> Server {
+        let mut s = Server::new(Limits::DEFAULT);
+        for i in 1..=n {
+            s.connect(ClientId(i));
+            assert_eq!(s.receive(ClientId(i), &validate()), Ok(5));
+        }
+        s
+    }
+
+    fn drain(s: &mut Server) -> Vec<(ClientId, Vec<u8>)> {
+        core::iter::from_fn(|| s.poll_output()).collect()
+    }
+
+    #[test]
+    fn the_first_command_must_be_validate_even_split() {
+        let mut s = Server::new(Limits::DEFAULT);
+        let c = ClientId(1);
+        s.connect(c);
+        // A port scan's first bytes.
+        assert_eq!(
+            s.receive(c, b"GET / HTTP/1.1\r\n"),
+            Err(ServeError::NotValidated { first: b'G' })
+        );
+        // Split across reads: fine.
+        let mut s = Server::new(Limits::DEFAULT);
+        s.connect(c);
+        let v = validate();
+        assert_eq!(s.receive(c, &v[..2]), Ok(0));
+        assert_eq!(s.receive(c, &v), Ok(5));
+        assert!(s.is_validated(c));
+        // Wrong magic.
+        let mut s = Server::new(Limits::DEFAULT);
+        s.connect(c);
+        assert!(s.receive(c, &[0, 1, 2, 3, 4]).is_err());
+        // A SET before VALIDATE.
+        let mut s = Server::new(Limits::DEFAULT);
+        s.connect(c);
+        assert!(s.receive(c, &set(b"/k", b"v")).is_err());
+        assert_eq!(s.data().len(), 0, "nothing applied");
+    }
+
+    #[test]
+    fn wait_is_answered_when_the_last_key_arrives_from_another_client() {
+        let mut s = server_with(2);
+        let (a, b) = (ClientId(1), ClientId(2));
+        s.receive(a, &wait(&[b"/x", b"/y", b"/x"])).unwrap();
+        assert!(drain(&mut s).is_empty());
+        assert_eq!(s.waiting(), 1);
+        s.receive(b, &set(b"/x", b"1")).unwrap();
+        assert!(drain(&mut s).is_empty(), "still missing /y");
+        let mut add = Vec::new();
+        Request::Add {
+            key: b"/y",
+            delta: 3,
+        }
+        .encode(&mut add);
+        s.receive(b, &add).unwrap();
+        // b gets its ADD reply, a its STOP_WAITING.
+        let out = drain(&mut s);
+        assert!(out.contains(&(b, 3i64.to_le_bytes().to_vec())), "{out:?}");
+        assert!(out.contains(&(a, vec![0])), "{out:?}");
+        assert_eq!(s.waiting(), 0);
+        // Present keys: answered at once.
+        s.receive(a, &wait(&[b"/x"])).unwrap();
+        assert_eq!(drain(&mut s), vec![(a, vec![0])]);
+    }
+
+    #[test]
+    fn cancel_wait_replies_canceled_after_a_crossing_stop_waiting() {
+        let mut s = server_with(2);
+        let (a, b) = (ClientId(1), ClientId(2));
+        s.receive(a, &wait(&[b"/k"])).unwrap();
+        s.receive(a, &[Command::CancelWait as u8]).unwrap();
+        assert_eq!(drain(&mut s), vec![(a, vec![1])]);
+        // No longer waiting: a later SET sends a nothing.
+        s.receive(b, &set(b"/k", b"")).unwrap();
+        assert!(drain(&mut s).is_empty());
+        // The race: the key arrives, then the cancel: a sees 0 then 1.
+        s.receive(a, &wait(&[b"/k2"])).unwrap();
+        s.receive(b, &set(b"/k2", b"")).unwrap();
+        s.receive(a, &[Command::CancelWait as u8]).unwrap();
+        assert_eq!(drain(&mut s), vec![(a, vec![0, 1])]);
+    }
+
+    #[test]
+    fn a_second_wait_while_waiting_is_refused() {
+        let mut s = server_with(1);
+        let a = ClientId(1);
+        s.receive(a, &wait(&[b"/k"])).unwrap();
+        assert_eq!(
+            s.receive(a, &wait(&[b"/j"])),
+            Err(ServeError::AlreadyWaiting)
+        );
+    }
+
+    #[test]
+    fn a_queue_push_finishes_one_waiter() {
+        let mut s = server_with(3);
+        let (a, b, c) = (ClientId(1), ClientId(2), ClientId(3));
+        s.receive(a, &wait(&[b"/q"])).unwrap();
+        s.receive(b, &wait(&[b"/q"])).unwrap();
+        let mut push = Vec::new();
+        Request::QueuePush {
+            key: b"/q",
+            value: b"v",
+        }
+        .encode(&mut push);
+        s.receive(c, &push).unwrap();
+        assert_eq!(drain(&mut s), vec![(a, vec![0])]);
+        s.receive(c, &push).unwrap();
+        assert_eq!(drain(&mut s), vec![(b, vec![0])]);
+    }
+
+    #[test]
+    fn a_disconnected_waiter_is_forgotten() {
+        let mut s = server_with(2);
+        let (a, b) = (ClientId(1), ClientId(2));
+        s.receive(a, &wait(&[b"/k"])).unwrap();
+        s.disconnect(a);
+        s.receive(b, &set(b"/k", b"")).unwrap();
+        assert!(drain(&mut s).is_empty());
+        assert_eq!(s.clients(), 1);
+        assert_eq!(
+            s.receive(a, &set(b"/k", b"")),
+            Err(ServeError::UnknownClient(a))
+        );
+    }
+
+    #[test]
+    fn barrier_releases_everyone_at_the_world_size() {
+        let mut s = server_with(3);
+        let mut req = Vec::new();
+        Request::Barrier {
+            key: b"/b",
+            world_size: 3,
+        }
+        .encode(&mut req);
+        s.receive(ClientId(1), &req).unwrap();
+        s.receive(ClientId(2), &req).unwrap();
+        assert!(drain(&mut s).is_empty());
+        s.receive(ClientId(3), &req).unwrap();
+        let mut out = drain(&mut s);
+        out.sort();
+        assert_eq!(
+            out,
+            vec![
+                (ClientId(1), vec![0]),
+                (ClientId(2), vec![0]),
+                (ClientId(3), vec![0])
+            ]
+        );
+    }
+
+    #[test]
+    fn add_on_text_is_refused_and_changes_nothing() {
+        let mut s = server_with(1);
+        let a = ClientId(1);
+        s.receive(a, &set(b"/t", b"text")).unwrap();
+        let mut add = Vec::new();
+        Request::Add {
+            key: b"/t",
+            delta: 1,
+        }
+        .encode(&mut add);
+        assert!(matches!(s.receive(a, &add), Err(ServeError::NotANumber(_))));
+        assert_eq!(s.data().get(b"/t"), Some(&b"text"[..]));
+    }
+
+    /// A request from a small alphabet of keys, so that they interact.
+    fn request() -> impl Strategy<Value = Vec<u8>> {
+        let key = prop::sample::select(vec![&b"/a"[..], b"/b", b"/c"]);
+        let value = prop::collection::vec(any::<u8>(), 0..20);
+        prop_oneof![
+            (key.clone(), value.clone()).prop_map(|(k, v)| set(k, &v)),
+            key.clone().prop_map(|k| {
+                let mut b = Vec::new();
+                Request::Get { key: k }.encode(&mut b);
+                b
+            }),
+            (key.clone(), -5i64..5).prop_map(|(k, d)| {
+                let mut b = Vec::new();
+                Request::Add { key: k, delta: d }.encode(&mut b);
+                b
+            }),
+            (key.clone(), value.clone(), value.clone()).prop_map(|(k, e, d)| {
+                let mut b = Vec::new();
+                Request::CompareSet {
+                    key: k,
+                    expected: &e,
+                    desired: &d,
+                }
+                .encode(&mut b);
+                b
+            }),
+            key.clone().prop_map(|k| {
+                let mut b = Vec::new();
+                Request::DeleteKey { key: k }.encode(&mut b);
+                b
+            }),
+            (key.clone(), value.clone()).prop_map(|(k, v)| {
+                let mut b = Vec::new();
+                Request::QueuePush { key: k, value: &v }.encode(&mut b);
+                b
+            }),
+            key.clone().prop_map(|k| {
+                let mut b = Vec::new();
+                Request::QueuePop { key: k }.encode(&mut b);
+                b
+            }),
+            Just(vec![Command::GetNumKeys as u8]),
+            Just(vec![Command::ListKeys as u8]),
+            any::<u32>().prop_map(|n| {
+                let mut b = Vec::new();
+                Request::Ping { nonce: n }.encode(&mut b);
+                b
+            }),
+        ]
+    }
+
+    /// Feeds `bytes` to a fresh server in the given chunk sizes; returns what it sent
+    /// and the final data, or the error.
+    fn feed(bytes: &[u8], chunks: &[usize]) -> Result<(Vec<u8>, Data), ServeError> {
+        let mut s = server_with(1);
+        let a = ClientId(1);
+        let mut pending = Vec::new();
+        let mut out = Vec::new();
+        let mut at = 0;
+        let mut sizes = chunks.iter().cycle();
+        while at < bytes.len() {
+            let n = (*sizes.next().unwrap_or(&1)).clamp(1, bytes.len() - at);
+            pending.extend_from_slice(&bytes[at..at + n]);
+            at += n;
+            let used = s.receive(a, &pending)?;
+            pending.drain(..used);
+            for (_, b) in drain(&mut s) {
+                out.extend(b);
+            }
+        }
+        assert!(pending.is_empty(), "every request complete at the end");
+        Ok((out, s.data().clone()))
+    }
+
+    proptest! {
+        #[test]
+        fn any_split_of_the_input_gives_the_same_replies(
+            reqs in prop::collection::vec(request(), 1..40),
+            chunks in prop::collection::vec(1usize..40, 1..8),
+        ) {
+            let bytes: Vec<u8> = reqs.concat();
+            let whole = feed(&bytes, &[bytes.len()]);
+            let split = feed(&bytes, &chunks);
+            prop_assert_eq!(whole, split);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_and_errors_close_only_that_client(
+            junk in prop::collection::vec(any::<u8>(), 0..200),
+        ) {
+            let mut s = server_with(2);
+            let (a, b) = (ClientId(1), ClientId(2));
+            if s.receive(a, &junk).is_err() {
+                s.disconnect(a);
+            }
+            // The other client is served as before.
+            let mut ping = Vec::new();
+            Request::Ping { nonce: 9 }.encode(&mut ping);
+            s.receive(b, &ping).unwrap();
+            let out: Vec<_> = drain(&mut s).into_iter().filter(|(c, _)| *c == b).collect();
+            prop_assert_eq!(out, vec![(b, 9u32.to_le_bytes().to_vec())]);
+        }
+    }
+}
