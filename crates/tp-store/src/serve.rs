@@ -669,12 +669,12 @@ mod tests {
                 Request::DeleteKey { key: k }.encode(&mut b);
                 b
             }),
-            (key.clone(), value.clone()).prop_map(|(k, v)| {
+            (key.clone(), value).prop_map(|(k, v)| {
                 let mut b = Vec::new();
                 Request::QueuePush { key: k, value: &v }.encode(&mut b);
                 b
             }),
-            key.clone().prop_map(|k| {
+            key.prop_map(|k| {
                 let mut b = Vec::new();
                 Request::QueuePop { key: k }.encode(&mut b);
                 b
