@@ -70,7 +70,8 @@ fn a_port_scan_is_closed_and_others_are_served() {
     let good = client(srv.port());
     good.set("k", b"v").unwrap();
     let mut scan = raw(srv.port());
-    scan.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    scan.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     assert!(closed_by_server(&mut scan));
     refused(&srv, 1);
     assert_eq!(good.get("k").unwrap(), b"v");
@@ -135,7 +136,10 @@ fn a_client_that_vanishes_while_waiting_costs_nothing() {
     }
     let start = Instant::now();
     while srv.stats().open.load(std::sync::atomic::Ordering::Relaxed) > 1 {
-        assert!(start.elapsed() < Duration::from_secs(20), "waiters not dropped");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "waiters not dropped"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     good.set("never", b"now").unwrap();
@@ -186,10 +190,7 @@ fn connecting_to_nothing_fails_within_the_timeout_with_a_network_error() {
         ..TcpStoreOptions::default()
     })
     .unwrap_err();
-    assert!(
-        matches!(err, tp_store::StoreError::Network { .. }),
-        "{err}"
-    );
+    assert!(matches!(err, tp_store::StoreError::Network { .. }), "{err}");
     assert!(start.elapsed() < Duration::from_secs(5));
     assert!(err.to_string().contains(&port.to_string()), "{err}");
 }
@@ -224,7 +225,10 @@ fn the_worker_count_gates_the_server_until_every_worker_joined() {
         ..TcpStoreOptions::default()
     })
     .unwrap();
-    assert!(start.elapsed() >= Duration::from_millis(350), "waited for both");
+    assert!(
+        start.elapsed() >= Duration::from_millis(350),
+        "waited for both"
+    );
     let workers: Vec<_> = workers.into_iter().map(|w| w.join().unwrap()).collect();
     // `init/` is the raw key upstream uses, and it counts in num_keys.
     assert_eq!(master.num_keys().unwrap(), 1);

@@ -6,8 +6,8 @@
 //! - `tp bench channel --channel basic|xth|cma|mpt`: a tensor ping-pong over one channel.
 //! - `tp bench pipe`: message ping-pong over a pipe, like the original's `benchmark_pipe`.
 //! - `tp bench limits`: this machine's physical limits, measured in the same run.
-//!
-//! `tp demo` and the pipe and RPC benchmarks arrive with the later steps.
+//! - `tp bench store`: a TCPStore server's operations per second under many clients.
+//! - `tp store serve|get|set|add|wait|num-keys`: a TCPStore server and client.
 
 mod channel;
 mod demo;
@@ -15,6 +15,7 @@ mod echo;
 mod limits;
 mod pipebench;
 mod stats;
+mod store;
 mod transport;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -34,6 +35,9 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(Bench),
+    /// A TCPStore (PyTorch-compatible) server, and a client to debug a rendezvous.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -47,6 +51,8 @@ enum Bench {
     Pipe(pipebench::PipeArgs),
     /// This machine's limits: memcpy bandwidth, raw loopback TCP round trip and streaming.
     Limits(CommonArgs),
+    /// Operations per second of a TCPStore server under many clients.
+    Store(store::StoreBenchArgs),
     /// Holds a buffer for `bench limits`' process_vm_readv measurement (internal).
     #[command(hide = true)]
     CmaPeer {
@@ -118,6 +124,8 @@ fn main() {
         Command::Bench(Bench::Channel(args)) => channel::run(&args),
         Command::Bench(Bench::Pipe(args)) => pipebench::run(&args),
         Command::Bench(Bench::Limits(args)) => limits::run(&args),
+        Command::Bench(Bench::Store(args)) => store::bench(&args),
+        Command::Store(cmd) => store::run(&cmd),
         Command::Bench(Bench::CmaPeer { size }) => limits::cma_peer(size),
         Command::Bench(Bench::RawServer) => limits::raw_server(),
         Command::Bench(Bench::EventfdPeer { pid, fds }) => limits::eventfd_peer(pid, &fds),
