@@ -14,7 +14,7 @@
 //! - [`MemoryStore`] (in-process), [`FileStore`] (PyTorch's FileStore format, shared
 //!   through a file), [`TcpStore`] (a client, plus [`TcpStoreServer`]: one thread
 //!   serving any number of clients), [`PrefixStore`] (wraps any store; nests);
-//! - with feature `etcd`, an etcd v3 store.
+//! - with feature `etcd`, `EtcdStore`: a store on an etcd v3 cluster.
 //!
 //! ```
 //! use std::time::Duration;
@@ -53,6 +53,8 @@ pub mod serve;
 
 #[cfg(feature = "std")]
 mod error;
+#[cfg(feature = "etcd")]
+mod etcd;
 #[cfg(feature = "std")]
 mod file;
 #[cfg(feature = "std")]
@@ -66,6 +68,8 @@ pub mod tcp;
 
 #[cfg(feature = "std")]
 pub use error::StoreError;
+#[cfg(feature = "etcd")]
+pub use etcd::EtcdStore;
 #[cfg(feature = "std")]
 pub use file::FileStore;
 #[cfg(feature = "std")]

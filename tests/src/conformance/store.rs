@@ -103,6 +103,96 @@ fn nested_prefix_over_tcp() -> Fixture {
     }
 }
 
+/// One etcd server for the whole test process (each fixture gets its own namespace),
+/// or why there is none. A shell wrapper ends it (and removes its data) once this
+/// process is gone.
+#[cfg(feature = "etcd")]
+fn etcd_endpoint() -> Result<String, String> {
+    use std::sync::OnceLock;
+    static ENDPOINT: OnceLock<Result<String, String>> = OnceLock::new();
+    ENDPOINT
+        .get_or_init(|| {
+            let free = || {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .map(|a| a.port())
+                    .map_err(|e| e.to_string())
+            };
+            let (client, peer) = (free()?, free()?);
+            let dir = std::env::temp_dir().join(format!("tp-etcd-{}", std::process::id()));
+            let script = format!(
+                "etcd --name tp --data-dir {dir} \\
+                   --listen-client-urls http://127.0.0.1:{client} \\
+                   --advertise-client-urls http://127.0.0.1:{client} \\
+                   --listen-peer-urls http://127.0.0.1:{peer} \\
+                   --initial-advertise-peer-urls http://127.0.0.1:{peer} \\
+                   --initial-cluster tp=http://127.0.0.1:{peer} >{dir}.log 2>&1 &
+                 E=$!
+                 while kill -0 {me} 2>/dev/null && kill -0 $E 2>/dev/null; do sleep 0.5; done
+                 kill $E 2>/dev/null; wait $E 2>/dev/null; rm -rf {dir} {dir}.log",
+                dir = dir.display(),
+                me = std::process::id()
+            );
+            let found = std::process::Command::new("sh")
+                .args(["-c", "command -v etcd"])
+                .output()
+                .map_err(|e| e.to_string())?;
+            if !found.status.success() {
+                return Err("no `etcd` on PATH (Debian package etcd-server)".into());
+            }
+            std::process::Command::new("sh")
+                .args(["-c", &script])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| e.to_string())?;
+            Ok(format!("http://127.0.0.1:{client}"))
+        })
+        .clone()
+}
+
+#[cfg(feature = "etcd")]
+fn etcd() -> Fixture {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let endpoint = etcd_endpoint().expect("checked by the case");
+    let ns = format!(
+        "test-{}-{}/",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    let open = || -> Arc<dyn Store> {
+        // Waiting up to 30 s for the server to come up; then the default timeout.
+        let s = tp_store::EtcdStore::connect_with_timeout(&endpoint, &ns, Duration::from_secs(30))
+            .unwrap();
+        s.set_timeout(tp_store::DEFAULT_TIMEOUT);
+        Arc::new(s)
+    };
+    Fixture {
+        a: open(),
+        b: open(),
+        _keep: Vec::new(),
+        cleanup: None,
+    }
+}
+
+/// Whether etcd cases can run here; prints why not (and fails where
+/// `TP_REQUIRE_ETCD=1`).
+#[cfg(feature = "etcd")]
+fn etcd_here() -> bool {
+    match etcd_endpoint() {
+        Ok(_) => true,
+        Err(why) => {
+            assert!(
+                std::env::var("TP_REQUIRE_ETCD").as_deref() != Ok("1"),
+                "TP_REQUIRE_ETCD=1 but {why}"
+            );
+            eprintln!("SKIPPED: etcd store conformance: {why}");
+            false
+        }
+    }
+}
+
 /// Runs `case` with a deadline, so that a hang fails.
 fn run(make: fn() -> Fixture, case: fn(&Fixture)) {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -332,10 +422,13 @@ fn large_values_round_trip(f: &Fixture) {
 
 macro_rules! store_conformance {
     ($backend:ident, $make:expr) => {
+        store_conformance!($backend, $make, || true);
+    };
+    ($backend:ident, $make:expr, $here:expr) => {
         mod $backend {
             use super::*;
 
-            store_conformance!(@cases $make;
+            store_conformance!(@cases $make, $here;
                 set_then_get_across_handles, get_waits_for_a_later_set,
                 get_times_out_naming_the_key_and_the_time,
                 add_counts_in_decimal_and_refuses_non_numbers, compare_set_follows_c10d,
@@ -347,11 +440,13 @@ macro_rules! store_conformance {
                 concurrent_adds_are_atomic, large_values_round_trip);
         }
     };
-    (@cases $make:expr; $($case:ident),*) => {
+    (@cases $make:expr, $here:expr; $($case:ident),*) => {
         $(
             #[test]
             fn $case() {
-                run($make, super::$case);
+                if $here() {
+                    run($make, super::$case);
+                }
             }
         )*
     };
@@ -362,3 +457,5 @@ store_conformance!(file, file);
 store_conformance!(tcp, tcp);
 store_conformance!(prefix, prefix);
 store_conformance!(nested_prefix_over_tcp, nested_prefix_over_tcp);
+#[cfg(feature = "etcd")]
+store_conformance!(etcd, etcd, etcd_here);
