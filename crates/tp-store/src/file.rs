@@ -465,3 +465,99 @@ impl Store for FileStore {
         self.timeout.set(timeout);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> PathBuf {
+        let p =
+            std::env::temp_dir().join(std::format!("tp-filestore-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+
+    fn record(key: &[u8], value: &[u8]) -> Vec<u8> {
+        let mut r = Vec::new();
+        r.extend_from_slice(&(key.len() as u32).to_ne_bytes());
+        r.extend_from_slice(key);
+        r.extend_from_slice(&(value.len() as u32).to_ne_bytes());
+        r.extend_from_slice(value);
+        r
+    }
+
+    #[test]
+    fn the_file_holds_pytorchs_records_and_tombstones() {
+        let path = temp("format");
+        let s = FileStore::new(&path, None).unwrap();
+        s.set("k", b"v").unwrap();
+        s.add("c", 5).unwrap();
+        assert!(s.delete_key("k").unwrap());
+        let want = [
+            record(b"/k", b"v"),
+            record(b"/c", b"5"),
+            record(b"-/k", b""),
+        ]
+        .concat();
+        assert_eq!(std::fs::read(&path).unwrap(), want);
+        drop(s);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_file_written_by_another_process_is_replayed() {
+        // What PyTorch would have written: a key, an overwrite, a deleted key.
+        let path = temp("replay");
+        let bytes = [
+            record(b"/a", b"1"),
+            record(b"/b", b"x"),
+            record(b"/a", b"2"),
+            record(b"-/b", b""),
+        ]
+        .concat();
+        std::fs::write(&path, bytes).unwrap();
+        let s = FileStore::new(&path, None).unwrap();
+        assert_eq!(s.get("a").unwrap(), b"2");
+        assert!(!s.check(&["b"]).unwrap());
+        assert_eq!(s.num_keys().unwrap(), 1);
+        // A torn record at the end (a writer mid-append) is left for later.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        let rec = record(b"/late", b"value");
+        f.write_all(&rec[..7]).unwrap();
+        assert!(!s.check(&["late"]).unwrap());
+        f.write_all(&rec[7..]).unwrap();
+        assert_eq!(s.get("late").unwrap(), b"value");
+        drop(s);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_corrupt_length_allocates_nothing_and_reads_as_incomplete() {
+        let path = temp("corrupt");
+        let mut bytes = record(b"/a", b"1");
+        bytes.extend_from_slice(&u32::MAX.to_ne_bytes());
+        std::fs::write(&path, bytes).unwrap();
+        let s = FileStore::new(&path, None).unwrap();
+        assert_eq!(s.get("a").unwrap(), b"1");
+        drop(s);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn the_last_of_the_workers_deletes_the_file() {
+        let path = temp("cleanup");
+        let a = FileStore::new(&path, Some(2)).unwrap();
+        let b = FileStore::new(&path, Some(2)).unwrap();
+        a.set("k", b"v").unwrap();
+        drop(a);
+        assert!(path.exists(), "one worker is still there");
+        assert_eq!(b.get("k").unwrap(), b"v");
+        drop(b);
+        assert!(!path.exists(), "the second drop removed it");
+        // None: never deleted.
+        let c = FileStore::new(&path, None).unwrap();
+        drop(c);
+        assert!(path.exists());
+        let _ = std::fs::remove_file(&path);
+    }
+}
