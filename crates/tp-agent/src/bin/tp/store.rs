@@ -2,7 +2,6 @@
 //! and `tp bench store`, the server's operations per second under many clients.
 
 use std::io::Write as _;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
@@ -195,6 +194,7 @@ pub(crate) struct StoreBenchArgs {
 }
 
 pub(crate) fn bench(args: &StoreBenchArgs) -> Result<(), String> {
+    let regime = crate::limits::Regime::measure()?;
     let server =
         TcpStoreServer::bind("127.0.0.1", 0, ServerConfig::default()).map_err(|e| e.to_string())?;
     let port = server.port();
@@ -262,6 +262,7 @@ pub(crate) fn bench(args: &StoreBenchArgs) -> Result<(), String> {
         "tp bench store --clients {} --ops {}: one server thread, {} client threads, loopback TCP",
         args.clients, args.ops, args.clients
     );
+    println!("{}", regime.line());
     println!(
         "{} operations (set, get = WAIT + GET, add, compare_set, check), every result checked",
         all.len()
@@ -273,6 +274,6 @@ pub(crate) fn bench(args: &StoreBenchArgs) -> Result<(), String> {
         s.p90_us,
         s.p99_us
     );
-    drop(Arc::new(server));
+    drop(server);
     Ok(())
 }
