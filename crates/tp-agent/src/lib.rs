@@ -31,8 +31,10 @@
 //! [`Pipe`] work: a pipe is [`tp_wire`]'s state machine driven by I/O tasks on the
 //! context's runtime thread — the handshake picks the transport and a channel per device
 //! pair, messages with payloads and tensors move both ways in order, and closing one
-//! end fails the other's pending operations. Not yet: the multi-process pipe tests,
-//! `tp demo`, `tp bench pipe`, `join`, and the RPC agent.
+//! end fails the other's pending operations (tested in one process and across
+//! processes, including a peer killed mid-message). [`Context::spawn`] runs a task on
+//! the context's I/O thread, where a loop that drives pipes runs fastest. Not yet:
+//! `join`, and the RPC agent.
 //!
 //! The `tp` binary (built with the default features) has the benchmarks:
 //!
@@ -44,6 +46,9 @@
 //!   [`tp_channel`] channel between two processes, with the same run's physical limit;
 //! - `tp bench limits`: memcpy bandwidth, raw loopback TCP round trips and streaming, an
 //!   eventfd ping-pong between two processes, and single-thread `process_vm_readv`.
+//! - `tp bench pipe`: message ping-pong over a pipe, as the original's `benchmark_pipe`;
+//! - `tp bench store`: a TCPStore server's operations per second under many clients;
+//! - `tp demo` and `tp store serve|get|set|add|wait|num-keys`.
 //!
 //! Cargo features: `tcp`, `shm`, `basic`, `xth`, `cma`, `mpt` (default), `ibv` (needs
 //! libibverbs).
