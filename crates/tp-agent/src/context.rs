@@ -443,6 +443,22 @@ impl Context {
         }
     }
 
+    /// Closes the context (see [`close`](Self::close)) and resolves once every task on
+    /// its I/O thread has finished: every pipe and listener has failed its pending
+    /// operations and let go of its connections. Tasks given to
+    /// [`spawn`](Self::spawn) count too, so one that waits on something else forever
+    /// keeps `join` waiting; bound it with a timeout where that can happen.
+    /// Idempotent.
+    pub fn join(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.close();
+        let idle = self.runtime.get().map(crate::runtime::Runtime::idle);
+        async move {
+            if let Some(idle) = idle {
+                let _ = idle.await;
+            }
+        }
+    }
+
     /// The transport registered under `name`.
     pub fn transport(&self, name: &str) -> Option<&Arc<dyn Transport>> {
         self.transports

@@ -893,6 +893,10 @@ impl Shared {
                 for h in core.conns.values() {
                     let _ = h.writes.unbounded_send(WriteAct::Close);
                 }
+                // Let the connection tasks go: they finish what is queued (every
+                // payload action is still reported) and end, so a closed pipe holds no
+                // task on the I/O thread even while the user keeps its handle.
+                core.conns.clear();
             }
         }
     }

@@ -68,6 +68,8 @@ impl Wake for LoopWaker {
 #[derive(Clone, Debug)]
 pub(crate) struct Runtime {
     tasks: mpsc::UnboundedSender<Task>,
+    /// Told when the thread next has no task at all (see [`Runtime::idle`]).
+    idle: Arc<std::sync::Mutex<Vec<oneshot::Sender<()>>>>,
 }
 
 impl Runtime {
@@ -77,6 +79,8 @@ impl Runtime {
     /// The OS refused a thread.
     pub(crate) fn start(name: &str) -> std::io::Result<Self> {
         let (tx, mut rx) = mpsc::unbounded::<Task>();
+        let idle: Arc<std::sync::Mutex<Vec<oneshot::Sender<()>>>> = Arc::default();
+        let idle_waiters = idle.clone();
         std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
@@ -110,6 +114,16 @@ impl Runtime {
                         }
                     }
                     IN_LOOP.with(|f| f.set(false));
+                    if running.is_empty() {
+                        let waiters = std::mem::take(
+                            &mut *idle_waiters
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner),
+                        );
+                        for w in waiters {
+                            let _ = w.send(());
+                        }
+                    }
                     if !open && running.is_empty() {
                         Poll::Ready(())
                     } else {
@@ -117,7 +131,20 @@ impl Runtime {
                     }
                 }));
             })?;
-        Ok(Self { tasks: tx })
+        Ok(Self { tasks: tx, idle })
+    }
+
+    /// Resolves once the thread has no task left (every pipe task and every spawned
+    /// task has finished).
+    pub(crate) fn idle(&self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(tx);
+        // A task that ends at once makes the loop look again, even if it sleeps.
+        self.spawn_ok(async {});
+        rx
     }
 
     /// Runs `task` on the runtime thread.

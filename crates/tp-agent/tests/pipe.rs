@@ -334,3 +334,121 @@ fn tasks_spawned_on_the_io_thread_drive_pipes_and_a_panic_in_one_spares_the_rest
         assert_eq!(block_on(client_ctx.spawn(async { 7 })).unwrap(), 7);
     });
 }
+
+#[test]
+fn join_closes_the_context_and_returns_once_its_pipes_are_done() {
+    within(60, || {
+        let server_ctx = Arc::new(Context::new("server"));
+        let client_ctx = Arc::new(Context::new("client"));
+        let listener = server_ctx.listen(&["tcp://127.0.0.1:0", "shm://"]).unwrap();
+        let url = listener.urls()[0].clone();
+        let client = client_ctx.connect(&url).unwrap();
+        let server = block_on(listener.accept()).unwrap();
+        block_on(deliver(&client, &server, message(1, &[10], &[100])));
+        // Operations pending on both sides, and the pipes still held by the test.
+        let pending_read = client.read_descriptor();
+        let pending_accept = listener.accept();
+        block_on(client_ctx.join());
+        assert!(
+            block_on(pending_read).is_err(),
+            "join failed the pending read"
+        );
+        // The peer sees the pipe fail too; then the server's context joins.
+        assert!(block_on(server.read_descriptor()).is_err());
+        block_on(server_ctx.join());
+        assert!(
+            block_on(pending_accept).is_err(),
+            "join failed the pending accept"
+        );
+        // Idempotent, and nothing works afterwards.
+        block_on(client_ctx.join());
+        assert!(block_on(client.write(message(2, &[1], &[]))).1.is_err());
+        drop((client, server, listener));
+    });
+}
+
+#[test]
+fn closing_a_listener_fails_a_pending_accept() {
+    within(60, || {
+        let ctx = Arc::new(Context::new("server"));
+        let listener = ctx.listen(&["tcp://127.0.0.1:0"]).unwrap();
+        let pending = listener.accept();
+        listener.close();
+        assert!(block_on(pending).is_err());
+        assert!(block_on(listener.accept()).is_err(), "and later ones");
+        block_on(ctx.join());
+    });
+}
+
+/// tensorpipe.md §6.1's pipe shapes: payloads only, tensors only, every tensor with a
+/// target device (no reply round trip), some with one (the reader's DescriptorReply),
+/// and a full message followed by an empty one. The reader checks the descriptor —
+/// metadata, lengths, devices, per-item metadata — then the bytes.
+#[test]
+fn the_original_pipe_shapes_arrive_with_exact_descriptors() {
+    use tp_channel::Device;
+    within(60, || {
+        let server_ctx = Arc::new(Context::new("server"));
+        let client_ctx = Arc::new(Context::new("client"));
+        // As the original's test: listen on shm and tcp, connect over tcp (the
+        // handshake must switch to shm).
+        let listener = server_ctx.listen(&["shm://", "tcp://127.0.0.1:0"]).unwrap();
+        let url = listener
+            .urls()
+            .iter()
+            .find(|u| u.starts_with("tcp://"))
+            .unwrap()
+            .clone();
+        let client = client_ctx.connect(&url).unwrap();
+        let server = block_on(listener.accept()).unwrap();
+        let cases: [(&str, &[usize], &[usize], &[bool]); 6] = [
+            ("payloads only", &[5, 0, 300], &[], &[]),
+            ("tensors only", &[], &[7, 0, 70_000], &[false, false, false]),
+            ("all targets", &[3], &[10, 20, 30], &[true, true, true]),
+            ("some targets", &[3], &[10, 20, 30], &[true, false, true]),
+            (
+                "full",
+                &[1, 2, 3, 4],
+                &[5, 6, 7, 8],
+                &[false, true, false, true],
+            ),
+            ("empty", &[], &[], &[]),
+        ];
+        block_on(async {
+            for (seed, (name, payloads, tensors, targets)) in cases.into_iter().enumerate() {
+                let seed = seed as u8;
+                let mut msg = message(seed, payloads, tensors);
+                for (t, &has) in msg.tensors.iter_mut().zip(targets) {
+                    t.target_device = has.then_some(Device::CPU);
+                }
+                let (w, r) = join(client.write(msg), async {
+                    let inc = server.read_descriptor().await.unwrap();
+                    let d = &inc.descriptor;
+                    assert_eq!(d.metadata, vec![seed; 3], "{name}");
+                    assert_eq!(d.payloads.len(), payloads.len(), "{name}");
+                    for (p, &n) in d.payloads.iter().zip(payloads.iter()) {
+                        assert_eq!(
+                            (p.length, &p.metadata[..]),
+                            (n as u64, &[seed][..]),
+                            "{name}"
+                        );
+                    }
+                    assert_eq!(d.tensors.len(), tensors.len(), "{name}");
+                    for ((t, &n), &has) in d.tensors.iter().zip(tensors.iter()).zip(targets) {
+                        assert_eq!(t.length, n as u64, "{name}");
+                        assert_eq!(t.source_device, Device::CPU, "{name}");
+                        assert_eq!(t.target_device, has.then_some(Device::CPU), "{name}");
+                        assert_eq!(t.metadata, vec![seed, 1], "{name}");
+                    }
+                    let alloc = Allocation::for_descriptor(d);
+                    server.read(inc, alloc).await
+                })
+                .await;
+                w.1.unwrap();
+                r.1.unwrap();
+                check(seed, &r.0, payloads, tensors);
+            }
+        });
+        assert_eq!(client.transport().as_deref(), Some("shm"));
+    });
+}
