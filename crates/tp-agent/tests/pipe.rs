@@ -401,7 +401,9 @@ fn the_original_pipe_shapes_arrive_with_exact_descriptors() {
             .clone();
         let client = client_ctx.connect(&url).unwrap();
         let server = block_on(listener.accept()).unwrap();
-        let cases: [(&str, &[usize], &[usize], &[bool]); 6] = [
+        // (name, payload lengths, tensor lengths, which tensors name a target)
+        type Case = (&'static str, &'static [usize], &'static [usize], &'static [bool]);
+        let cases: [Case; 6] = [
             ("payloads only", &[5, 0, 300], &[], &[]),
             ("tensors only", &[], &[7, 0, 70_000], &[false, false, false]),
             ("all targets", &[3], &[10, 20, 30], &[true, true, true]),
