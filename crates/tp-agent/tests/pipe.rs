@@ -402,7 +402,12 @@ fn the_original_pipe_shapes_arrive_with_exact_descriptors() {
         let client = client_ctx.connect(&url).unwrap();
         let server = block_on(listener.accept()).unwrap();
         // (name, payload lengths, tensor lengths, which tensors name a target)
-        type Case = (&'static str, &'static [usize], &'static [usize], &'static [bool]);
+        type Case = (
+            &'static str,
+            &'static [usize],
+            &'static [usize],
+            &'static [bool],
+        );
         let cases: [Case; 6] = [
             ("payloads only", &[5, 0, 300], &[], &[]),
             ("tensors only", &[], &[7, 0, 70_000], &[false, false, false]),

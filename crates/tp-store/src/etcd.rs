@@ -26,8 +26,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Value, json};
 
-use crate::data::parse_counter;
-use crate::store::{TimeoutCell, deadline};
+use crate::store::{TimeoutCell, add_counter, deadline};
 use crate::{DEFAULT_TIMEOUT, Store, StoreError};
 
 const POLL: Duration = Duration::from_millis(10);
@@ -480,20 +479,8 @@ impl Store for EtcdStore {
 
     fn add(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
         self.modify("add", key, |cur| {
-            let current = match cur {
-                None => 0,
-                Some(v) => parse_counter(v).ok_or_else(|| StoreError::NotANumber {
-                    key: key.into(),
-                    value: String::from_utf8_lossy(v).chars().take(64).collect(),
-                })?,
-            };
-            let sum = current
-                .checked_add(delta)
-                .ok_or_else(|| StoreError::NotANumber {
-                    key: key.into(),
-                    value: current.to_string(),
-                })?;
-            Ok((Some(sum.to_string().into_bytes()), sum))
+            let (sum, bytes) = add_counter(key, cur, delta)?;
+            Ok((Some(bytes), sum))
         })
     }
 

@@ -26,8 +26,7 @@ use std::vec::Vec;
 
 use rustix::fs::{FlockOperation, flock};
 
-use crate::data::parse_counter;
-use crate::store::{TimeoutCell, deadline};
+use crate::store::{TimeoutCell, add_counter, deadline, time_left};
 use crate::{DEFAULT_TIMEOUT, Store, StoreError};
 
 const POLL: Duration = Duration::from_millis(10);
@@ -266,23 +265,8 @@ impl FileStore {
 
     fn add_raw(&self, key: &[u8], delta: i64, shown: &str) -> Result<i64, StoreError> {
         self.update(|c| {
-            let current = match c.values.get(key) {
-                None => 0,
-                Some(v) => parse_counter(v).ok_or_else(|| StoreError::NotANumber {
-                    key: shown.into(),
-                    value: String::from_utf8_lossy(v).chars().take(64).collect(),
-                })?,
-            };
-            let sum = current
-                .checked_add(delta)
-                .ok_or_else(|| StoreError::NotANumber {
-                    key: shown.into(),
-                    value: std::format!("{current}"),
-                })?;
-            Ok((
-                sum,
-                std::vec![(key.to_vec(), std::format!("{sum}").into_bytes())],
-            ))
+            let (sum, bytes) = add_counter(shown, c.values.get(key).map(Vec::as_slice), delta)?;
+            Ok((sum, std::vec![(key.to_vec(), bytes)]))
         })
     }
 }
@@ -422,13 +406,8 @@ impl Store for FileStore {
         let timeout = self.timeout();
         loop {
             if block {
-                let left = if timeout.is_zero() {
-                    Duration::ZERO
-                } else {
-                    timeout
-                        .saturating_sub(start.elapsed())
-                        .max(Duration::from_nanos(1))
-                };
+                let left = time_left(timeout, start)
+                    .ok_or_else(|| StoreError::timeout("queue_pop", &[key], start.elapsed()))?;
                 self.poll_until("queue_pop", &[key], left, |c| {
                     c.values.get(&k).is_some_and(|q| !q.is_empty())
                 })?;

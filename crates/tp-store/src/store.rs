@@ -127,3 +127,42 @@ pub(crate) fn random_unit() -> f64 {
     );
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
+
+/// What is left of `timeout` (zero: forever) since `start`, as a timeout to wait with:
+/// zero again for forever, `None` once it has run out.
+pub(crate) fn time_left(timeout: Duration, start: Instant) -> Option<Duration> {
+    if timeout.is_zero() {
+        return Some(Duration::ZERO);
+    }
+    let left = timeout.saturating_sub(start.elapsed());
+    (!left.is_zero()).then_some(left)
+}
+
+/// `current` (a stored counter, or none) plus `delta`: the sum and the bytes to store.
+///
+/// # Errors
+/// [`StoreError::NotANumber`]: the stored value is not a decimal `i64`, or the sum
+/// overflows.
+pub(crate) fn add_counter(
+    key: &str,
+    current: Option<&[u8]>,
+    delta: i64,
+) -> Result<(i64, Vec<u8>), StoreError> {
+    let current = match current {
+        None => 0,
+        Some(v) => crate::data::parse_counter(v).ok_or_else(|| StoreError::NotANumber {
+            key: key.into(),
+            value: std::string::String::from_utf8_lossy(v)
+                .chars()
+                .take(64)
+                .collect(),
+        })?,
+    };
+    let sum = current
+        .checked_add(delta)
+        .ok_or_else(|| StoreError::NotANumber {
+            key: key.into(),
+            value: std::format!("{current}"),
+        })?;
+    Ok((sum, std::format!("{sum}").into_bytes()))
+}

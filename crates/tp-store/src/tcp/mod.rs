@@ -29,7 +29,7 @@ use std::vec::Vec;
 pub use server::{ServerConfig, ServerStats, TcpStoreServer};
 
 use crate::proto::{self, Command, Limits, Response, VALIDATE_MAGIC};
-use crate::store::{TimeoutCell, deadline};
+use crate::store::{TimeoutCell, deadline, time_left};
 use crate::{DEFAULT_TIMEOUT, Store, StoreError};
 
 /// What a connection the server closed reports.
@@ -699,15 +699,8 @@ impl Store for TcpStore {
         let timeout = self.timeout();
         loop {
             if block {
-                let left = if timeout.is_zero() {
-                    Duration::ZERO
-                } else {
-                    let left = timeout.saturating_sub(start.elapsed());
-                    if left.is_zero() {
-                        return Err(StoreError::timeout("queue_pop", &[key], start.elapsed()));
-                    }
-                    left
-                };
+                let left = time_left(timeout, start)
+                    .ok_or_else(|| StoreError::timeout("queue_pop", &[key], start.elapsed()))?;
                 self.wait_keys("queue_pop", &[key], left)?;
             }
             match self.call("queue_pop", &[key], Command::QueuePop, 0, None, |b| {
