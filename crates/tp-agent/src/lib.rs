@@ -33,8 +33,9 @@
 //! pair, messages with payloads and tensors move both ways in order, and closing one
 //! end fails the other's pending operations (tested in one process and across
 //! processes, including a peer killed mid-message). [`Context::spawn`] runs a task on
-//! the context's I/O thread, where a loop that drives pipes runs fastest. Not yet:
-//! `join`, and the RPC agent.
+//! the context's I/O thread, where a loop that drives pipes runs fastest;
+//! [`Context::join`] closes a context and waits until its I/O is done. The RPC agent
+//! ([`rpc`]) has its first layer: validated options and the store rendezvous.
 //!
 //! The `tp` binary (built with the default features) has the benchmarks:
 //!
@@ -57,6 +58,7 @@
 pub mod context;
 mod listener;
 pub mod pipe;
+pub mod rpc;
 mod runtime;
 
 pub use context::{Context, ContextBuilder, ContextError, ListenError};
