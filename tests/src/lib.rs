@@ -9,6 +9,10 @@
 //!   plus bad input), instantiated for every transport and run under two executors.
 //! - `conformance::channel`: one suite of channel behaviours (tensorpipe.md §6.4 plus
 //!   large tensors, close, order), instantiated for basic, xth, cma and mpt.
+//! - `conformance::store`: one suite of c10d store behaviours, instantiated for the
+//!   memory, file, tcp, prefix (and prefix-in-prefix over tcp) and etcd stores (etcd:
+//!   a server the tests start; SKIPPED without the binary, a failure with
+//!   `TP_REQUIRE_ETCD=1`).
 
 #[cfg(test)]
 mod conformance;
