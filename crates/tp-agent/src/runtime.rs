@@ -35,8 +35,10 @@ type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
 const ROUNDS: u32 = 64;
 
 thread_local! {
-    /// Set while this thread is inside a runtime loop's polling.
-    static IN_LOOP: Cell<bool> = const { Cell::new(false) };
+    /// While this thread polls a runtime loop's tasks: that loop's [`LoopWaker`] (its
+    /// address); else 0. A wake is local only for the loop that is polling — a task on
+    /// one context's thread may well wake a task of another context.
+    static IN_LOOP: Cell<usize> = const { Cell::new(0) };
 }
 
 /// The waker the runtime's tasks see (see the module docs).
@@ -55,10 +57,10 @@ impl Wake for LoopWaker {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.again.store(true, Ordering::Release);
-        // Only the runtime thread ever sets IN_LOOP, and only while it polls: any
-        // other caller (or this thread outside the loop, e.g. inside the reactor)
-        // must wake `block_on`.
-        if !IN_LOOP.with(Cell::get) {
+        // Only this loop's own thread, while it polls, sets IN_LOOP to this loop: any
+        // other caller (another thread, another context's loop, or this thread outside
+        // the loop, e.g. inside the reactor) must wake `block_on`.
+        if IN_LOOP.with(Cell::get) != Arc::as_ptr(self) as usize {
             self.outer.wake();
         }
     }
@@ -91,7 +93,7 @@ impl Runtime {
                 async_io::block_on(std::future::poll_fn(|cx| {
                     shared.outer.register(cx.waker());
                     let mut inner = std::task::Context::from_waker(&waker);
-                    IN_LOOP.with(|f| f.set(true));
+                    IN_LOOP.with(|f| f.set(Arc::as_ptr(&shared) as usize));
                     let mut rounds = 0;
                     loop {
                         shared.again.store(false, Ordering::Release);
@@ -113,7 +115,7 @@ impl Runtime {
                             break;
                         }
                     }
-                    IN_LOOP.with(|f| f.set(false));
+                    IN_LOOP.with(|f| f.set(0));
                     if running.is_empty() {
                         let waiters = std::mem::take(
                             &mut *idle_waiters
@@ -227,6 +229,30 @@ mod tests {
         // It went round many times while the timer waited (each wake came from the loop's
         // own thread, so this also exercises the loop-local wake path).
         assert!(spins.load(Ordering::Relaxed) > 2 * u64::from(ROUNDS));
+    }
+
+    #[test]
+    fn a_task_on_one_runtime_wakes_a_sleeping_task_on_another() {
+        let a = Runtime::start("rt-a").unwrap();
+        let b = Runtime::start("rt-b").unwrap();
+        for _ in 0..200 {
+            let (tx, rx) = oneshot::channel::<u32>();
+            let got = b.spawn(async move { rx.await.unwrap() + 1 });
+            // Let b's thread go to sleep in its reactor first.
+            std::thread::sleep(Duration::from_micros(200));
+            // The send runs on a's thread, inside a's loop.
+            a.spawn_ok(async move {
+                let _ = tx.send(41);
+            });
+            let (done, wait) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = done.send(futures::executor::block_on(got));
+            });
+            let v = wait
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the wake from the other runtime was lost");
+            assert_eq!(v.unwrap(), 42);
+        }
     }
 
     #[test]
