@@ -97,3 +97,28 @@ fn a_wait_that_times_out_cancels_and_reads_past_a_crossing_stop_waiting() {
     assert!(store.check(&["k"]).unwrap());
     fake.join().unwrap();
 }
+
+#[test]
+fn a_server_that_never_answers_costs_a_timeout_not_a_hang() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let _hello = read_n(&mut s, 5);
+        let ping = read_n(&mut s, 5);
+        s.write_all(&ping[1..]).unwrap();
+        // Then silence, while holding the connection open.
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    let store = TcpStore::new(TcpStoreOptions {
+        port,
+        timeout: Duration::from_millis(300),
+        ..TcpStoreOptions::default()
+    })
+    .unwrap();
+    let start = std::time::Instant::now();
+    let err = store.add("k", 1).unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    fake.join().unwrap();
+}

@@ -428,6 +428,8 @@ impl TcpStore {
         let mut req = Vec::new();
         encode(&mut req);
         let limits = self.limits;
+        // No reply waits longer than the store's timeout (zero: forever).
+        let until = until.or_else(|| deadline(self.timeout()));
         let confirm = !proto::has_response(cmd);
         if confirm {
             // A write has no reply; a PING after it (same segment) confirms the server
