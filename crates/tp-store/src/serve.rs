@@ -223,19 +223,11 @@ impl Server {
     }
 
     fn reply(&mut self, id: ClientId, resp: &Response<'_>) {
-        let buf = self.out.entry(id).or_default();
-        if buf.is_empty() {
-            self.ready.push_back(id);
-        }
-        resp.encode(buf);
+        resp.encode(outbox(&mut self.out, &mut self.ready, id));
     }
 
     fn reply_byte(&mut self, id: ClientId, b: u8) {
-        let buf = self.out.entry(id).or_default();
-        if buf.is_empty() {
-            self.ready.push_back(id);
-        }
-        buf.push(b);
+        outbox(&mut self.out, &mut self.ready, id).push(b);
     }
 
     fn handle(&mut self, id: ClientId, req: Request<'_>) -> Result<(), ServeError> {
@@ -311,10 +303,7 @@ impl Server {
                 self.arrived(key, false);
             }
             Request::MultiGet { keys } => {
-                let buf = self.out.entry(id).or_default();
-                if buf.is_empty() {
-                    self.ready.push_back(id);
-                }
+                let buf = outbox(&mut self.out, &mut self.ready, id);
                 for k in keys.iter() {
                     proto::put_string(buf, self.data.get(k).unwrap_or_default());
                 }
@@ -356,10 +345,7 @@ impl Server {
                 self.reply(id, &Response::Int(n));
             }
             Request::ListKeys => {
-                let buf = self.out.entry(id).or_default();
-                if buf.is_empty() {
-                    self.ready.push_back(id);
-                }
+                let buf = outbox(&mut self.out, &mut self.ready, id);
                 let n = i64::try_from(self.data.len()).unwrap_or(i64::MAX);
                 buf.extend_from_slice(&n.to_le_bytes());
                 for k in self.data.keys() {
@@ -439,6 +425,19 @@ impl Server {
             }
         }
     }
+}
+
+/// `id`'s buffer of bytes to send, which `ready` lists once it has any.
+fn outbox<'a>(
+    out: &'a mut BTreeMap<ClientId, Vec<u8>>,
+    ready: &mut VecDeque<ClientId>,
+    id: ClientId,
+) -> &'a mut Vec<u8> {
+    let buf = out.entry(id).or_default();
+    if buf.is_empty() {
+        ready.push_back(id);
+    }
+    buf
 }
 
 #[cfg(test)]

@@ -199,6 +199,17 @@ fn wire_key(key: &str) -> Vec<u8> {
     k
 }
 
+/// Appends `cmd` and a key list of `keys` as they go on the wire (each with its `/`).
+fn put_key_list(b: &mut Vec<u8>, cmd: Command, keys: &[&str]) {
+    b.push(cmd as u8);
+    b.extend_from_slice(&(keys.len() as u64).to_le_bytes());
+    for k in keys {
+        b.extend_from_slice(&(k.len() as u64 + 1).to_le_bytes());
+        b.push(b'/');
+        b.extend_from_slice(k.as_bytes());
+    }
+}
+
 impl TcpStore {
     /// Connects (starting the server first when `options.is_server`), retrying with
     /// back-off until the timeout; then, with `num_workers` and `wait_workers`, counts
@@ -510,9 +521,8 @@ impl TcpStore {
         timeout: Duration,
     ) -> Result<(), StoreError> {
         self.check_keys(keys)?;
-        let wire: Vec<Vec<u8>> = keys.iter().map(|k| wire_key(k)).collect();
-        let mut req = std::vec![Command::Wait as u8];
-        proto::put_strings(&mut req, wire.iter().map(Vec::as_slice));
+        let mut req = Vec::new();
+        put_key_list(&mut req, Command::Wait, keys);
         let start = Instant::now();
         let until = deadline(timeout);
         let limits = self.limits;
@@ -616,10 +626,8 @@ impl Store for TcpStore {
 
     fn check(&self, keys: &[&str]) -> Result<bool, StoreError> {
         self.check_keys(keys)?;
-        let wire: Vec<Vec<u8>> = keys.iter().map(|k| wire_key(k)).collect();
         match self.call("check", keys, Command::Check, 0, None, |b| {
-            b.push(Command::Check as u8);
-            proto::put_strings(b, wire.iter().map(Vec::as_slice));
+            put_key_list(b, Command::Check, keys);
         })? {
             Reply::Flag(ready) => Ok(ready),
             _ => Err(self.network("bad reply to CHECK")),
@@ -651,7 +659,6 @@ impl Store for TcpStore {
 
     fn multi_get(&self, keys: &[&str]) -> Result<Vec<Vec<u8>>, StoreError> {
         self.wait_keys("multi_get", keys, self.timeout())?;
-        let wire: Vec<Vec<u8>> = keys.iter().map(|k| wire_key(k)).collect();
         match self.call(
             "multi_get",
             keys,
@@ -659,8 +666,7 @@ impl Store for TcpStore {
             keys.len(),
             None,
             |b| {
-                b.push(Command::MultiGet as u8);
-                proto::put_strings(b, wire.iter().map(Vec::as_slice));
+                put_key_list(b, Command::MultiGet, keys);
             },
         )? {
             Reply::Values(v) => Ok(v),
