@@ -231,6 +231,38 @@ impl ContextBuilder {
         self
     }
 
+    /// The names of the transports registered so far.
+    pub fn transport_names(&self) -> Vec<String> {
+        self.transports.iter().map(|t| t.name.clone()).collect()
+    }
+
+    /// The names of the channels registered so far.
+    pub fn channel_names(&self) -> Vec<String> {
+        self.channels.iter().map(|c| c.name.clone()).collect()
+    }
+
+    /// Keeps only the transports `names` lists, ranked in that order (the first wins
+    /// every handshake). Names not registered are ignored here; check them first with
+    /// [`transport_names`](Self::transport_names).
+    #[must_use]
+    pub fn use_transports(mut self, names: &[String]) -> Self {
+        self.transports.retain(|t| names.contains(&t.name));
+        for t in &mut self.transports {
+            t.priority = rank_by_order(names, &t.name);
+        }
+        self
+    }
+
+    /// Keeps only the channels `names` lists, ranked in that order (first = preferred).
+    #[must_use]
+    pub fn use_channels(mut self, names: &[String]) -> Self {
+        self.channels.retain(|c| names.contains(&c.name));
+        for c in &mut self.channels {
+            c.priority = rank_by_order(names, &c.name);
+        }
+        self
+    }
+
     fn build_unchecked(self) -> Context {
         Context {
             name: self.name,
@@ -300,6 +332,12 @@ impl ContextBuilder {
             runtime: std::sync::OnceLock::new(),
         })
     }
+}
+
+/// A priority from a position in a user's list: the first name gets the highest.
+fn rank_by_order(names: &[String], name: &str) -> i64 {
+    let pos = names.iter().position(|n| n == name).unwrap_or(names.len());
+    i64::try_from(names.len() - pos).unwrap_or(i64::MAX)
 }
 
 /// The registries of one tp instance: viable transports and channels, best first; and

@@ -39,6 +39,8 @@ thread_local! {
     /// address); else 0. A wake is local only for the loop that is polling — a task on
     /// one context's thread may well wake a task of another context.
     static IN_LOOP: Cell<usize> = const { Cell::new(0) };
+    /// Set on every runtime's thread.
+    static ON_RUNTIME: Cell<bool> = const { Cell::new(false) };
 }
 
 /// The waker the runtime's tasks see (see the module docs).
@@ -86,6 +88,7 @@ impl Runtime {
         std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
+                ON_RUNTIME.with(|f| f.set(true));
                 let mut running = FuturesUnordered::new();
                 let shared = Arc::new(LoopWaker::default());
                 let waker = Waker::from(shared.clone());
@@ -167,6 +170,12 @@ impl Runtime {
         });
         Spawned { rx }
     }
+}
+
+/// Whether the calling thread is a context's I/O thread (where blocking would stall
+/// every pipe of that context).
+pub(crate) fn on_runtime_thread() -> bool {
+    ON_RUNTIME.with(Cell::get)
 }
 
 /// A task running on a context's I/O thread (see

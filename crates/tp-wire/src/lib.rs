@@ -17,6 +17,7 @@
 //!   and [`validate`](allocation::validate) for allocations against descriptors.
 //! - [`pipe`] (`alloc`): the handshake, transport and channel negotiation, and message
 //!   sequencing, as a state machine driven through `handle_*` inputs and `poll_*` outputs.
+//! - [`rpc`]: the RPC agent's framing of calls and replies in pipe messages.
 //! - [`testing`] (`testing`): a deterministic two-endpoint harness.
 //!
 //! # Validation contract
@@ -80,6 +81,7 @@ pub mod limits;
 pub mod packet;
 #[cfg(feature = "alloc")]
 pub mod pipe;
+pub mod rpc;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod time;

@@ -1,13 +1,32 @@
 //! The RPC agent (step 6 of the roadmap), PyTorch's TensorPipe agent in Rust.
 //!
-//! **Status: its first layer.** [`AgentOptions`] (validated with clear errors) and the
-//! rendezvous through any [`tp_store::Store`] ([`rendezvous`]): the static/dynamic group
-//! check, rank → name and name → address with PyTorch's key layout, duplicate names
-//! and ranks refused with both workers named. Calls, timeouts, shutdown and device
-//! maps in flight come next.
+//! - [`AgentOptions`]: what a worker is told, validated with clear errors.
+//! - [`rendezvous`]: finding the group through any [`tp_store::Store`], with PyTorch's
+//!   key layout.
+//! - [`Agent`]: calls ([`Agent::send`]) with timeouts, requests run by a [`Handler`]
+//!   on a worker pool, one pipe per peer (reopened after a failure), graceful shutdown
+//!   through the store's call-count barrier, dynamic join and leave, device maps,
+//!   metrics.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use tp_agent::rpc::{Agent, AgentOptions, Reply, Request, RpcMessage};
+//! use tp_store::{MemoryStore, Store};
+//!
+//! let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+//! let echo = |req: Request| Reply::from(req.message);
+//! let a = Agent::start(AgentOptions { world_size: Some(2), ..AgentOptions::new("a", 0) }, store.clone(), echo);
+//! # let _ = a;
+//! ```
 
+mod agent;
+pub mod message;
 pub mod options;
+mod pool;
 pub mod rendezvous;
+mod timer;
 
+pub use agent::{Agent, AgentError, Call, NetworkData, ShutdownError};
+pub use message::{CallError, Handler, Reply, Request, RpcMessage, RpcTensor};
 pub use options::{AgentOptions, OptionsError};
 pub use rendezvous::{Group, RendezvousError};

@@ -35,7 +35,17 @@ pub struct AgentOptions {
     pub device_maps: BTreeMap<String, BTreeMap<Device, Device>>,
     /// The local devices this agent may use (empty: those the maps name).
     pub devices: Vec<Device>,
+    /// The host (IP address or name) to listen on and publish for tcp; `None`: guessed
+    /// as the transport does (`TP_SOCKET_IFNAME`, the host name, else 127.0.0.1 with a
+    /// warning).
+    pub address: Option<String>,
+    /// The largest message (payload and tensors together) this agent accepts; a peer
+    /// that announces a larger one has its pipe closed before anything is allocated.
+    pub max_message_bytes: u64,
 }
+
+/// [`AgentOptions::max_message_bytes`]' default: 64 GiB.
+pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 64 << 30;
 
 impl AgentOptions {
     /// PyTorch's defaults for worker `name` at `rank` of a dynamic group.
@@ -50,6 +60,8 @@ impl AgentOptions {
             channels: None,
             device_maps: BTreeMap::new(),
             devices: Vec::new(),
+            address: None,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 

@@ -230,32 +230,73 @@ fn join_dynamic(
 /// The store's error.
 pub fn leave(store: &dyn Store, opts: &AgentOptions) -> Result<(), RendezvousError> {
     with_token(store, &opts.name, "leave", || {
-        let entry = format!("{}-{},", opts.name, opts.rank);
-        loop {
-            let current = text(store.get(ALL)?);
-            let next = current.replace(&entry, "");
-            if next == current
-                || text(store.compare_set(ALL, current.as_bytes(), next.as_bytes())?) == next
-            {
-                break;
-            }
-        }
-        store.delete_key(&format!("names/{}", opts.rank))?;
-        store.delete_key(&format!("addrs/{}", opts.name))?;
-        Ok(())
+        unlist(store, opts)?;
+        forget_address(store, opts)
     })
+}
+
+/// Takes this worker out of the member list and frees its rank (the caller holds the
+/// membership token).
+pub(crate) fn unlist(store: &dyn Store, opts: &AgentOptions) -> Result<(), RendezvousError> {
+    let entry = format!("{}-{},", opts.name, opts.rank);
+    loop {
+        let current = text(store.get(ALL)?);
+        let next = current.replace(&entry, "");
+        if next == current
+            || text(store.compare_set(ALL, current.as_bytes(), next.as_bytes())?) == next
+        {
+            break;
+        }
+    }
+    store.delete_key(&format!("names/{}", opts.rank))?;
+    Ok(())
+}
+
+/// Deletes this worker's address (the caller holds the membership token).
+pub(crate) fn forget_address(
+    store: &dyn Store,
+    opts: &AgentOptions,
+) -> Result<(), RendezvousError> {
+    store.delete_key(&format!("addrs/{}", opts.name))?;
+    Ok(())
+}
+
+/// A dynamic group's members now (rank → name), read without waiting.
+///
+/// # Errors
+/// The store's error.
+pub fn members(store: &dyn Store) -> Result<BTreeMap<u32, String>, RendezvousError> {
+    Ok(if store.check(&[ALL])? {
+        parse_all(&text(store.get(ALL)?))
+    } else {
+        BTreeMap::new()
+    })
+}
+
+/// A worker's published address, if it has one (waits for it up to the store's
+/// timeout when `wait`).
+pub(crate) fn address(
+    store: &dyn Store,
+    name: &str,
+    wait: bool,
+) -> Result<Option<String>, RendezvousError> {
+    let key = format!("addrs/{name}");
+    if !wait && !store.check(&[&key])? {
+        return Ok(None);
+    }
+    Ok(Some(text(store.get(&key)?)))
 }
 
 /// Runs `f` holding the group's membership token, so joins and leaves happen one at a
 /// time; polls (up to the store's timeout) while another worker holds it. A worker
 /// that died holding it blocks the next join or leave until that times out, naming
 /// the holder.
-fn with_token<T>(
+pub(crate) fn with_token<T, E: From<StoreError>>(
     store: &dyn Store,
     name: &str,
     op: &str,
-    f: impl FnOnce() -> Result<T, RendezvousError>,
-) -> Result<T, RendezvousError> {
+    f: impl FnOnce() -> Result<T, E>,
+) -> Result<T, E> {
     let mine = format!("Token_for_{name}_{op}");
     let start = Instant::now();
     loop {
