@@ -268,6 +268,21 @@ impl Acceptor for ShmAcceptor {
     }
 }
 
+/// Returns `Pending` once (waking itself at once), so the executor runs its other
+/// tasks before this one goes on.
+async fn yield_once() {
+    let mut yielded = false;
+    poll_fn(|cx| {
+        if yielded {
+            return Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await;
+}
+
 /// The rings, eventfds and socket of one connection.
 struct ShmIo {
     sock: Async<UnixStream>,
@@ -320,8 +335,11 @@ impl ShmIo {
         }
     }
 
-    /// Spins until `ready` or the spin budget runs out.
-    fn spin_until(&self, ready: impl Fn() -> bool) -> bool {
+    /// Spins until `ready` or the spin budget runs out. Between checks it yields to the
+    /// executor, so the spin never holds up the other tasks of its thread (a pipe's
+    /// write loop, another connection): on an I/O thread shared by many connections a
+    /// blocking spin would stall them all for the whole budget.
+    async fn spin_until(&self, ready: impl Fn() -> bool) -> bool {
         if self.spin.is_zero() {
             return ready();
         }
@@ -333,7 +351,7 @@ impl ShmIo {
             if start.elapsed() >= self.spin {
                 return false;
             }
-            std::hint::spin_loop();
+            yield_once().await;
         }
     }
 
@@ -377,7 +395,7 @@ impl Stream for ShmIo {
                 let inbox = lock(&self.inbox);
                 inbox.readable() > 0 || inbox.peer_closed()
             };
-            if self.spin_until(ready) && lock(&self.inbox).readable() > 0 {
+            if self.spin_until(ready).await && lock(&self.inbox).readable() > 0 {
                 continue;
             }
             {
@@ -429,7 +447,7 @@ impl Stream for ShmIo {
                     let outbox = lock(&self.outbox);
                     outbox.writable() > 0 || outbox.peer_closed()
                 };
-                if self.spin_until(ready) {
+                if self.spin_until(ready).await {
                     continue;
                 }
                 let sleep = lock(&self.outbox).park();
