@@ -146,7 +146,7 @@ fn lead(args: &DemoArgs) -> Result<(), String> {
         );
     }
     println!("\n(median of the round trips per size; GB/s counts both directions)");
-    Ok(())
+    crate::rpc::demo_group(&sizes)
 }
 
 /// Echoes every message back until the leader says bye.

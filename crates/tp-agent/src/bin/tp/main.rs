@@ -7,6 +7,7 @@
 //! - `tp bench pipe`: message ping-pong over a pipe, like the original's `benchmark_pipe`.
 //! - `tp bench limits`: this machine's physical limits, measured in the same run.
 //! - `tp bench store`: a TCPStore server's operations per second under many clients.
+//! - `tp bench rpc`: RPC calls per second and latency percentiles between two workers.
 //! - `tp store serve|get|set|add|wait|num-keys`: a TCPStore server and client.
 
 mod channel;
@@ -14,6 +15,7 @@ mod demo;
 mod echo;
 mod limits;
 mod pipebench;
+mod rpc;
 mod stats;
 mod store;
 mod transport;
@@ -38,6 +40,9 @@ enum Command {
     /// A TCPStore (PyTorch-compatible) server, and a client to debug a rendezvous.
     #[command(subcommand)]
     Store(store::StoreCommand),
+    /// RPC workers (internal: run by the demo, `bench rpc` and the tests).
+    #[command(subcommand, hide = true)]
+    Rpc(rpc::RpcCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -53,6 +58,9 @@ enum Bench {
     Limits(CommonArgs),
     /// Operations per second of a TCPStore server under many clients.
     Store(store::StoreBenchArgs),
+    /// RPC calls per second and latency between two workers (a second process is
+    /// spawned), for small and large messages.
+    Rpc(rpc::RpcBenchArgs),
     /// Holds a buffer for `bench limits`' process_vm_readv measurement (internal).
     #[command(hide = true)]
     CmaPeer {
@@ -126,6 +134,8 @@ fn main() {
         Command::Bench(Bench::Limits(args)) => limits::run(&args),
         Command::Bench(Bench::Store(args)) => store::bench(&args),
         Command::Store(cmd) => store::run(&cmd),
+        Command::Rpc(rpc::RpcCommand::Worker(args)) => rpc::worker(&args),
+        Command::Bench(Bench::Rpc(args)) => rpc::bench(&args),
         Command::Bench(Bench::CmaPeer { size }) => limits::cma_peer(size),
         Command::Bench(Bench::RawServer) => limits::raw_server(),
         Command::Bench(Bench::EventfdPeer { pid, fds }) => limits::eventfd_peer(pid, &fds),
