@@ -462,3 +462,114 @@ fn a_graceful_shutdown_with_a_dead_peer_ends_with_an_error_not_a_hang() {
         assert!(matches!(e, CallError::NotRunning { .. }), "{e}");
     });
 }
+
+#[test]
+fn a_peer_that_published_an_unreachable_address_fails_fast_with_advice() {
+    // Pain point: a worker that guessed an address its peers cannot reach. Its callers
+    // fail at once, told where they tried and what to set — no hang.
+    within(60, || {
+        let s = store(Duration::from_secs(30));
+        let d0 = Agent::start(opts("d0", 0, None), s.clone(), handler).unwrap();
+        // "ghost" joined from a machine whose guessed address is wrong.
+        let all = s.get("names/_ALL_WORKER_INFOS").unwrap();
+        let mut listed = all.clone();
+        listed.extend_from_slice(b"ghost-1,");
+        s.compare_set("names/_ALL_WORKER_INFOS", &all, &listed)
+            .unwrap();
+        s.set("addrs/ghost", b"tcp://127.0.0.1:1").unwrap();
+        let t0 = Instant::now();
+        let e = block_on(d0.send("ghost", RpcMessage::new("x"), None)).unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+        let text = e.to_string();
+        assert!(text.contains("tcp://127.0.0.1:1"), "{text}");
+        assert!(text.contains("set TP_SOCKET_IFNAME"), "{text}");
+        d0.shutdown_now();
+    });
+}
+
+#[test]
+fn transports_and_channels_in_the_options_are_the_only_ones_used() {
+    within(60, || {
+        let s = store(Duration::from_secs(30));
+        let g = static_group(2, &s, |o| {
+            o.transports = Some(vec!["tcp".into()]);
+            o.channels = Some(vec!["basic".into()]);
+        });
+        for a in &g {
+            let ctx = a.context();
+            assert_eq!(ctx.transports().len(), 1);
+            assert_eq!(ctx.transports()[0].name, "tcp");
+            assert_eq!(ctx.channels().len(), 1);
+            assert_eq!(ctx.channels()[0].name, "basic");
+            assert!(a.url().starts_with("tcp://"), "{}", a.url());
+        }
+        let m = sizes_message(3);
+        check_echo(&block_on(g[0].send("w1", m.clone(), None)).unwrap(), &m);
+        // Order sets priority: the first listed wins.
+        let g2 = static_group(1, &store(Duration::from_secs(5)), |o| {
+            o.channels = Some(vec!["basic".into(), "cma".into()]);
+        });
+        let names: Vec<&str> = g2[0]
+            .context()
+            .channels()
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(names[0], "basic");
+        shutdown_all(&g);
+        shutdown_all(&g2);
+    });
+}
+
+#[test]
+fn malformed_or_oversized_messages_close_that_pipe_only() {
+    use tp_agent::{Context, Message, Payload, Tensor};
+    within(60, || {
+        let s = store(Duration::from_secs(30));
+        let g = static_group(2, &s, |o| o.max_message_bytes = 1 << 20);
+        let url = g[1].url().to_string();
+        let rogue = Arc::new(Context::new("rogue"));
+        let bad_messages = [
+            // Not an RPC header.
+            Message {
+                metadata: b"hello".to_vec(),
+                ..Message::default()
+            },
+            // A request with no payload.
+            Message {
+                metadata: tp_wire::rpc::RpcHeader {
+                    kind: tp_wire::rpc::RpcKind::Request,
+                    id: 1,
+                }
+                .encode()
+                .to_vec(),
+                ..Message::default()
+            },
+            // Over the callee's 1 MiB limit: refused before it is allocated.
+            Message {
+                metadata: tp_wire::rpc::RpcHeader {
+                    kind: tp_wire::rpc::RpcKind::Request,
+                    id: 2,
+                }
+                .encode()
+                .to_vec(),
+                payloads: vec![Payload::default()],
+                tensors: vec![Tensor {
+                    data: Box::new(vec![0u8; 2 << 20]),
+                    target_device: Some(Device::CPU),
+                    metadata: tp_wire::rpc::encode_source_device(Device::CPU).to_vec(),
+                }],
+            },
+        ];
+        for bad in bad_messages {
+            let pipe = rogue.connect(&url).unwrap();
+            let _ = block_on(pipe.write(bad));
+            // The agent closes this pipe: the next read fails instead of hanging.
+            assert!(block_on(pipe.read_descriptor()).is_err());
+        }
+        // The agent serves everyone else as before (within its limit).
+        let m = RpcMessage::new("fine").with_tensor(RpcTensor::cpu(pattern(1000, 9)));
+        check_echo(&block_on(g[0].send("w1", m.clone(), None)).unwrap(), &m);
+        shutdown_all(&g);
+    });
+}

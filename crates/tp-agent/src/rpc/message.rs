@@ -253,7 +253,10 @@ impl fmt::Display for CallError {
                     f,
                     "RPC call {id} to {peer:?} failed: the pipe to {url} failed: {error}"
                 )?;
-                if error.contains("refused") || error.contains("unreachable") {
+                if ["connect", "refused", "unreachable"]
+                    .iter()
+                    .any(|w| error.contains(w))
+                {
                     write!(
                         f,
                         " (is {url} where {peer:?} listens? A worker publishes the address \

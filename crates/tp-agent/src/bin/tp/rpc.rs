@@ -61,6 +61,9 @@ pub(crate) struct WorkerArgs {
     /// What to do.
     #[arg(long, value_enum)]
     scenario: Scenario,
+    /// Tensor sizes for `all-to-all`, comma separated (K, M suffixes).
+    #[arg(long, default_value = "0,1,1000,64K,1M,4M")]
+    sizes: String,
     /// Calls for `load`.
     #[arg(long, default_value_t = 10_000)]
     calls: usize,
@@ -185,7 +188,7 @@ pub(crate) fn worker(args: &WorkerArgs) -> Result<(), String> {
     println!("JOINED {} url={}", args.name, agent.url());
     match args.scenario {
         Scenario::AllToAll => {
-            let sizes = [0, 1, 1000, 64 << 10, 1 << 20, 4 << 20];
+            let sizes = parse_sizes(&args.sizes)?;
             let calls: Vec<_> = names
                 .iter()
                 .enumerate()
