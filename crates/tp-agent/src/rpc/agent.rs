@@ -302,13 +302,17 @@ impl Agent {
         check_reachable(&url)?;
         let group = rendezvous::join(&*store, &opts, &url).map_err(AgentError::Rendezvous)?;
         let pool = Pool::start(&opts.name, opts.num_worker_threads).map_err(AgentError::Thread)?;
+        // The timer fires into the agent, which does not exist yet: it finds it here.
+        let agent: Arc<std::sync::OnceLock<Weak<Inner>>> = Arc::default();
+        let found = agent.clone();
+        let timer = Timer::start(&opts.name, move |id| {
+            if let Some(inner) = found.get().and_then(Weak::upgrade) {
+                inner.expire(id);
+            }
+        })
+        .map_err(AgentError::Thread)?;
         let inner = Arc::new_cyclic(|weak: &Weak<Inner>| {
-            let w = weak.clone();
-            let timer = Timer::start(&opts.name, move |id| {
-                if let Some(inner) = w.upgrade() {
-                    inner.expire(id);
-                }
-            });
+            let _ = agent.set(weak.clone());
             Inner {
                 opts,
                 ctx: ctx.clone(),
@@ -316,7 +320,7 @@ impl Agent {
                 url,
                 handler,
                 pool,
-                timer: timer.unwrap_or_else(|e| panic!("cannot start the timer thread: {e}")),
+                timer,
                 state: Mutex::new(State {
                     phase: Phase::Running,
                     group,

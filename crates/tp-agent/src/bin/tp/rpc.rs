@@ -379,7 +379,7 @@ pub(crate) struct RpcBenchArgs {
     /// Tensor sizes per call (0 = a payload-only call of 8 bytes), comma separated.
     #[arg(long, default_value = "0,1K,64K,1M,16M")]
     sizes: String,
-    /// Calls kept in flight for the throughput figure.
+    /// Calls sent together (then all awaited) for the calls-per-second figure.
     #[arg(long, default_value_t = 32)]
     in_flight: usize,
     /// Seconds per measurement.
@@ -400,6 +400,7 @@ pub(crate) struct RpcBenchArgs {
 /// then `--in-flight` at a time for calls per second.
 pub(crate) fn bench(args: &RpcBenchArgs) -> Result<(), String> {
     let sizes = parse_sizes(&args.sizes)?;
+    let regime = crate::limits::Regime::measure()?;
     let server = store_server()?;
     let port = server.port();
     let mut extra: Vec<String> = Vec::new();
@@ -425,9 +426,11 @@ pub(crate) fn bench(args: &RpcBenchArgs) -> Result<(), String> {
         )
         .map_err(|e| e.to_string())?;
         if !args.json {
+            println!("tp bench rpc: worker0 (here) calls worker1 (a second process)");
+            println!("{}", regime.line());
             println!(
-                "{:>8} {:>9} {:>9} {:>9} {:>9} {:>12} {:>9}",
-                "tensor", "p50 µs", "p90 µs", "p99 µs", "calls", "calls/s", "GB/s"
+                "{:>8} {:>9} {:>9} {:>9} {:>7} {:>9} {:>12} {:>9}",
+                "tensor", "p50 µs", "p90 µs", "p99 µs", "÷ raw", "calls", "calls/s", "GB/s"
             );
         }
         for &size in &sizes {
@@ -444,37 +447,44 @@ pub(crate) fn bench(args: &RpcBenchArgs) -> Result<(), String> {
             let mut lat = Vec::new();
             let t0 = Instant::now();
             while t0.elapsed() < budget || lat.len() < 20 {
+                let m = msg.clone(); // not timed: a caller sends a message it has
                 let t = Instant::now();
-                block_on(agent.send("worker1", msg.clone(), None)).map_err(|e| e.to_string())?;
+                block_on(agent.send("worker1", m, None)).map_err(|e| e.to_string())?;
                 lat.push(t.elapsed());
             }
             let s = Summary::of(&mut lat);
             // Throughput: `in_flight` calls outstanding at all times.
             let t0 = Instant::now();
             let mut done = 0usize;
+            let mut busy = Duration::ZERO;
             while t0.elapsed() < budget {
-                let batch: Vec<_> = (0..args.in_flight)
-                    .map(|_| agent.send("worker1", msg.clone(), None))
+                let msgs: Vec<RpcMessage> = (0..args.in_flight).map(|_| msg.clone()).collect();
+                let t = Instant::now();
+                let batch: Vec<_> = msgs
+                    .into_iter()
+                    .map(|m| agent.send("worker1", m, None))
                     .collect();
                 for r in block_on(join_all(batch)) {
                     r.map_err(|e| e.to_string())?;
                     done += 1;
                 }
+                busy += t.elapsed();
             }
-            let rate = done as f64 / t0.elapsed().as_secs_f64();
+            let rate = done as f64 / busy.as_secs_f64();
             let gbps = 2.0 * size as f64 * rate / 1e9;
             if args.json {
                 println!(
-                    "{{\"tensor_bytes\":{size},\"p50_us\":{:.1},\"p90_us\":{:.1},\"p99_us\":{:.1},\"calls\":{},\"calls_per_s\":{rate:.0},\"in_flight\":{},\"gbps\":{gbps:.3}}}",
-                    s.p50_us, s.p90_us, s.p99_us, s.count, args.in_flight
+                    "{{\"bench\":\"rpc\",\"regime\":{},\"tensor_bytes\":{size},\"p50_us\":{:.1},\"p90_us\":{:.1},\"p99_us\":{:.1},\"calls\":{},\"calls_per_s\":{rate:.0},\"batch\":{},\"gbps\":{gbps:.3}}}",
+                    regime.json(), s.p50_us, s.p90_us, s.p99_us, s.count, args.in_flight
                 );
             } else {
                 println!(
-                    "{:>8} {:>9.1} {:>9.1} {:>9.1} {:>9} {:>12.0} {:>9.3}",
+                    "{:>8} {:>9.1} {:>9.1} {:>9.1} {:>6.2}x {:>9} {:>12.0} {:>9.3}",
                     size_label(size),
                     s.p50_us,
                     s.p90_us,
                     s.p99_us,
+                    s.p50_us / regime.tcp_8b_p50_us,
                     s.count,
                     rate,
                     gbps
@@ -483,7 +493,7 @@ pub(crate) fn bench(args: &RpcBenchArgs) -> Result<(), String> {
         }
         if !args.json {
             println!(
-                "(latency: one call at a time; calls/s and GB/s: {} in flight, both directions' bytes)",
+                "(latency: one call at a time; ÷ raw: p50 / raw TCP 8 B ping-pong p50 of the regime line;\n calls/s and GB/s: batches of {} calls in flight, both directions' bytes)",
                 args.in_flight
             );
         }
