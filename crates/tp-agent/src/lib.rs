@@ -35,7 +35,8 @@
 //! processes, including a peer killed mid-message). [`Context::spawn`] runs a task on
 //! the context's I/O thread, where a loop that drives pipes runs fastest;
 //! [`Context::join`] closes a context and waits until its I/O is done. The RPC agent
-//! ([`rpc`]) has its first layer: validated options and the store rendezvous.
+//! ([`rpc`]) is PyTorch's TensorPipe agent on these pipes: a group of workers found
+//! through a store, calls with timeouts, handlers on a worker pool, graceful shutdown.
 //!
 //! The `tp` binary (built with the default features) has the benchmarks:
 //!
@@ -49,6 +50,7 @@
 //!   eventfd ping-pong between two processes, and single-thread `process_vm_readv`.
 //! - `tp bench pipe`: message ping-pong over a pipe, as the original's `benchmark_pipe`;
 //! - `tp bench store`: a TCPStore server's operations per second under many clients;
+//! - `tp bench rpc`: RPC calls per second and latency percentiles between two workers;
 //! - `tp demo` and `tp store serve|get|set|add|wait|num-keys`.
 //!
 //! Cargo features: `tcp`, `shm`, `basic`, `xth`, `cma`, `mpt` (default), `ibv` (needs

@@ -19,7 +19,7 @@
 //! # let _ = a;
 //! ```
 
-mod agent;
+pub mod agent;
 pub mod message;
 pub mod options;
 mod pool;

@@ -475,7 +475,12 @@ pub(crate) fn bench(args: &RpcBenchArgs) -> Result<(), String> {
             if args.json {
                 println!(
                     "{{\"bench\":\"rpc\",\"regime\":{},\"tensor_bytes\":{size},\"p50_us\":{:.1},\"p90_us\":{:.1},\"p99_us\":{:.1},\"calls\":{},\"calls_per_s\":{rate:.0},\"batch\":{},\"gbps\":{gbps:.3}}}",
-                    regime.json(), s.p50_us, s.p90_us, s.p99_us, s.count, args.in_flight
+                    regime.json(),
+                    s.p50_us,
+                    s.p90_us,
+                    s.p99_us,
+                    s.count,
+                    args.in_flight
                 );
             } else {
                 println!(
