@@ -242,3 +242,57 @@ fn a_worker_publishes_the_interface_tp_socket_ifname_names() {
         "{line}"
     );
 }
+
+#[test]
+fn timeouts_fire_and_late_replies_are_dropped_across_processes() {
+    let server = server();
+    let port = server.port();
+    let mut workers: Vec<Worker> = (0..4)
+        .map(|r| spawn(port, r, Some(4), "timeouts", &[]))
+        .collect();
+    for w in &mut workers {
+        let line = w.expect("TIMEOUT", T);
+        let ms: u64 = line
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("ms="))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((150..550).contains(&ms), "{}: {line}", w.name);
+        assert!(line.contains("set timeout (150 ms)"), "{line}");
+        assert_eq!(w.expect("LATE", T), "LATE dropped=1 next_call=ok");
+        w.succeeds(T);
+    }
+}
+
+#[test]
+fn bad_options_are_refused_with_what_is_wrong() {
+    let server = server();
+    let port = server.port().to_string();
+    for (extra, want) in [
+        (
+            &["--threads", "0"][..],
+            "num_worker_threads must be positive",
+        ),
+        (&["--transports", "uv"][..], "unknown transport \"uv\""),
+        (
+            &["--channels", "basic,basic"][..],
+            "channel \"basic\" is listed twice",
+        ),
+        (
+            &["--world-size", "2", "--rank", "5"][..],
+            "rank 5 is out of range for world_size 2",
+        ),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tp"));
+        cmd.args(["rpc", "worker", "--name", "bad", "--store-port", &port])
+            .args(["--scenario", "serve"]);
+        if !extra.contains(&"--rank") {
+            cmd.args(["--rank", "0"]);
+        }
+        let out = cmd.args(extra).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains(want), "{extra:?}: {err}");
+    }
+}

@@ -32,6 +32,9 @@ pub(crate) enum Scenario {
     Load,
     /// Serves until killed (prints READY).
     Serve,
+    /// Calls the next rank with calls that outlive their timeout; checks the error, that
+    /// the late replies are dropped and that the next call works.
+    Timeouts,
     /// Calls the last rank (the victim) with a call it will never answer, prints SENT,
     /// and expects the call to fail once the victim is killed; then the survivors call
     /// each other.
@@ -234,6 +237,36 @@ pub(crate) fn worker(args: &WorkerArgs) -> Result<(), String> {
                 .count();
             println!("LOAD ok={good}/{} secs={secs:.2}", args.calls);
             barrier(&*store, "loaded", n)?;
+            agent.shutdown().map_err(|e| e.to_string())?;
+        }
+        Scenario::Timeouts => {
+            let to = &names[(args.rank as usize + 1) % names.len()];
+            let t0 = Instant::now();
+            let slow = agent.send(
+                to,
+                RpcMessage::new("sleep:600"),
+                Some(Duration::from_millis(150)),
+            );
+            let id = slow.id().unwrap_or_default();
+            let e = block_on(slow).err().ok_or("a call outlived its timeout")?;
+            println!("TIMEOUT ms={} error={e}", t0.elapsed().as_millis());
+            if !e.to_string().contains(&format!("RPC call {id} to {to:?}")) {
+                return Err(format!("the error does not name the call: {e}"));
+            }
+            let t0 = Instant::now();
+            while agent.metrics()["agent.late_replies_dropped"] < 1 {
+                if t0.elapsed() > Duration::from_secs(30) {
+                    return Err("the late reply never arrived".into());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let m = sized(3, &[4096]);
+            check_bumped(
+                &block_on(agent.send(to, m.clone(), None)).map_err(|e| e.to_string())?,
+                &m,
+            )?;
+            println!("LATE dropped=1 next_call=ok");
+            barrier(&*store, "timeouts", n)?;
             agent.shutdown().map_err(|e| e.to_string())?;
         }
         Scenario::Serve => {
