@@ -102,6 +102,14 @@ fn spawn(port: u16, rank: u32, world: Option<u32>, scenario: &str, extra: &[&str
     }
 }
 
+/// The `ms=` field of a worker's line.
+fn millis(line: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix("ms="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no ms= in {line:?}"))
+}
+
 const T: Duration = Duration::from_secs(120);
 
 fn all_to_all(world: Option<u32>, n: u32, extra: &[&str]) {
@@ -194,12 +202,7 @@ fn a_worker_killed_mid_call_fails_its_callers_quickly_and_the_rest_go_on() {
     let _ = victim.child.wait();
     for w in &mut survivors {
         let line = w.expect("FAILED", T);
-        let ms: u64 = line
-            .split_whitespace()
-            .find_map(|f| f.strip_prefix("ms="))
-            .unwrap()
-            .parse()
-            .unwrap();
+        let ms = millis(&line);
         // The call's timeout was 30 s: the failure came from the dead pipe, not the timer.
         assert!(ms < 15_000, "{}: {line}", w.name);
         assert!(line.contains("worker3"), "{line}");
@@ -252,12 +255,7 @@ fn timeouts_fire_and_late_replies_are_dropped_across_processes() {
         .collect();
     for w in &mut workers {
         let line = w.expect("TIMEOUT", T);
-        let ms: u64 = line
-            .split_whitespace()
-            .find_map(|f| f.strip_prefix("ms="))
-            .unwrap()
-            .parse()
-            .unwrap();
+        let ms = millis(&line);
         assert!((150..550).contains(&ms), "{}: {line}", w.name);
         assert!(line.contains("set timeout (150 ms)"), "{line}");
         assert_eq!(w.expect("LATE", T), "LATE dropped=1 next_call=ok");

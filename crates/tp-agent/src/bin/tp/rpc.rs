@@ -41,6 +41,33 @@ pub(crate) enum Scenario {
     Survivor,
 }
 
+/// Which backends a worker uses.
+#[derive(Clone, Debug, Args)]
+pub(crate) struct Backends {
+    /// Transports to use, first preferred (default: every viable one).
+    #[arg(long, value_delimiter = ',')]
+    transports: Option<Vec<String>>,
+    /// Channels to use, first preferred (default: every viable one).
+    #[arg(long, value_delimiter = ',')]
+    channels: Option<Vec<String>>,
+}
+
+impl Backends {
+    /// The same choice as `tp rpc worker` arguments.
+    fn args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (flag, list) in [
+            ("--transports", &self.transports),
+            ("--channels", &self.channels),
+        ] {
+            if let Some(l) = list {
+                out.extend([flag.to_string(), l.join(",")]);
+            }
+        }
+        out
+    }
+}
+
 #[derive(Debug, Args)]
 pub(crate) struct WorkerArgs {
     /// Worker name.
@@ -73,12 +100,8 @@ pub(crate) struct WorkerArgs {
     /// Worker threads.
     #[arg(long, default_value_t = 4)]
     threads: usize,
-    /// Transports to use, first preferred (default: every viable one).
-    #[arg(long, value_delimiter = ',')]
-    transports: Option<Vec<String>>,
-    /// Channels to use, first preferred (default: every viable one).
-    #[arg(long, value_delimiter = ',')]
-    channels: Option<Vec<String>>,
+    #[command(flatten)]
+    backends: Backends,
 }
 
 /// The workers' handler: `sleep:<ms>` sleeps, then answers; `fail` errs; `bump...`
@@ -179,8 +202,8 @@ pub(crate) fn worker(args: &WorkerArgs) -> Result<(), String> {
         world_size: args.world_size,
         num_worker_threads: args.threads,
         rpc_timeout: Duration::from_secs(60),
-        transports: args.transports.clone(),
-        channels: args.channels.clone(),
+        transports: args.backends.transports.clone(),
+        channels: args.backends.channels.clone(),
         ..AgentOptions::new(args.name.clone(), args.rank)
     };
     let agent = Agent::start(opts, store.clone(), handler).map_err(|e| e.to_string())?;
@@ -418,12 +441,8 @@ pub(crate) struct RpcBenchArgs {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 1.5)]
     seconds: f64,
-    /// Transports to use, first preferred (default: every viable one).
-    #[arg(long, value_delimiter = ',')]
-    transports: Option<Vec<String>>,
-    /// Channels to use, first preferred (default: every viable one).
-    #[arg(long, value_delimiter = ',')]
-    channels: Option<Vec<String>>,
+    #[command(flatten)]
+    backends: Backends,
     /// Print JSON lines instead of a table.
     #[arg(long)]
     json: bool,
@@ -436,13 +455,7 @@ pub(crate) fn bench(args: &RpcBenchArgs) -> Result<(), String> {
     let regime = crate::limits::Regime::measure()?;
     let server = store_server()?;
     let port = server.port();
-    let mut extra: Vec<String> = Vec::new();
-    if let Some(t) = &args.transports {
-        extra.extend(["--transports".into(), t.join(",")]);
-    }
-    if let Some(c) = &args.channels {
-        extra.extend(["--channels".into(), c.join(",")]);
-    }
+    let extra = args.backends.args();
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let mut children = spawn_workers(port, 2, 1..2, "serve", &extra)?;
     let result = (|| {
@@ -450,8 +463,8 @@ pub(crate) fn bench(args: &RpcBenchArgs) -> Result<(), String> {
         let agent = Agent::start(
             AgentOptions {
                 world_size: Some(2),
-                transports: args.transports.clone(),
-                channels: args.channels.clone(),
+                transports: args.backends.transports.clone(),
+                channels: args.backends.channels.clone(),
                 ..AgentOptions::new("worker0", 0)
             },
             store,
