@@ -11,6 +11,9 @@
 //! | `addrs/<name>` | the URL the worker listens on |
 //! | `RpcGroupManagementToken` | dynamic groups: `Token_for_<name>_join` while one joins or leaves |
 //! | `Token_for_<name>_<op>` | `Done` once that join or leave is over |
+//! | `shutdown/ACTIVE_CALLS_ID_<k>` | the call-count barrier's round `k`: the sum of every worker's calls in flight |
+//! | `shutdown/PROCESS_COUNT_ID_<k>` | round `k`: how many workers have arrived |
+//! | `shutdown/READY_ID_<k>` | round `k`: set by the last worker to arrive |
 
 use std::collections::BTreeMap;
 use std::fmt;
