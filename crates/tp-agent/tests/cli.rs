@@ -285,7 +285,15 @@ fn demo_moves_verified_tensors_between_two_processes() {
         stdout.contains("handshake chose transport shm and channel(s) "),
         "{stdout}"
     );
-    assert_eq!(stdout.matches("   yes").count(), 2, "{stdout}");
+    // Two sizes over the pipe, then two sizes to each of the RPC group's four workers.
+    let (pipe_part, rpc_part) = stdout
+        .split_once("an RPC group of 4 workers")
+        .unwrap_or_else(|| panic!("no RPC part: {stdout}"));
+    assert_eq!(pipe_part.matches("   yes").count(), 2, "{stdout}");
+    assert_eq!(rpc_part.matches("   yes").count(), 8, "{stdout}");
+    for w in ["worker0", "worker1", "worker2", "worker3"] {
+        assert!(rpc_part.contains(&format!("{w:>8}    1 KiB")), "{stdout}");
+    }
 }
 
 #[test]
