@@ -89,11 +89,18 @@ impl Pool {
         let mut threads = Vec::with_capacity(size);
         for i in 0..size {
             let s = shared.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("{name}-worker-{i}"))
-                    .spawn(move || work(&s))?,
-            );
+            let started = std::thread::Builder::new()
+                .name(format!("{name}-worker-{i}"))
+                .spawn(move || work(&s));
+            match started {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    // Let the threads already started end.
+                    shared.lock().1 = true;
+                    shared.ready.notify_all();
+                    return Err(e);
+                }
+            }
         }
         Ok(Self {
             shared,

@@ -349,6 +349,25 @@ pub(crate) fn spawn_workers(
         .collect()
 }
 
+/// Runs `lead(port)` as worker 0 of a static group of `world` over a TCPStore served
+/// here on `port`; workers 1.. are `tp rpc worker --scenario serve` processes (with
+/// `extra` arguments), killed once `lead` returns.
+fn with_serving_group<T>(
+    world: u32,
+    extra: &[&str],
+    lead: impl FnOnce(u16) -> Result<T, String>,
+) -> Result<T, String> {
+    let server = store_server()?;
+    let port = server.port();
+    let mut children = spawn_workers(port, world, 1..world, "serve", extra)?;
+    let result = lead(port);
+    for c in &mut children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    result
+}
+
 fn store_server() -> Result<TcpStore, String> {
     TcpStore::new(TcpStoreOptions {
         host: "127.0.0.1".into(),
@@ -364,11 +383,10 @@ fn store_server() -> Result<TcpStore, String> {
 /// worker 0 calling each of them (and itself) with tensors.
 pub(crate) fn demo_group(sizes: &[usize]) -> Result<(), String> {
     const WORLD: u32 = 4;
-    let server = store_server()?;
-    let port = server.port();
-    println!("\nan RPC group of {WORLD} workers: a TCPStore on 127.0.0.1:{port}, 3 more processes");
-    let mut children = spawn_workers(port, WORLD, 1..WORLD, "serve", &[])?;
-    let result = (|| {
+    with_serving_group(WORLD, &[], |port| {
+        println!(
+            "\nan RPC group of {WORLD} workers: a TCPStore on 127.0.0.1:{port}, 3 more processes"
+        );
         let store = store("127.0.0.1", port, Duration::from_secs(60))?;
         let agent = Agent::start(
             AgentOptions {
@@ -422,12 +440,7 @@ pub(crate) fn demo_group(sizes: &[usize]) -> Result<(), String> {
         );
         agent.shutdown_now();
         Ok(())
-    })();
-    for c in &mut children {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    result
+    })
 }
 
 #[derive(Debug, Args)]
@@ -453,12 +466,9 @@ pub(crate) struct RpcBenchArgs {
 pub(crate) fn bench(args: &RpcBenchArgs) -> Result<(), String> {
     let sizes = parse_sizes(&args.sizes)?;
     let regime = crate::limits::Regime::measure()?;
-    let server = store_server()?;
-    let port = server.port();
     let extra = args.backends.args();
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let mut children = spawn_workers(port, 2, 1..2, "serve", &extra)?;
-    let result = (|| {
+    with_serving_group(2, &extra, |port| {
         let store = store("127.0.0.1", port, Duration::from_secs(60))?;
         let agent = Agent::start(
             AgentOptions {
@@ -550,10 +560,5 @@ pub(crate) fn bench(args: &RpcBenchArgs) -> Result<(), String> {
         }
         agent.shutdown_now();
         Ok(())
-    })();
-    for c in &mut children {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    result
+    })
 }
