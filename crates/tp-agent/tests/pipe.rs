@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::executor::block_on;
 use futures::future::join;
-use tp_agent::{Allocation, Context, Message, Payload, Pipe, Tensor};
+use tp_agent::{Allocation, Context, Listener, Message, Payload, Pipe, Tensor};
 
 /// Runs `f` on a thread and fails the test if it takes longer than `secs`.
 fn within<F: FnOnce() + Send + 'static>(secs: u64, f: F) {
@@ -17,6 +17,15 @@ fn within<F: FnOnce() + Send + 'static>(secs: u64, f: F) {
     });
     rx.recv_timeout(Duration::from_secs(secs))
         .expect("panicked or hung");
+}
+
+/// A server and a client context, the server listening on `urls`, and its first URL.
+fn contexts(urls: &[&str]) -> (Arc<Context>, Arc<Context>, Listener, String) {
+    let server_ctx = Arc::new(Context::new("server"));
+    let client_ctx = Arc::new(Context::new("client"));
+    let listener = server_ctx.listen(urls).unwrap();
+    let url = listener.urls()[0].clone();
+    (server_ctx, client_ctx, listener, url)
 }
 
 fn message(seed: u8, payloads: &[usize], tensors: &[usize]) -> Message {
@@ -70,10 +79,7 @@ async fn deliver(from: &Pipe, to: &Pipe, msg: Message) -> Allocation {
 
 fn round_trip(listen: &'static str) {
     within(60, move || {
-        let server_ctx = Arc::new(Context::new("server"));
-        let client_ctx = Arc::new(Context::new("client"));
-        let listener = server_ctx.listen(&[listen]).unwrap();
-        let url = listener.urls()[0].clone();
+        let (_server_ctx, client_ctx, listener, url) = contexts(&[listen]);
         block_on(async {
             let client = client_ctx.connect(&url).unwrap();
             let server = listener.accept().await.unwrap();
@@ -115,10 +121,8 @@ fn messages_cross_an_shm_pipe_intact() {
 #[test]
 fn the_handshake_upgrades_to_shm_and_picks_xth_inside_one_process() {
     within(60, || {
-        let server_ctx = Arc::new(Context::new("server"));
-        let client_ctx = Arc::new(Context::new("client"));
-        let listener = server_ctx.listen(&["tcp://127.0.0.1:0", "shm://"]).unwrap();
-        let tcp_url = listener.urls()[0].clone();
+        let (_server_ctx, client_ctx, listener, tcp_url) =
+            contexts(&["tcp://127.0.0.1:0", "shm://"]);
         assert!(tcp_url.starts_with("tcp://"), "{tcp_url}");
         block_on(async {
             let client = client_ctx.connect(&tcp_url).unwrap();
@@ -135,10 +139,7 @@ fn the_handshake_upgrades_to_shm_and_picks_xth_inside_one_process() {
 #[test]
 fn many_messages_in_flight_both_ways_complete_in_order() {
     within(60, || {
-        let server_ctx = Arc::new(Context::new("server"));
-        let client_ctx = Arc::new(Context::new("client"));
-        let listener = server_ctx.listen(&["tcp://127.0.0.1:0"]).unwrap();
-        let url = listener.urls()[0].clone();
+        let (_server_ctx, client_ctx, listener, url) = contexts(&["tcp://127.0.0.1:0"]);
         block_on(async {
             let client = client_ctx.connect(&url).unwrap();
             let server = listener.accept().await.unwrap();
@@ -202,10 +203,7 @@ fn many_messages_in_flight_both_ways_complete_in_order() {
 #[test]
 fn closing_one_end_fails_the_others_pending_reads() {
     within(30, || {
-        let server_ctx = Arc::new(Context::new("server"));
-        let client_ctx = Arc::new(Context::new("client"));
-        let listener = server_ctx.listen(&["tcp://127.0.0.1:0"]).unwrap();
-        let url = listener.urls()[0].clone();
+        let (_server_ctx, client_ctx, listener, url) = contexts(&["tcp://127.0.0.1:0"]);
         block_on(async {
             let client = client_ctx.connect(&url).unwrap();
             let server = listener.accept().await.unwrap();
@@ -229,10 +227,7 @@ fn closing_one_end_fails_the_others_pending_reads() {
 #[test]
 fn a_silent_or_garbage_connection_costs_only_itself() {
     within(60, || {
-        let server_ctx = Arc::new(Context::new("server"));
-        let client_ctx = Arc::new(Context::new("client"));
-        let listener = server_ctx.listen(&["tcp://127.0.0.1:0"]).unwrap();
-        let url = listener.urls()[0].clone();
+        let (_server_ctx, client_ctx, listener, url) = contexts(&["tcp://127.0.0.1:0"]);
         let addr = url.trim_start_matches("tcp://").to_string();
         // One connection that never speaks, one that sends garbage.
         let _silent = std::net::TcpStream::connect(&addr).unwrap();
@@ -250,10 +245,7 @@ fn a_silent_or_garbage_connection_costs_only_itself() {
 #[test]
 fn closing_a_context_fails_its_pipes_and_the_peers_pending_reads() {
     within(30, || {
-        let server_ctx = Arc::new(Context::new("server"));
-        let client_ctx = Arc::new(Context::new("client"));
-        let listener = server_ctx.listen(&["tcp://127.0.0.1:0"]).unwrap();
-        let url = listener.urls()[0].clone();
+        let (server_ctx, client_ctx, listener, url) = contexts(&["tcp://127.0.0.1:0"]);
         block_on(async {
             let client = client_ctx.connect(&url).unwrap();
             let server = listener.accept().await.unwrap();
@@ -276,10 +268,7 @@ fn closing_a_context_fails_its_pipes_and_the_peers_pending_reads() {
 #[test]
 fn tasks_spawned_on_the_io_thread_drive_pipes_and_a_panic_in_one_spares_the_rest() {
     within(60, || {
-        let server_ctx = Arc::new(Context::new("server"));
-        let client_ctx = Arc::new(Context::new("client"));
-        let listener = server_ctx.listen(&["tcp://127.0.0.1:0"]).unwrap();
-        let url = listener.urls()[0].clone();
+        let (server_ctx, client_ctx, listener, url) = contexts(&["tcp://127.0.0.1:0"]);
         let client = client_ctx.connect(&url).unwrap();
         // The server's echo and the client's loop each run on their context's I/O thread.
         let server = server_ctx.spawn(async move {
@@ -338,10 +327,7 @@ fn tasks_spawned_on_the_io_thread_drive_pipes_and_a_panic_in_one_spares_the_rest
 #[test]
 fn join_closes_the_context_and_returns_once_its_pipes_are_done() {
     within(60, || {
-        let server_ctx = Arc::new(Context::new("server"));
-        let client_ctx = Arc::new(Context::new("client"));
-        let listener = server_ctx.listen(&["tcp://127.0.0.1:0", "shm://"]).unwrap();
-        let url = listener.urls()[0].clone();
+        let (server_ctx, client_ctx, listener, url) = contexts(&["tcp://127.0.0.1:0", "shm://"]);
         let client = client_ctx.connect(&url).unwrap();
         let server = block_on(listener.accept()).unwrap();
         block_on(deliver(&client, &server, message(1, &[10], &[100])));

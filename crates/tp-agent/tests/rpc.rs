@@ -139,7 +139,6 @@ fn a_static_group_calls_all_to_all_with_tensors_and_counts_it() {
         assert_eq!(net["w1"].total_sent_bytes, sent);
         assert_eq!(net["w1"].total_recv_bytes, sent);
         assert_eq!(net["w1"].total_errors, 0);
-        // The pipe to a peer on this machine was upgraded to shm; tensors took cma.
         assert_eq!(agents[0].workers().len(), 3);
         shutdown_all(&agents);
         // Shut down: calls are refused with PyTorch's meaning.

@@ -575,10 +575,7 @@ impl Inner {
                 unknown()
             });
         }
-        let url = rendezvous::address(&*self.store, to, true)
-            .ok()
-            .flatten()
-            .ok_or_else(unknown)?;
+        let url = rendezvous::address(&*self.store, to).map_err(|_| unknown())?;
         let mut s = self.lock();
         s.gone.remove(to);
         s.group.addrs.insert(to.to_string(), url.clone());
@@ -690,11 +687,13 @@ impl Inner {
             return;
         };
         s.client_active -= 1;
-        let peer = s.peers.entry(p.peer.clone()).or_default();
-        peer.active -= 1;
-        match &result {
-            Ok(m) => peer.data.total_recv_bytes += m.len(),
-            Err(_) => peer.data.total_errors += 1,
+        // start_call created the entry; entries are never removed.
+        if let Some(peer) = s.peers.get_mut(&p.peer) {
+            peer.active -= 1;
+            match &result {
+                Ok(m) => peer.data.total_recv_bytes += m.len(),
+                Err(_) => peer.data.total_errors += 1,
+            }
         }
         if matches!(result, Err(CallError::Timeout { .. })) {
             s.timeouts += 1;

@@ -192,11 +192,7 @@ fn join_dynamic(
 ) -> Result<Group, RendezvousError> {
     let entry = format!("{}-{},", opts.name, opts.rank);
     let mut names = loop {
-        let current = if store.check(&[ALL])? {
-            text(store.get(ALL)?)
-        } else {
-            String::new()
-        };
+        let current = member_list(store)?;
         let mut names = parse_all(&current);
         if let Some((&rank, _)) = names.iter().find(|(_, n)| **n == opts.name)
             && rank != opts.rank
@@ -269,25 +265,22 @@ pub(crate) fn forget_address(
 /// # Errors
 /// The store's error.
 pub fn members(store: &dyn Store) -> Result<BTreeMap<u32, String>, RendezvousError> {
+    Ok(parse_all(&member_list(store)?))
+}
+
+/// `names/_ALL_WORKER_INFOS` as it is now (empty before the first member), read
+/// without waiting.
+fn member_list(store: &dyn Store) -> Result<String, StoreError> {
     Ok(if store.check(&[ALL])? {
-        parse_all(&text(store.get(ALL)?))
+        text(store.get(ALL)?)
     } else {
-        BTreeMap::new()
+        String::new()
     })
 }
 
-/// A worker's published address, if it has one (waits for it up to the store's
-/// timeout when `wait`).
-pub(crate) fn address(
-    store: &dyn Store,
-    name: &str,
-    wait: bool,
-) -> Result<Option<String>, RendezvousError> {
-    let key = format!("addrs/{name}");
-    if !wait && !store.check(&[&key])? {
-        return Ok(None);
-    }
-    Ok(Some(text(store.get(&key)?)))
+/// A worker's published address, waiting for it up to the store's timeout.
+pub(crate) fn address(store: &dyn Store, name: &str) -> Result<String, RendezvousError> {
+    Ok(text(store.get(&format!("addrs/{name}"))?))
 }
 
 /// Runs `f` holding the group's membership token, so joins and leaves happen one at a
