@@ -442,13 +442,14 @@ impl Context {
     pub fn connect(self: &Arc<Self>, url: &str) -> Result<crate::Pipe, ContextError> {
         let (transport, address) = self.resolve_url(url)?;
         let connect = transport.connect(address);
-        let pipe = tp_wire::pipe::Pipe::connect(
+        let mut pipe = tp_wire::pipe::Pipe::connect(
             self.config,
             self.offer(&BTreeMap::new()),
             transport.name(),
             url.to_string(),
             self.now(),
         );
+        pipe.set_compatibility(self.compatibility());
         let shared = crate::pipe::Shared::new(pipe, self.clone(), None);
         shared.connect_primary(connect);
         Ok(crate::Pipe::from_shared(shared))
@@ -530,6 +531,22 @@ impl Context {
                 known: self.transports.iter().map(|t| t.name.clone()).collect(),
             })?;
         Ok((t, address))
+    }
+
+    /// The rule a pipe's handshake judges channel descriptors by: each channel's own
+    /// [`ChannelContext::can_communicate_with_remote`].
+    pub(crate) fn compatibility(&self) -> Arc<tp_wire::pipe::Compatible> {
+        let channels: Vec<(String, Arc<dyn ChannelContext>)> = self
+            .channels
+            .iter()
+            .map(|c| (c.name.clone(), c.channel.clone()))
+            .collect();
+        Arc::new(move |name: &str, server: &[u8], client: &[u8]| {
+            channels
+                .iter()
+                .find(|(n, _)| n == name)
+                .is_some_and(|(_, c)| c.can_communicate_with_remote(server, client))
+        })
     }
 
     /// What this context offers a pipe's handshake. `addresses` are the listening

@@ -185,7 +185,7 @@ async fn greet(
     match Greeting::parse_frame(&frame, &limits) {
         Ok(Greeting::Spontaneous(hello)) => {
             let seed = crate::context::random_u64();
-            let pipe = WirePipe::accept(
+            let mut pipe = WirePipe::accept(
                 ctx.pipe_config(),
                 ctx.offer(&addresses),
                 &transport,
@@ -193,6 +193,7 @@ async fn greet(
                 seed,
                 ctx.now(),
             );
+            pipe.set_compatibility(ctx.compatibility());
             let shared = Shared::new(pipe, ctx.clone(), Some(router));
             shared.attach(ConnId(0), conn);
             let _ = pipes.unbounded_send(Pipe::from_shared(shared));

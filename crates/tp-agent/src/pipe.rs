@@ -45,7 +45,7 @@ pub struct Payload {
 
 /// A tensor: bytes a channel moves.
 pub struct Tensor {
-    /// The bytes (CPU memory).
+    /// The bytes (host memory, or a device buffer such as `tp-cuda`'s `CudaBuffer`).
     pub data: Box<dyn SendBuf>,
     /// Where the reader must put them, if the writer decides.
     pub target_device: Option<Device>,
@@ -56,7 +56,8 @@ pub struct Tensor {
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tensor")
-            .field("len", &self.data.bytes().len())
+            .field("len", &self.data.byte_len())
+            .field("device", &self.data.device())
             .field("target_device", &self.target_device)
             .finish_non_exhaustive()
     }
@@ -95,7 +96,7 @@ impl std::fmt::Debug for Allocation {
                 &self
                     .tensors
                     .iter()
-                    .map(|t| t.bytes().len())
+                    .map(|t| t.byte_len())
                     .collect::<Vec<_>>(),
             )
             .finish()
@@ -1038,8 +1039,8 @@ impl Pipe {
                 .tensors
                 .iter()
                 .map(|t| WireTensor {
-                    length: t.data.bytes().len() as u64,
-                    source_device: Device::CPU,
+                    length: t.data.byte_len() as u64,
+                    source_device: t.data.device(),
                     target_device: t.target_device,
                     metadata: t.metadata.clone(),
                 })
@@ -1115,8 +1116,8 @@ impl Pipe {
             .tensors
             .iter()
             .map(|t| Shape {
-                len: t.bytes().len(),
-                device: Device::CPU,
+                len: t.byte_len(),
+                device: t.device(),
             })
             .collect();
         let mut core = self.shared.lock();

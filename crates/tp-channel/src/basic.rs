@@ -106,7 +106,11 @@ impl Channel for BasicChannel {
         let turn = self.inner.ops.send_turn();
         let inner = self.inner.clone();
         async move {
-            match inner.ops.start(&turn, buf.bytes().len()).await {
+            match inner
+                .ops
+                .start_host("basic", &*inner, &turn, buf.device(), buf.byte_len())
+                .await
+            {
                 Ok(true) => {}
                 r => return (buf, r.map(drop)),
             }
@@ -124,7 +128,11 @@ impl Channel for BasicChannel {
         let turn = self.inner.ops.recv_turn();
         let inner = self.inner.clone();
         async move {
-            match inner.ops.start(&turn, buf.bytes().len()).await {
+            match inner
+                .ops
+                .start_host("basic", &*inner, &turn, buf.device(), buf.byte_len())
+                .await
+            {
                 Ok(true) => {}
                 r => return (buf, r.map(drop)),
             }

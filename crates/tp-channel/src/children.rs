@@ -4,13 +4,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError, Weak};
 
 /// Something a context closes when it closes.
-pub(crate) trait Close: Send + Sync {
+pub trait Close: Send + Sync {
+    /// Closes it. Idempotent.
     fn close(&self);
 }
 
 /// A context's closed flag and weak references to its channels.
 #[derive(Default)]
-pub(crate) struct Children {
+pub struct Children {
     closed: AtomicBool,
     list: Mutex<Vec<Weak<dyn Close>>>,
 }
@@ -24,12 +25,13 @@ impl std::fmt::Debug for Children {
 }
 
 impl Children {
-    pub(crate) fn is_closed(&self) -> bool {
+    /// Whether the context closed.
+    pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
 
     /// Tracks `child`; closes it at once if the context already closed.
-    pub(crate) fn adopt(&self, child: Weak<dyn Close>) {
+    pub fn adopt(&self, child: Weak<dyn Close>) {
         let mut list = self.list.lock().unwrap_or_else(PoisonError::into_inner);
         if self.is_closed() {
             drop(list);
@@ -43,7 +45,7 @@ impl Children {
     }
 
     /// Closes the context and everything it made. Idempotent.
-    pub(crate) fn close_all(&self) {
+    pub fn close_all(&self) {
         self.closed.store(true, Ordering::Release);
         let list = std::mem::take(&mut *self.list.lock().unwrap_or_else(PoisonError::into_inner));
         for c in list.iter().filter_map(Weak::upgrade) {

@@ -29,6 +29,20 @@ pub enum ChannelError {
     },
     /// The peer broke the channel's protocol.
     Protocol(String),
+    /// The buffer lives on a device this channel does not move memory of.
+    UnsupportedDevice {
+        /// Channel name.
+        channel: &'static str,
+        /// The buffer's device.
+        device: tp_wire::Device,
+    },
+    /// A device (GPU) call failed.
+    Device {
+        /// What was being done.
+        op: &'static str,
+        /// The driver's message.
+        message: String,
+    },
     /// An OS call failed.
     Io {
         /// What was being done.
@@ -39,15 +53,26 @@ pub enum ChannelError {
 }
 
 impl ChannelError {
-    pub(crate) fn io(op: &'static str, source: io::Error) -> Self {
+    /// [`ChannelError::Io`].
+    pub fn io(op: &'static str, source: io::Error) -> Self {
         Self::Io { op, source }
     }
 
-    pub(crate) fn protocol(why: impl fmt::Display) -> Self {
+    /// [`ChannelError::Protocol`].
+    pub fn protocol(why: impl fmt::Display) -> Self {
         Self::Protocol(why.to_string())
     }
 
-    pub(crate) fn not_viable(channel: &'static str, reason: impl fmt::Display) -> Self {
+    /// [`ChannelError::Device`].
+    pub fn device(op: &'static str, message: impl fmt::Display) -> Self {
+        Self::Device {
+            op,
+            message: message.to_string(),
+        }
+    }
+
+    /// [`ChannelError::NotViable`].
+    pub fn not_viable(channel: &'static str, reason: impl fmt::Display) -> Self {
         Self::NotViable {
             channel,
             reason: reason.to_string(),
@@ -81,6 +106,10 @@ impl fmt::Display for ChannelError {
                 "tensor length mismatch: expected {expected} bytes, the peer sent {announced}"
             ),
             Self::Protocol(why) => write!(f, "channel protocol violation: {why}"),
+            Self::UnsupportedDevice { channel, device } => {
+                write!(f, "channel {channel} cannot move memory of {device}")
+            }
+            Self::Device { op, message } => write!(f, "{op}: {message}"),
             Self::Io { op, source } => write!(f, "{op}: {source}"),
         }
     }

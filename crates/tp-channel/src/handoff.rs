@@ -16,7 +16,7 @@ use std::sync::Arc;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tp_transport::BoxConnection;
-use tp_transport::order::Order;
+use tp_transport::order::{Order, Turn};
 
 use crate::children::{Children, Close};
 use crate::ops::Ops;
@@ -26,7 +26,7 @@ use crate::{BoxChannel, Channel, ChannelError, Device, RecvBuf, RecvDone, SendBu
 const MAX_DESCRIPTOR: u64 = 64;
 
 /// How a receiver gets at a sender's bytes.
-pub(crate) trait Fetch: Send + Sync + 'static {
+pub trait Fetch: Send + Sync + 'static {
     /// What the sender keeps until the acknowledgement.
     type Held: Send + 'static;
 
@@ -47,11 +47,17 @@ pub(crate) trait Fetch: Send + Sync + 'static {
     /// Receiver: fills `dst` from the bytes `descriptor` names.
     ///
     /// # Errors
-    /// A malformed descriptor, a length other than `dst.len()`, or a failed fetch.
-    fn fetch(&self, descriptor: &[u8], dst: &mut [u8]) -> Result<(), ChannelError>;
+    /// A malformed descriptor, a length other than `dst`'s, or a failed fetch.
+    fn fetch(&self, descriptor: &[u8], dst: &mut dyn RecvBuf) -> Result<(), ChannelError>;
+
+    /// Whether buffers on `device` can be sent and received. Default: the CPU only.
+    fn accepts(&self, device: Device) -> bool {
+        device == Device::CPU
+    }
 }
 
 struct Inner<F> {
+    name: &'static str,
     fetch: F,
     /// Connection 0: descriptors, sender → receiver.
     descriptors: BoxConnection,
@@ -65,6 +71,21 @@ struct Inner<F> {
 impl<F: Send + Sync> Close for Inner<F> {
     fn close(&self) {
         Self::close(self);
+    }
+}
+
+impl<F: Fetch> Inner<F> {
+    /// [`Ops::start`] after checking that the fetch moves memory of `device` (if not,
+    /// the channel closes: the peer's matching operation can no longer pair up).
+    async fn start(&self, turn: &Turn, device: Device, len: usize) -> Result<bool, ChannelError> {
+        if !self.fetch.accepts(device) {
+            self.close();
+            return Err(ChannelError::UnsupportedDevice {
+                channel: self.name,
+                device,
+            });
+        }
+        self.ops.start(turn, len).await
     }
 }
 
@@ -116,7 +137,7 @@ impl<F: Fetch> Drop for Published<'_, F> {
 }
 
 /// A channel over two connections and a [`Fetch`].
-pub(crate) struct HandoffChannel<F> {
+pub struct HandoffChannel<F> {
     name: &'static str,
     inner: Arc<Inner<F>>,
 }
@@ -132,12 +153,12 @@ impl<F> std::fmt::Debug for HandoffChannel<F> {
 
 impl<F: Fetch> HandoffChannel<F> {
     /// The handle a context closes this channel by.
-    pub(crate) fn closer(&self) -> std::sync::Weak<dyn Close> {
+    pub fn closer(&self) -> std::sync::Weak<dyn Close> {
         Arc::downgrade(&self.inner) as std::sync::Weak<dyn Close>
     }
 
     /// Builds the channel; `conns` must hold exactly two connections.
-    pub(crate) fn new(
+    pub fn new(
         name: &'static str,
         fetch: F,
         conns: Vec<BoxConnection>,
@@ -148,6 +169,7 @@ impl<F: Fetch> HandoffChannel<F> {
         Ok(Self {
             name,
             inner: Arc::new(Inner {
+                name,
                 fetch,
                 descriptors,
                 acks,
@@ -164,7 +186,7 @@ impl<F: Fetch> Channel for HandoffChannel<F> {
         let ack_turn = self.inner.send_acks.turn();
         let inner = self.inner.clone();
         async move {
-            match inner.ops.start(&turn, buf.bytes().len()).await {
+            match inner.start(&turn, buf.device(), buf.byte_len()).await {
                 Ok(true) => {}
                 r => return (buf, r.map(drop)),
             }
@@ -212,7 +234,7 @@ impl<F: Fetch> Channel for HandoffChannel<F> {
         let turn = self.inner.ops.recv_turn();
         let inner = self.inner.clone();
         async move {
-            match inner.ops.start(&turn, buf.bytes().len()).await {
+            match inner.start(&turn, buf.device(), buf.byte_len()).await {
                 Ok(true) => {}
                 r => return (buf, r.map(drop)),
             }
@@ -224,7 +246,7 @@ impl<F: Fetch> Channel for HandoffChannel<F> {
                 inner: &inner,
                 armed: true,
             };
-            let fetched = inner.fetch.fetch(&descriptor, buf.bytes_mut());
+            let fetched = inner.fetch.fetch(&descriptor, &mut *buf);
             let status = u8::from(fetched.is_err());
             let acked = inner.acks.write(&[&[status]]).await;
             midway.armed = false;
@@ -255,43 +277,54 @@ impl<F> Drop for HandoffChannel<F> {
     }
 }
 
-/// The context side xth and cma share: a descriptor probed at creation (or why not),
-/// two connections per channel, and the channels made, for closing.
+/// The context side handoff channels share: descriptors probed at creation (or why
+/// not), two connections per channel, and the channels made, for closing.
 #[derive(Debug)]
-pub(crate) struct HandoffContext {
+pub struct HandoffContext {
     name: &'static str,
-    descriptor: Result<Vec<u8>, String>,
+    descriptors: Result<Vec<(Device, Vec<u8>)>, String>,
     children: Arc<Children>,
 }
 
 impl HandoffContext {
-    pub(crate) fn new(name: &'static str, descriptor: Result<Vec<u8>, String>) -> Self {
-        if let Err(why) = &descriptor {
+    /// A context for CPU memory: the CPU's descriptor, or why the channel is not viable.
+    pub fn new(name: &'static str, descriptor: Result<Vec<u8>, String>) -> Self {
+        Self::with_devices(name, descriptor.map(|d| vec![(Device::CPU, d)]))
+    }
+
+    /// A context with one descriptor per device, or why the channel is not viable.
+    pub fn with_devices(
+        name: &'static str,
+        descriptors: Result<Vec<(Device, Vec<u8>)>, String>,
+    ) -> Self {
+        if let Err(why) = &descriptors {
             tracing::info!(channel = name, reason = why, "channel not viable");
         }
         Self {
             name,
-            descriptor,
+            descriptors,
             children: Arc::default(),
         }
     }
 
-    pub(crate) fn viability(&self) -> Result<(), ChannelError> {
-        self.descriptor
+    /// `Ok`, or [`ChannelError::NotViable`] with the reason.
+    ///
+    /// # Errors
+    /// [`ChannelError::NotViable`].
+    pub fn viability(&self) -> Result<(), ChannelError> {
+        self.descriptors
             .as_ref()
             .map(|_| ())
             .map_err(|why| ChannelError::not_viable(self.name, why))
     }
 
-    pub(crate) fn device_descriptors(&self) -> Vec<(Device, Vec<u8>)> {
-        self.descriptor
-            .as_ref()
-            .map(|d| vec![(Device::CPU, d.clone())])
-            .unwrap_or_default()
+    /// The descriptors (none when not viable).
+    pub fn device_descriptors(&self) -> Vec<(Device, Vec<u8>)> {
+        self.descriptors.clone().unwrap_or_default()
     }
 
     /// Makes a channel over `conns` with `fetch`, adopted for [`HandoffContext::close`].
-    pub(crate) fn create<F: Fetch>(
+    pub fn create<F: Fetch>(
         &self,
         fetch: F,
         conns: Vec<BoxConnection>,
@@ -311,13 +344,17 @@ impl HandoffContext {
         .boxed()
     }
 
-    pub(crate) fn close(&self) {
+    /// Closes every channel this context made; later ones fail. Idempotent.
+    pub fn close(&self) {
         self.children.close_all();
     }
 }
 
 /// Reads `N` little-endian bytes at `at` of a descriptor.
-pub(crate) fn le_bytes<const N: usize>(d: &[u8], at: usize) -> Result<[u8; N], ChannelError> {
+///
+/// # Errors
+/// [`ChannelError::Protocol`] when the descriptor is too short.
+pub fn le_bytes<const N: usize>(d: &[u8], at: usize) -> Result<[u8; N], ChannelError> {
     d.get(at..at + N)
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| ChannelError::protocol("short descriptor"))

@@ -45,15 +45,26 @@ mod children;
 #[cfg(feature = "cma")]
 pub mod cma;
 mod error;
-#[cfg(any(feature = "xth", feature = "cma"))]
 mod handoff;
 #[cfg(feature = "mpt")]
 pub mod mpt;
 mod ops;
-#[cfg(any(feature = "xth", feature = "cma"))]
+mod park;
 mod system;
 #[cfg(feature = "xth")]
 pub mod xth;
+
+/// Building blocks for channels, also those outside this crate (`tp-cuda`'s use them):
+/// the per-direction operation order, the registry a context closes its channels by,
+/// the *handoff* protocol (the sender says where its bytes are, the receiver fetches
+/// them and acknowledges), and facts for descriptors.
+pub mod kit {
+    pub use crate::children::{Children, Close};
+    pub use crate::handoff::{Fetch, HandoffChannel, HandoffContext, le_bytes};
+    pub use crate::ops::Ops;
+    pub use crate::park::{Ticket, park, with_parked};
+    pub use crate::system::{boot_id, namespace};
+}
 
 use std::fmt;
 

@@ -322,7 +322,11 @@ impl Channel for MptChannel {
         let turn = self.inner.ops.send_turn();
         let inner = self.inner.clone();
         async move {
-            match inner.ops.start(&turn, buf.bytes().len()).await {
+            match inner
+                .ops
+                .start_host("mpt", &*inner, &turn, buf.device(), buf.byte_len())
+                .await
+            {
                 Ok(true) => {}
                 r => return (buf, r.map(drop)),
             }
@@ -355,7 +359,11 @@ impl Channel for MptChannel {
         let turn = self.inner.ops.recv_turn();
         let inner = self.inner.clone();
         async move {
-            match inner.ops.start(&turn, buf.bytes().len()).await {
+            match inner
+                .ops
+                .start_host("mpt", &*inner, &turn, buf.device(), buf.byte_len())
+                .await
+            {
                 Ok(true) => {}
                 r => return (buf, r.map(drop)),
             }

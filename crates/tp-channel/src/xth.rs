@@ -9,40 +9,14 @@
 //! The descriptor `xth:<boot id>:<pid namespace>:<pid>` matches only inside one process.
 //! The copy runs on the task that drives the receive.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::OnceLock;
 
 use futures::future::BoxFuture;
 use tp_transport::BoxConnection;
 
 use crate::handoff::{Fetch, HandoffContext, le_bytes};
-use crate::{BoxChannel, ChannelContext, ChannelError, Device, Endpoint, SendBuf};
-
-type Parked = Arc<Mutex<Option<Box<dyn SendBuf>>>>;
-
-/// Buffers parked by senders, by token.
-fn registry() -> &'static Mutex<HashMap<u64, Parked>> {
-    static REGISTRY: OnceLock<Mutex<HashMap<u64, Parked>>> = OnceLock::new();
-    REGISTRY.get_or_init(Mutex::default)
-}
-
-static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
-
-/// A parked buffer; dropping it unparks (so an abandoned send leaks nothing).
-pub(crate) struct Ticket {
-    token: u64,
-    parked: Parked,
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        registry()
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.token);
-    }
-}
+use crate::park::{Ticket, park, with_parked};
+use crate::{BoxChannel, ChannelContext, ChannelError, Device, Endpoint, RecvBuf, SendBuf};
 
 struct Memcpy;
 
@@ -50,56 +24,39 @@ impl Fetch for Memcpy {
     type Held = Ticket;
 
     fn publish(&self, buf: Box<dyn SendBuf>) -> (Vec<u8>, Ticket) {
-        let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
-        let len = buf.bytes().len() as u64;
-        let parked: Parked = Arc::new(Mutex::new(Some(buf)));
-        registry()
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(token, parked.clone());
+        let len = buf.byte_len() as u64;
+        let ticket = park(buf);
         let mut d = Vec::with_capacity(16);
-        d.extend_from_slice(&token.to_le_bytes());
+        d.extend_from_slice(&ticket.token().to_le_bytes());
         d.extend_from_slice(&len.to_le_bytes());
-        (d, Ticket { token, parked })
+        (d, ticket)
     }
 
     fn take_back(&self, held: Ticket) -> Box<dyn SendBuf> {
-        let buf = held
-            .parked
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        drop(held);
-        // A parked buffer is only ever taken here, once.
-        buf.unwrap_or_else(|| Box::new(Vec::new()))
+        held.take_back()
     }
 
-    fn fetch(&self, d: &[u8], dst: &mut [u8]) -> Result<(), ChannelError> {
+    fn fetch(&self, d: &[u8], dst: &mut dyn RecvBuf) -> Result<(), ChannelError> {
         if d.len() != 16 {
             return Err(ChannelError::protocol("xth descriptor is not 16 bytes"));
         }
         let token = u64::from_le_bytes(le_bytes(d, 0)?);
         let len = u64::from_le_bytes(le_bytes(d, 8)?);
+        let dst = dst.bytes_mut();
         if len != dst.len() as u64 {
             return Err(ChannelError::LengthMismatch {
                 expected: dst.len() as u64,
                 announced: len,
             });
         }
-        let parked = registry()
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&token)
-            .cloned()
-            .ok_or_else(|| ChannelError::protocol(format!("no parked buffer {token}")))?;
-        let guard = parked.lock().unwrap_or_else(PoisonError::into_inner);
-        let src = guard
-            .as_ref()
-            .map(|b| b.bytes())
-            .filter(|b| b.len() == dst.len())
-            .ok_or_else(|| ChannelError::protocol("parked buffer changed"))?;
-        copy(dst, src);
-        Ok(())
+        with_parked(token, |src| {
+            let src = src.bytes();
+            if src.len() != dst.len() {
+                return Err(ChannelError::protocol("parked buffer changed"));
+            }
+            copy(dst, src);
+            Ok(())
+        })?
     }
 }
 
@@ -206,7 +163,7 @@ mod tests {
         Memcpy.fetch(&d, &mut dst).unwrap();
         assert_eq!(dst, vec![5u8; 10]);
         assert!(matches!(
-            Memcpy.fetch(&d, &mut [0u8; 9]),
+            Memcpy.fetch(&d, &mut vec![0u8; 9]),
             Err(ChannelError::LengthMismatch { .. })
         ));
         let mut forged = d.clone();

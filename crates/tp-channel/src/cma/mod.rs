@@ -29,7 +29,7 @@ use futures::future::BoxFuture;
 use tp_transport::BoxConnection;
 
 use crate::handoff::{Fetch, HandoffContext, le_bytes};
-use crate::{BoxChannel, ChannelContext, ChannelError, Device, Endpoint, SendBuf};
+use crate::{BoxChannel, ChannelContext, ChannelError, Device, Endpoint, RecvBuf, SendBuf};
 
 /// Settings of a cma context.
 #[derive(Clone, Copy, Debug)]
@@ -223,7 +223,8 @@ impl Fetch for Pull {
         std::mem::forget(held);
     }
 
-    fn fetch(&self, d: &[u8], dst: &mut [u8]) -> Result<(), ChannelError> {
+    fn fetch(&self, d: &[u8], dst: &mut dyn RecvBuf) -> Result<(), ChannelError> {
+        let dst = dst.bytes_mut();
         if d.len() != 20 {
             return Err(ChannelError::protocol("cma descriptor is not 20 bytes"));
         }

@@ -49,8 +49,11 @@ mod types;
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
+use core::fmt;
 
-pub use negotiate::{NegotiationError, Selection, negotiate, negotiate_version};
+pub use negotiate::{
+    Compatible, NegotiationError, Selection, negotiate, negotiate_version, negotiate_with,
+};
 pub use types::{
     ChannelId, ChannelOp, CommandError, ConnId, Endpoint, Event, Io, IoErrorKind, LocalChannel,
     LocalOffer, LocalTransport, OpId, PeerMisbehaved, PipeConfig, PipeError,
@@ -60,10 +63,10 @@ use crate::allocation::{Buffer, validate};
 use crate::device::Device;
 use crate::frame::{FrameKind, MIN_VERSION, VERSION, split_frame};
 use crate::packet::{
-    Brochure, BrochureAnswer, BrochureAnswerRepr, BrochureRepr, Descriptor, DescriptorReply,
-    DescriptorReplyRepr, DescriptorRepr, GoodbyeRepr, OwnedChannelOffer, OwnedChannelRegistration,
-    OwnedTransportOffer, Packet, RegistrationId, RequestedConnection, SpontaneousConnection,
-    frame_to_vec, parse_frame,
+    Brochure, BrochureAnswer, BrochureAnswerRepr, BrochureRepr, ChannelOffer, Descriptor,
+    DescriptorReply, DescriptorReplyRepr, DescriptorRepr, GoodbyeRepr, OwnedChannelOffer,
+    OwnedChannelRegistration, OwnedTransportOffer, Packet, RegistrationId, RequestedConnection,
+    Seq, SpontaneousConnection, TransportOffer, frame_to_vec, parse_frame,
 };
 use crate::time::Instant;
 
@@ -176,6 +179,31 @@ pub struct Pipe {
     io: VecDeque<Io>,
     chan_ops: VecDeque<ChannelOp>,
     events: VecDeque<Event>,
+    compatible: Rule,
+}
+
+/// The channel compatibility rule of a pipe ([`Pipe::set_compatibility`]).
+#[derive(Clone, Default)]
+struct Rule(Option<alloc::sync::Arc<Compatible>>);
+
+impl fmt::Debug for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() { "custom" } else { "equal" })
+    }
+}
+
+impl Rule {
+    fn negotiate(
+        &self,
+        client: &BrochureRepr<'_>,
+        transports: &Seq<'_, TransportOffer<'_>>,
+        channels: &Seq<'_, ChannelOffer<'_>>,
+    ) -> Result<Selection, NegotiationError> {
+        match &self.0 {
+            Some(rule) => negotiate_with(client, transports, channels, &**rule),
+            None => negotiate(client, transports, channels),
+        }
+    }
 }
 
 fn offer_transports(offer: &LocalOffer, server: bool) -> Vec<OwnedTransportOffer> {
@@ -241,7 +269,15 @@ impl Pipe {
             io: VecDeque::new(),
             chan_ops: VecDeque::new(),
             events: VecDeque::new(),
+            compatible: Rule::default(),
         }
+    }
+
+    /// Judges channel descriptors by `rule` instead of byte equality (see
+    /// [`negotiate_with`]). Call it before the handshake's first frame arrives; both
+    /// ends must use the same rule.
+    pub fn set_compatibility(&mut self, rule: alloc::sync::Arc<Compatible>) {
+        self.compatible = Rule(Some(rule));
     }
 
     /// Starts the client end on `ConnId(0)`, a connection the driver opened with
@@ -797,8 +833,9 @@ impl Pipe {
             channel_registrations: Vec::new(),
             pairs: Vec::new(),
         };
+        let rule = self.compatible.clone();
         let selection = answer
-            .with_repr(|a| negotiate(&brochure, &a.transports, &a.channels))
+            .with_repr(|a| rule.negotiate(&brochure, &a.transports, &a.channels))
             .map_err(PipeError::Negotiation)?;
         let mut answer = answer;
         let address = self
@@ -879,7 +916,10 @@ impl Pipe {
         let inconsistent = PipeError::Peer(PeerMisbehaved::InconsistentSelection);
         let brochure = self.brochure.take().ok_or(PipeError::Closed)?;
         let selection = brochure
-            .with_repr(|b| negotiate(b, &answer.transports, &answer.channels))
+            .with_repr(|b| {
+                self.compatible
+                    .negotiate(b, &answer.transports, &answer.channels)
+            })
             .map_err(PipeError::Negotiation)?;
         let pairs_match = answer.pairs.len() == selection.pairs.len()
             && answer.pairs.iter().zip(&selection.pairs).all(|(a, s)| {

@@ -14,8 +14,11 @@
 //!   earlier channel took is assigned to it. A channel that got at least one pair is
 //!   *selected*; selected channels keep rank order.
 //!
-//! Compatibility is byte equality of descriptors: a backend puts into its descriptor
-//! everything two ends must share (boot id, namespaces, lane count...).
+//! Channel compatibility is byte equality of descriptors by default: a backend puts into
+//! its descriptor everything two ends must share (boot id, namespaces, lane count...).
+//! A channel whose rule is not equality ("the same machine but *another* process",
+//! "not both ends on the CPU") is judged by the rule given to [`negotiate_with`], which
+//! both ends must apply identically: a pure, symmetric function of the two descriptors.
 
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::string::{String, ToString};
@@ -124,6 +127,27 @@ pub fn negotiate(
     server_transports: &Seq<'_, TransportOffer<'_>>,
     server_channels: &Seq<'_, ChannelOffer<'_>>,
 ) -> Result<Selection, NegotiationError> {
+    negotiate_with(client, server_transports, server_channels, &|_, s, c| {
+        s == c
+    })
+}
+
+/// Decides whether a channel's descriptors on two devices work together:
+/// `(channel name, server's descriptor, client's descriptor)`. Both ends of a pipe
+/// run it on the same inputs, so it must be a pure function of them, and symmetric.
+pub type Compatible = dyn Fn(&str, &[u8], &[u8]) -> bool + Send + Sync;
+
+/// [`negotiate`] with channel descriptors judged by `compatible` instead of byte
+/// equality.
+///
+/// # Errors
+/// As [`negotiate`].
+pub fn negotiate_with(
+    client: &BrochureRepr<'_>,
+    server_transports: &Seq<'_, TransportOffer<'_>>,
+    server_channels: &Seq<'_, ChannelOffer<'_>>,
+    compatible: &Compatible,
+) -> Result<Selection, NegotiationError> {
     unique_names(client.transports.iter().map(|t| t.name))?;
     unique_names(client.channels.iter().map(|c| c.name))?;
     let transports = ranked(server_transports.iter(), |t| (t.priority, t.name))?;
@@ -151,7 +175,9 @@ pub fn negotiate(
         let mut got_one = false;
         for sd in s.devices.iter() {
             for cd in c.devices.iter() {
-                if sd.descriptor == cd.descriptor && !taken.contains_key(&(sd.device, cd.device)) {
+                if !taken.contains_key(&(sd.device, cd.device))
+                    && compatible(s.name, sd.descriptor, cd.descriptor)
+                {
                     taken.insert((sd.device, cd.device), s.name.to_string());
                     got_one = true;
                 }
@@ -284,6 +310,49 @@ mod tests {
         assert_eq!(sel.pairs.len(), 5);
         assert_eq!(sel.pairs[0].channel, "cma");
         assert!(sel.pairs[1..].iter().all(|p| p.channel == "cuda_ipc"));
+    }
+
+    #[test]
+    fn a_custom_rule_decides_channel_pairs_and_equality_no_longer_does() {
+        // A rule like cuda_ipc's: same machine ("m1"), another process (after the '/').
+        let server = [DeviceDescriptor {
+            device: Device::cuda(0),
+            descriptor: b"m1/pid-1",
+        }];
+        let same_process = [DeviceDescriptor {
+            device: Device::cuda(0),
+            descriptor: b"m1/pid-1",
+        }];
+        let other_process = [DeviceDescriptor {
+            device: Device::cuda(0),
+            descriptor: b"m1/pid-2",
+        }];
+        fn run(client: &[DeviceDescriptor<'_>], server: &[DeviceDescriptor<'_>]) -> (usize, usize) {
+            let offer = |devices| ChannelOffer {
+                name: "ipc",
+                priority: 1,
+                devices,
+            };
+            let rule = |name: &str, s: &[u8], c: &[u8]| {
+                assert_eq!(name, "ipc");
+                s.split(|&b| b == b'/').next() == c.split(|&b| b == b'/').next() && s != c
+            };
+            let tr = [t("tcp", 0, b"")];
+            let chans = [offer(Seq::Slice(client))];
+            let brochure = BrochureRepr {
+                min_version: 1,
+                max_version: 1,
+                transports: Seq::Slice(&tr),
+                channels: Seq::Slice(&chans),
+            };
+            let server_chans = [offer(Seq::Slice(server))];
+            let (tr, sc) = (Seq::Slice(&tr), Seq::Slice(&server_chans));
+            let custom = negotiate_with(&brochure, &tr, &sc, &rule).unwrap();
+            let equal = negotiate(&brochure, &tr, &sc).unwrap();
+            (custom.pairs.len(), equal.pairs.len())
+        }
+        assert_eq!(run(&other_process, &server), (1, 0));
+        assert_eq!(run(&same_process, &server), (0, 1));
     }
 
     #[test]
