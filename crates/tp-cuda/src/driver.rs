@@ -1,0 +1,617 @@
+//! The CUDA driver API, as far as the channels need it: every `unsafe` call of this
+//! crate is here, each wrapped in a safe function or an owning type.
+//!
+//! libcuda is loaded at run time (cudarc's dynamic loading). cudarc *panics* when a
+//! function is called and the library is missing, so [`driver`] checks that the
+//! library is there before the first call, and everything else goes through it: on a
+//! machine without a driver, nothing here is ever called.
+//!
+//! Every call runs with the device's primary context pushed on the calling thread and
+//! popped afterwards ([`on_device`]): no call creates a context on a device it was not
+//! meant for (tensorpipe.md §5.6), and the thread's own current context is left as it
+//! was. Primary contexts are retained once, on first use of each device, and kept for
+//! the life of the process.
+
+use std::ffi::{c_uint, c_void};
+use std::fmt;
+use std::sync::OnceLock;
+
+use cudarc::driver::sys;
+use futures::channel::oneshot;
+
+/// A failed driver call: what was being done and the driver's error.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct CudaError {
+    /// The call.
+    pub op: &'static str,
+    /// The driver's error name (`CUDA_ERROR_...`), or why the call could not be made.
+    pub message: String,
+}
+
+impl fmt::Display for CudaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.op, self.message)
+    }
+}
+
+impl std::error::Error for CudaError {}
+
+impl From<CudaError> for tp_channel::ChannelError {
+    fn from(e: CudaError) -> Self {
+        Self::device(e.op, e.message)
+    }
+}
+
+fn check(op: &'static str, r: sys::CUresult) -> Result<(), CudaError> {
+    r.result().map_err(|e| CudaError {
+        op,
+        message: format!("{e:?}"),
+    })
+}
+
+/// A raw driver handle (context, stream, event): a pointer the driver owns.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+struct Handle(usize);
+
+/// One GPU as the driver reports it.
+#[derive(Debug)]
+pub(crate) struct DeviceInfo {
+    dev: sys::CUdevice,
+    /// The device's UUID: global, unlike ordinals (which `CUDA_VISIBLE_DEVICES` renumbers).
+    pub(crate) uuid: [u8; 16],
+    /// Unified virtual addressing (every device since 2011; the channels rely on it).
+    pub(crate) unified_addressing: bool,
+    /// `CU_COMPUTEMODE_DEFAULT`: other processes may create contexts on it (cuda_ipc).
+    pub(crate) default_compute_mode: bool,
+    /// PCI `domain:bus:device`, to pair a GPU with its nearest NIC (cuda_gdr).
+    pub(crate) pci: (i32, i32, i32),
+    /// Total memory in bytes.
+    pub(crate) total_mem: usize,
+    ctx: OnceLock<Result<Handle, CudaError>>,
+}
+
+/// The loaded driver and its devices.
+#[derive(Debug)]
+pub(crate) struct Driver {
+    pub(crate) devices: Vec<DeviceInfo>,
+}
+
+/// The driver, probed once per process: `Err` says why CUDA cannot be used here.
+pub(crate) fn driver() -> Result<&'static Driver, String> {
+    static DRIVER: OnceLock<Result<Driver, String>> = OnceLock::new();
+    DRIVER.get_or_init(probe).as_ref().map_err(Clone::clone)
+}
+
+fn probe() -> Result<Driver, String> {
+    // SAFETY: only looks for the library (dlopen); calls nothing in it.
+    let present = unsafe { sys::is_culib_present() };
+    if !present {
+        return Err("libcuda (the NVIDIA driver) is not installed on this machine".to_string());
+    }
+    // SAFETY: the library is present; cuInit takes no pointers.
+    let r = unsafe { sys::cuInit(0) };
+    check("cuInit", r).map_err(|e| e.to_string())?;
+    let mut count = 0;
+    // SAFETY: `count` is a valid place for the result.
+    let r = unsafe { sys::cuDeviceGetCount(&raw mut count) };
+    check("cuDeviceGetCount", r).map_err(|e| e.to_string())?;
+    if count <= 0 {
+        return Err("the driver sees no GPU".to_string());
+    }
+    let devices = (0..count)
+        .map(device_info)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    Ok(Driver { devices })
+}
+
+fn attribute(dev: sys::CUdevice, attr: sys::CUdevice_attribute) -> Result<i32, CudaError> {
+    let mut v = 0;
+    // SAFETY: `v` is a valid place for the result; `dev` came from cuDeviceGet.
+    let r = unsafe { sys::cuDeviceGetAttribute(&raw mut v, attr, dev) };
+    check("cuDeviceGetAttribute", r)?;
+    Ok(v)
+}
+
+fn device_info(ordinal: i32) -> Result<DeviceInfo, CudaError> {
+    use sys::CUdevice_attribute as A;
+    let mut dev = 0;
+    // SAFETY: `dev` is a valid place for the result.
+    let r = unsafe { sys::cuDeviceGet(&raw mut dev, ordinal) };
+    check("cuDeviceGet", r)?;
+    let mut uuid = sys::CUuuid { bytes: [0; 16] };
+    // SAFETY: `uuid` is a valid place for the result.
+    let r = unsafe { sys::cuDeviceGetUuid_v2(&raw mut uuid, dev) };
+    check("cuDeviceGetUuid", r)?;
+    let mut total = 0usize;
+    // SAFETY: `total` is a valid place for the result.
+    let r = unsafe { sys::cuDeviceTotalMem_v2(&raw mut total, dev) };
+    check("cuDeviceTotalMem", r)?;
+    Ok(DeviceInfo {
+        dev,
+        uuid: uuid.bytes.map(|b| b as u8),
+        unified_addressing: attribute(dev, A::CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING)? == 1,
+        default_compute_mode: attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_MODE)? == 0,
+        pci: (
+            attribute(dev, A::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID)?,
+            attribute(dev, A::CU_DEVICE_ATTRIBUTE_PCI_BUS_ID)?,
+            attribute(dev, A::CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID)?,
+        ),
+        total_mem: total,
+        ctx: OnceLock::new(),
+    })
+}
+
+impl Driver {
+    fn device(&self, index: u32) -> Result<&DeviceInfo, CudaError> {
+        self.devices.get(index as usize).ok_or_else(|| CudaError {
+            op: "device lookup",
+            message: format!(
+                "cuda:{index} does not exist here ({} GPUs)",
+                self.devices.len()
+            ),
+        })
+    }
+
+    /// The primary context of device `index`, retained on first use.
+    fn context(&self, index: u32) -> Result<Handle, CudaError> {
+        let info = self.device(index)?;
+        info.ctx
+            .get_or_init(|| {
+                let mut ctx: sys::CUcontext = std::ptr::null_mut();
+                // SAFETY: `ctx` is a valid place for the result; `info.dev` came from
+                // cuDeviceGet. The context is retained for the life of the process.
+                let r = unsafe { sys::cuDevicePrimaryCtxRetain(&raw mut ctx, info.dev) };
+                check("cuDevicePrimaryCtxRetain", r).map(|()| Handle(ctx as usize))
+            })
+            .clone()
+    }
+
+    /// Whether device `a` can read and write device `b`'s memory directly.
+    pub(crate) fn can_access_peer(&self, a: u32, b: u32) -> bool {
+        if a == b {
+            return true;
+        }
+        let (Ok(da), Ok(db)) = (self.device(a), self.device(b)) else {
+            return false;
+        };
+        let mut can = 0;
+        // SAFETY: `can` is a valid place for the result; both devices are real.
+        let r = unsafe { sys::cuDeviceCanAccessPeer(&raw mut can, da.dev, db.dev) };
+        check("cuDeviceCanAccessPeer", r).is_ok() && can == 1
+    }
+}
+
+/// Runs `f` with device `index`'s primary context current on this thread.
+pub(crate) fn on_device<R>(
+    index: u32,
+    f: impl FnOnce() -> Result<R, CudaError>,
+) -> Result<R, CudaError> {
+    let drv = driver().map_err(|message| CudaError {
+        op: "loading the CUDA driver",
+        message,
+    })?;
+    let ctx = drv.context(index)?;
+    // SAFETY: `ctx` is a retained primary context, never released.
+    let r = unsafe { sys::cuCtxPushCurrent_v2(ctx.0 as sys::CUcontext) };
+    check("cuCtxPushCurrent", r)?;
+    let out = f();
+    let mut popped: sys::CUcontext = std::ptr::null_mut();
+    // SAFETY: pops the context pushed above; `popped` is a valid place for it.
+    let r = unsafe { sys::cuCtxPopCurrent_v2(&raw mut popped) };
+    let popped_ok = check("cuCtxPopCurrent", r);
+    let out = out?;
+    popped_ok?;
+    Ok(out)
+}
+
+/// A stream handle as users pass it (`CUstream` as an integer; 0 = the legacy default
+/// stream). The channels only enqueue work on it; they never destroy it.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq, Hash)]
+pub struct RawStream(pub usize);
+
+impl RawStream {
+    fn get(self) -> sys::CUstream {
+        self.0 as sys::CUstream
+    }
+}
+
+/// A stream this crate created (non-blocking), destroyed on drop.
+#[derive(Debug)]
+pub struct OwnedStream {
+    device: u32,
+    raw: RawStream,
+}
+
+impl OwnedStream {
+    /// Creates a stream on device `index`.
+    ///
+    /// # Errors
+    /// No driver, no such device, or the driver's error.
+    pub fn new(index: u32) -> Result<Self, CudaError> {
+        on_device(index, || {
+            let mut s: sys::CUstream = std::ptr::null_mut();
+            // SAFETY: `s` is a valid place for the result; a context is current.
+            let r = unsafe {
+                sys::cuStreamCreate(
+                    &raw mut s,
+                    sys::CUstream_flags::CU_STREAM_NON_BLOCKING as c_uint,
+                )
+            };
+            check("cuStreamCreate", r)?;
+            Ok(Self {
+                device: index,
+                raw: RawStream(s as usize),
+            })
+        })
+    }
+
+    /// The handle, for buffers.
+    pub const fn raw(&self) -> RawStream {
+        self.raw
+    }
+
+    /// Waits until everything enqueued on the stream is done.
+    ///
+    /// # Errors
+    /// The driver's error (an earlier asynchronous failure shows here).
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        synchronize(self.device, self.raw)
+    }
+}
+
+impl Drop for OwnedStream {
+    fn drop(&mut self) {
+        let raw = self.raw;
+        let _ = on_device(self.device, || {
+            // SAFETY: the stream was created by `new` and is destroyed once; work still
+            // queued on it completes first (the driver defers the release).
+            let r = unsafe { sys::cuStreamDestroy_v2(raw.get()) };
+            check("cuStreamDestroy", r)
+        });
+    }
+}
+
+/// Waits on the host until `stream` is idle.
+pub(crate) fn synchronize(device: u32, stream: RawStream) -> Result<(), CudaError> {
+    on_device(device, || {
+        // SAFETY: `stream` is a live stream of this context (the caller's promise
+        // behind `CudaBuffer::from_raw`, or one of ours).
+        let r = unsafe { sys::cuStreamSynchronize(stream.get()) };
+        check("cuStreamSynchronize", r)
+    })
+}
+
+/// An event, destroyed on drop (pending work keeps what it needs).
+#[derive(Debug)]
+pub(crate) struct Event {
+    device: u32,
+    raw: Handle,
+}
+
+impl Event {
+    /// A new event without timing; `interprocess` for one shared through IPC.
+    pub(crate) fn new(device: u32, interprocess: bool) -> Result<Self, CudaError> {
+        let mut flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as c_uint;
+        if interprocess {
+            flags |= sys::CUevent_flags::CU_EVENT_INTERPROCESS as c_uint;
+        }
+        on_device(device, || {
+            let mut e: sys::CUevent = std::ptr::null_mut();
+            // SAFETY: `e` is a valid place for the result; a context is current.
+            let r = unsafe { sys::cuEventCreate(&raw mut e, flags) };
+            check("cuEventCreate", r)?;
+            Ok(Self {
+                device,
+                raw: Handle(e as usize),
+            })
+        })
+    }
+
+    fn get(&self) -> sys::CUevent {
+        self.raw.0 as sys::CUevent
+    }
+
+    /// Records the event at the current end of `stream`.
+    pub(crate) fn record(&self, stream: RawStream) -> Result<(), CudaError> {
+        on_device(self.device, || {
+            // SAFETY: the event is alive (owned by self); the stream is live.
+            let r = unsafe { sys::cuEventRecord(self.get(), stream.get()) };
+            check("cuEventRecord", r)
+        })
+    }
+
+    /// Makes later work on `stream` (of device `device`) wait for the event.
+    pub(crate) fn wait_on(&self, device: u32, stream: RawStream) -> Result<(), CudaError> {
+        on_device(device, || {
+            // SAFETY: the event is alive; the stream is live.
+            let r = unsafe { sys::cuStreamWaitEvent(stream.get(), self.get(), 0) };
+            check("cuStreamWaitEvent", r)
+        })
+    }
+
+    /// The IPC handle another process opens this event by.
+    pub(crate) fn ipc_handle(&self) -> Result<[u8; 64], CudaError> {
+        on_device(self.device, || {
+            let mut h = sys::CUipcEventHandle { reserved: [0; 64] };
+            // SAFETY: `h` is a valid place for the result; the event is alive.
+            let r = unsafe { sys::cuIpcGetEventHandle(&raw mut h, self.get()) };
+            check("cuIpcGetEventHandle", r)?;
+            Ok(h.reserved.map(|b| b as u8))
+        })
+    }
+
+    /// Opens an event another process shared, in device `device`'s context.
+    pub(crate) fn open_ipc(device: u32, handle: &[u8; 64]) -> Result<Self, CudaError> {
+        on_device(device, || {
+            let h = sys::CUipcEventHandle {
+                reserved: handle.map(|b| b as std::ffi::c_char),
+            };
+            let mut e: sys::CUevent = std::ptr::null_mut();
+            // SAFETY: `e` is a valid place for the result; the driver validates the
+            // handle's bytes (a bad one is an error, not a crash).
+            let r = unsafe { sys::cuIpcOpenEventHandle(&raw mut e, h) };
+            check("cuIpcOpenEventHandle", r)?;
+            Ok(Self {
+                device,
+                raw: Handle(e as usize),
+            })
+        })
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        let raw = self.raw;
+        let _ = on_device(self.device, || {
+            // SAFETY: the event is destroyed once; work recorded on it completes first.
+            let r = unsafe { sys::cuEventDestroy_v2(raw.0 as sys::CUevent) };
+            check("cuEventDestroy", r)
+        });
+    }
+}
+
+/// Enqueues a copy of `len` bytes from `src` to `dst` on `stream` (of device
+/// `device`). Either address may be device memory of any GPU or pinned host memory:
+/// with unified addressing the driver tells them apart.
+///
+/// The caller keeps both ranges alive and untouched until the stream passes the copy.
+pub(crate) fn copy_async(
+    device: u32,
+    dst: u64,
+    src: u64,
+    len: usize,
+    stream: RawStream,
+) -> Result<(), CudaError> {
+    if len == 0 {
+        return Ok(());
+    }
+    on_device(device, || {
+        // SAFETY: the caller guarantees both ranges are `len` bytes of live memory that
+        // stay alive until the copy is done (see above); the stream is live.
+        let r = unsafe { sys::cuMemcpyAsync(dst, src, len, stream.get()) };
+        check("cuMemcpyAsync", r)
+    })
+}
+
+/// Fills `len` bytes at `dst` with `value`, in stream order.
+pub(crate) fn memset_async(
+    device: u32,
+    dst: u64,
+    value: u8,
+    len: usize,
+    stream: RawStream,
+) -> Result<(), CudaError> {
+    on_device(device, || {
+        // SAFETY: the caller guarantees `len` bytes of device memory at `dst`.
+        let r = unsafe { sys::cuMemsetD8Async(dst, value, len, stream.get()) };
+        check("cuMemsetD8Async", r)
+    })
+}
+
+unsafe extern "C" fn stream_reached(_: sys::CUstream, status: sys::CUresult, data: *mut c_void) {
+    // SAFETY: `data` is the `Box<oneshot::Sender<_>>` leaked by `reached`, and the driver
+    // calls this exactly once per registration.
+    let tx = unsafe { Box::from_raw(data.cast::<oneshot::Sender<sys::CUresult>>()) };
+    // Only signals the waiting future: no CUDA call may be made from here.
+    let _ = tx.send(status);
+}
+
+/// A future that resolves once everything enqueued on `stream` so far is done (or
+/// failed). Nothing polls: the driver's callback thread wakes the future.
+pub(crate) fn reached(
+    device: u32,
+    stream: RawStream,
+) -> Result<impl Future<Output = Result<(), CudaError>> + Send + 'static, CudaError> {
+    let (tx, rx) = oneshot::channel::<sys::CUresult>();
+    let data = Box::into_raw(Box::new(tx)).cast::<c_void>();
+    let added = on_device(device, || {
+        // SAFETY: `stream_reached` matches the callback type and takes back `data`
+        // exactly once; the stream is live. (cuStreamAddCallback, unlike
+        // cuLaunchHostFunc, also calls back when the stream failed, so no waiter hangs.)
+        let r = unsafe { sys::cuStreamAddCallback(stream.get(), Some(stream_reached), data, 0) };
+        check("cuStreamAddCallback", r)
+    });
+    if let Err(e) = added {
+        // SAFETY: the driver did not take `data`; it is still the box leaked above.
+        drop(unsafe { Box::from_raw(data.cast::<oneshot::Sender<sys::CUresult>>()) });
+        return Err(e);
+    }
+    Ok(async move {
+        match rx.await {
+            Ok(status) => check("stream work", status),
+            Err(_) => Err(CudaError {
+                op: "stream callback",
+                message: "the driver dropped the callback".to_string(),
+            }),
+        }
+    })
+}
+
+/// Page-locked host memory, which the GPU's copy engines reach directly.
+pub(crate) struct Pinned {
+    ptr: Handle,
+    len: usize,
+    /// The device whose context allocated it (portable: usable from every context).
+    device: u32,
+}
+
+impl fmt::Debug for Pinned {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pinned").field("len", &self.len).finish()
+    }
+}
+
+impl Pinned {
+    pub(crate) fn new(device: u32, len: usize) -> Result<Self, CudaError> {
+        on_device(device, || {
+            let mut p: *mut c_void = std::ptr::null_mut();
+            // SAFETY: `p` is a valid place for the result; a context is current.
+            let r = unsafe {
+                sys::cuMemHostAlloc(&raw mut p, len.max(1), sys::CU_MEMHOSTALLOC_PORTABLE)
+            };
+            check("cuMemHostAlloc", r)?;
+            Ok(Self {
+                ptr: Handle(p as usize),
+                len,
+                device,
+            })
+        })
+    }
+
+    pub(crate) const fn addr(&self) -> u64 {
+        self.ptr.0 as u64
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        // SAFETY: `len` bytes were allocated at `ptr` and live as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.0 as *const u8, self.len) }
+    }
+
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`, and `&mut self` makes this the only view.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.0 as *mut u8, self.len) }
+    }
+}
+
+// SAFETY: page-locked host memory is plain memory owned by this value alone.
+unsafe impl Send for Pinned {}
+// SAFETY: shared access only reads (`bytes`).
+unsafe impl Sync for Pinned {}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let p = self.ptr;
+        let _ = on_device(self.device, || {
+            // SAFETY: allocated by cuMemHostAlloc in `new`, freed once.
+            let r = unsafe { sys::cuMemFreeHost(p.0 as *mut c_void) };
+            check("cuMemFreeHost", r)
+        });
+    }
+}
+
+/// Device memory this crate allocated, freed on drop.
+#[derive(Debug)]
+pub(crate) struct DeviceMem {
+    pub(crate) addr: u64,
+    pub(crate) device: u32,
+}
+
+impl DeviceMem {
+    pub(crate) fn new(device: u32, len: usize) -> Result<Self, CudaError> {
+        on_device(device, || {
+            let mut p: sys::CUdeviceptr = 0;
+            // SAFETY: `p` is a valid place for the result; a context is current.
+            let r = unsafe { sys::cuMemAlloc_v2(&raw mut p, len.max(1)) };
+            check("cuMemAlloc", r)?;
+            Ok(Self { addr: p, device })
+        })
+    }
+
+    /// The IPC handle another process maps this allocation by.
+    pub(crate) fn ipc_handle(&self) -> Result<[u8; 64], CudaError> {
+        on_device(self.device, || {
+            let mut h = sys::CUipcMemHandle { reserved: [0; 64] };
+            // SAFETY: `h` is a valid place for the result; `addr` is the base of a live
+            // cuMemAlloc allocation.
+            let r = unsafe { sys::cuIpcGetMemHandle(&raw mut h, self.addr) };
+            check("cuIpcGetMemHandle", r)?;
+            Ok(h.reserved.map(|b| b as u8))
+        })
+    }
+}
+
+impl Drop for DeviceMem {
+    fn drop(&mut self) {
+        let addr = self.addr;
+        let _ = on_device(self.device, || {
+            // SAFETY: allocated by cuMemAlloc in `new`, freed once; cuMemFree waits for
+            // work using it.
+            let r = unsafe { sys::cuMemFree_v2(addr) };
+            check("cuMemFree", r)
+        });
+    }
+}
+
+/// Another process's device memory, mapped here through its IPC handle; unmapped on
+/// drop.
+#[derive(Debug)]
+pub(crate) struct MappedMem {
+    pub(crate) addr: u64,
+    device: u32,
+}
+
+impl MappedMem {
+    pub(crate) fn open(device: u32, handle: &[u8; 64]) -> Result<Self, CudaError> {
+        on_device(device, || {
+            let h = sys::CUipcMemHandle {
+                reserved: handle.map(|b| b as std::ffi::c_char),
+            };
+            let mut p: sys::CUdeviceptr = 0;
+            // SAFETY: `p` is a valid place for the result; the driver validates the
+            // handle (a bad one is an error).
+            let r = unsafe {
+                sys::cuIpcOpenMemHandle_v2(
+                    &raw mut p,
+                    h,
+                    sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as c_uint,
+                )
+            };
+            check("cuIpcOpenMemHandle", r)?;
+            Ok(Self { addr: p, device })
+        })
+    }
+}
+
+impl Drop for MappedMem {
+    fn drop(&mut self) {
+        let addr = self.addr;
+        let _ = on_device(self.device, || {
+            // SAFETY: mapped by cuIpcOpenMemHandle in `open`, closed once.
+            let r = unsafe { sys::cuIpcCloseMemHandle(addr) };
+            check("cuIpcCloseMemHandle", r)
+        });
+    }
+}
+
+/// The device that owns the memory at `addr`, or `None` for memory no GPU owns.
+pub(crate) fn pointer_device(addr: u64) -> Result<Option<u32>, CudaError> {
+    driver().map_err(|message| CudaError {
+        op: "loading the CUDA driver",
+        message,
+    })?;
+    let mut ordinal: i32 = -1;
+    // SAFETY: `ordinal` is a valid place for the attribute (an int); the driver
+    // validates `addr` itself and fails for memory it does not know.
+    let r = unsafe {
+        sys::cuPointerGetAttribute(
+            (&raw mut ordinal).cast::<c_void>(),
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+            addr,
+        )
+    };
+    match check("cuPointerGetAttribute", r) {
+        Ok(()) => Ok(u32::try_from(ordinal).ok()),
+        Err(_) => Ok(None),
+    }
+}
