@@ -15,16 +15,16 @@ use tp_channel::{BoxChannel, ChannelContext, ChannelError, Endpoint};
 use tp_transport::Transport;
 use tp_transport::tcp::TcpTransport;
 
-type Make = fn() -> Arc<dyn ChannelContext>;
+pub(super) type Make = fn() -> Arc<dyn ChannelContext>;
 
 #[derive(Clone, Copy, Debug)]
-enum Executor {
+pub(super) enum Executor {
     BlockOn,
     ThreadPool,
 }
 
 /// Runs `case` under an executor, with a deadline so that a hang fails.
-fn run<F: Future<Output = ()> + Send + 'static>(executor: Executor, case: F) {
+pub(super) fn run<F: Future<Output = ()> + Send + 'static>(executor: Executor, case: F) {
     let (tx, rx) = std::sync::mpsc::channel();
     match executor {
         Executor::BlockOn => {
@@ -49,7 +49,7 @@ fn run<F: Future<Output = ()> + Send + 'static>(executor: Executor, case: F) {
 /// Two channels, (client, server), over fresh loopback TCP connections — as the
 /// original's harness: the client opens the connections and numbers them, the server
 /// orders them by number.
-async fn pair(
+pub(super) async fn pair(
     make: Make,
 ) -> (
     Arc<dyn ChannelContext>,
@@ -90,7 +90,7 @@ async fn pair(
     (cc, c.unwrap(), sc, s.unwrap())
 }
 
-fn pattern(n: usize, seed: u8) -> Vec<u8> {
+pub(super) fn pattern(n: usize, seed: u8) -> Vec<u8> {
     (0..n)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ ((i >> 8) as u8))
         .collect()

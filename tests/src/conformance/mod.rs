@@ -1,3 +1,4 @@
 mod channel;
+mod cuda_channel;
 mod store;
 mod transport;

@@ -1,0 +1,282 @@
+//! The CUDA channel conformance suite (tensorpipe.md §6.4's `CudaChannelTestSuite` plus
+//! the common cases), instantiated for every CUDA channel and each placement it
+//! serves. Every case needs a GPU: without one it prints `SKIPPED: …` and passes,
+//! unless `TP_REQUIRE_CUDA=1`, when it fails.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use futures::future::{join, join_all};
+use tp_channel::{BoxChannel, ChannelContext, ChannelError, RecvBuf, SendBuf};
+use tp_cuda::{CudaBuffer, OwnedStream, RawStream};
+
+use super::channel::{Executor, Make, pair, pattern, run};
+
+/// Where one end's bytes live.
+#[derive(Clone, Copy, Debug)]
+enum At {
+    Cpu,
+    Gpu(u32),
+}
+
+fn source(at: At, data: &[u8], stream: RawStream) -> Box<dyn SendBuf> {
+    match at {
+        At::Cpu => Box::new(data.to_vec()),
+        At::Gpu(d) => {
+            let mut b = CudaBuffer::alloc(d, data.len(), stream).unwrap();
+            b.copy_from_host(data).unwrap();
+            Box::new(b)
+        }
+    }
+}
+
+fn target(at: At, len: usize, stream: RawStream) -> Box<dyn RecvBuf> {
+    match at {
+        At::Cpu => Box::new(vec![0u8; len]),
+        At::Gpu(d) => {
+            let mut b = CudaBuffer::alloc(d, len, stream).unwrap();
+            b.fill_async(0).unwrap();
+            b.synchronize().unwrap();
+            Box::new(b)
+        }
+    }
+}
+
+/// What a received buffer holds (after the work on its stream).
+fn contents(buf: Box<dyn RecvBuf>) -> Vec<u8> {
+    let any: Box<dyn Any> = buf;
+    match any.downcast::<CudaBuffer>() {
+        Ok(b) => b.to_host().unwrap(),
+        Err(any) => *any.downcast::<Vec<u8>>().unwrap(),
+    }
+}
+
+async fn transfer(from: &BoxChannel, src: At, to: &BoxChannel, dst: At, data: &[u8]) {
+    let s = RawStream::default();
+    let ((_, rs), (got, rr)) = join(
+        from.send(source(src, data, s)),
+        to.recv(target(dst, data.len(), s)),
+    )
+    .await;
+    rs.unwrap();
+    rr.unwrap();
+    assert!(contents(got) == data, "{} bytes arrived intact", data.len());
+}
+
+#[derive(Clone, Copy)]
+struct Case {
+    make: Make,
+    src: At,
+    dst: At,
+}
+
+async fn device_descriptors(c: Case) {
+    let (a, b) = ((c.make)(), (c.make)());
+    assert!(!a.device_descriptors().is_empty());
+    assert_eq!(a.device_descriptors(), b.device_descriptors());
+}
+
+async fn client_to_server(c: Case) {
+    let (_cc, cl, _sc, sv) = pair(c.make).await;
+    transfer(&cl, c.src, &sv, c.dst, &(0..=255u8).collect::<Vec<_>>()).await;
+}
+
+async fn server_to_client(c: Case) {
+    let (_cc, cl, _sc, sv) = pair(c.make).await;
+    transfer(&sv, c.src, &cl, c.dst, &(0..=255u8).collect::<Vec<_>>()).await;
+}
+
+async fn one_byte_and_large(c: Case) {
+    let (_cc, cl, _sc, sv) = pair(c.make).await;
+    transfer(&cl, c.src, &sv, c.dst, &[0x42]).await;
+    // Not a multiple of any chunk or slot size.
+    transfer(&cl, c.src, &sv, c.dst, &pattern((64 << 20) + 4097, 3)).await;
+}
+
+async fn many_tensors_in_flight(c: Case) {
+    let (_cc, cl, _sc, sv) = pair(c.make).await;
+    let s = RawStream::default();
+    let data: Vec<Vec<u8>> = (0..100).map(|i| pattern(256 << 10, i as u8)).collect();
+    let sends: Vec<_> = data.iter().map(|d| cl.send(source(c.src, d, s))).collect();
+    let recvs: Vec<_> = data
+        .iter()
+        .map(|d| sv.recv(target(c.dst, d.len(), s)))
+        .collect();
+    let (sent, got) = join(join_all(sends), join_all(recvs)).await;
+    for (i, ((_, rs), (buf, rr))) in sent.into_iter().zip(got).enumerate() {
+        rs.unwrap();
+        rr.unwrap();
+        assert!(contents(buf) == data[i], "tensor {i}");
+    }
+}
+
+async fn empty_and_nonempty_tensors(c: Case) {
+    let (_cc, cl, _sc, sv) = pair(c.make).await;
+    for n in [1usize, 0, 1] {
+        transfer(&cl, c.src, &sv, c.dst, &vec![7u8; n]).await;
+    }
+}
+
+/// The sender's stream is busy when it fills the tensor with 0x42 and sends at once:
+/// the receiver must see 0x42, not what was there before (`ReceiverWaitsForStartEvent`).
+async fn the_receiver_waits_for_the_senders_stream(c: Case) {
+    let At::Gpu(d) = c.src else { return };
+    let (_cc, cl, _sc, sv) = pair(c.make).await;
+    let stream = OwnedStream::new(d).unwrap();
+    let len = 1 << 20;
+    let mut src = CudaBuffer::alloc(d, len, stream.raw()).unwrap();
+    src.fill_async(0).unwrap();
+    stream.synchronize().unwrap();
+    // Keep the stream busy: fills of a large scratch buffer, then the real fill.
+    let mut scratch = CudaBuffer::alloc(d, 256 << 20, stream.raw()).unwrap();
+    for _ in 0..20 {
+        scratch.fill_async(1).unwrap();
+    }
+    src.fill_async(0x42).unwrap();
+    let dst_stream = OwnedStream::new(match c.dst {
+        At::Gpu(e) => e,
+        At::Cpu => d,
+    })
+    .unwrap();
+    let ((_, rs), (got, rr)) = join(
+        cl.send(Box::new(src)),
+        sv.recv(target(c.dst, len, dst_stream.raw())),
+    )
+    .await;
+    rs.unwrap();
+    rr.unwrap();
+    assert!(contents(got).iter().all(|&b| b == 0x42));
+    drop(scratch);
+}
+
+/// A tensor that starts inside an allocation (`SendOffsetAllocation`): exactly its
+/// bytes move.
+async fn an_interior_pointer_sends_its_own_bytes(c: Case) {
+    let At::Gpu(d) = c.src else { return };
+    let (_cc, cl, _sc, sv) = pair(c.make).await;
+    let whole = pattern(4096 + 128, 9);
+    let mut base = CudaBuffer::alloc(d, whole.len(), RawStream::default()).unwrap();
+    base.copy_from_host(&whole).unwrap();
+    // SAFETY: 4096 bytes from offset 128 lie inside `base`, which the owner keeps alive.
+    let inner = unsafe {
+        CudaBuffer::from_raw(
+            base.addr() + 128,
+            4096,
+            d,
+            RawStream::default(),
+            Some(Box::new(base)),
+        )
+    }
+    .unwrap();
+    let ((_, rs), (got, rr)) = join(
+        cl.send(Box::new(inner)),
+        sv.recv(target(c.dst, 4096, RawStream::default())),
+    )
+    .await;
+    rs.unwrap();
+    rr.unwrap();
+    assert!(contents(got) == whole[128..]);
+}
+
+async fn close_fails_pending_ops(c: Case) {
+    let (_cc, _cl, _sc, sv) = pair(c.make).await;
+    let pending: Vec<_> = (0..3)
+        .map(|_| sv.recv(target(c.dst, 4096, RawStream::default())))
+        .collect();
+    sv.close();
+    for (_, r) in join_all(pending).await {
+        assert!(matches!(r, Err(ChannelError::Closed)), "{r:?}");
+    }
+}
+
+fn gpus(what: &str) -> Option<usize> {
+    tp_cuda::gpus_or_skip(what)
+}
+
+macro_rules! cuda_conformance {
+    ($name:ident, $make:expr, $src:expr, $dst:expr, $min_gpus:expr) => {
+        mod $name {
+            use super::*;
+
+            const CASE: Case = Case {
+                make: $make,
+                src: $src,
+                dst: $dst,
+            };
+
+            cuda_conformance!(@cases $min_gpus;
+                device_descriptors, client_to_server, server_to_client, one_byte_and_large,
+                many_tensors_in_flight, empty_and_nonempty_tensors,
+                the_receiver_waits_for_the_senders_stream,
+                an_interior_pointer_sends_its_own_bytes, close_fails_pending_ops);
+        }
+    };
+    (@cases $min_gpus:expr; $($case:ident),*) => {
+        $(
+            #[test]
+            fn $case() {
+                let what = concat!(module_path!(), "::", stringify!($case));
+                let Some(n) = gpus(what) else { return };
+                if n < $min_gpus {
+                    eprintln!("SKIPPED: {what}: needs {} GPUs, {n} here", $min_gpus);
+                    return;
+                }
+                run(Executor::BlockOn, super::$case(CASE));
+            }
+        )*
+    };
+}
+
+fn cuda_basic() -> Arc<dyn ChannelContext> {
+    Arc::new(tp_cuda::basic::CudaBasicContext::new(
+        Arc::new(tp_channel::basic::BasicContext::new()),
+        tp_cuda::basic::CudaBasicConfig::default(),
+    ))
+}
+
+fn cuda_xth() -> Arc<dyn ChannelContext> {
+    Arc::new(tp_cuda::xth::CudaXthContext::new())
+}
+
+cuda_conformance!(cuda_basic_gpu_to_gpu, cuda_basic, At::Gpu(0), At::Gpu(0), 1);
+cuda_conformance!(cuda_basic_cpu_to_gpu, cuda_basic, At::Cpu, At::Gpu(0), 1);
+cuda_conformance!(cuda_basic_gpu_to_cpu, cuda_basic, At::Gpu(0), At::Cpu, 1);
+cuda_conformance!(
+    cuda_basic_across_gpus,
+    cuda_basic,
+    At::Gpu(0),
+    At::Gpu(1),
+    2
+);
+cuda_conformance!(cuda_xth_gpu_to_gpu, cuda_xth, At::Gpu(0), At::Gpu(0), 1);
+cuda_conformance!(cuda_xth_across_gpus, cuda_xth, At::Gpu(1), At::Gpu(0), 2);
+
+/// cuda_ipc cannot work inside one process: the descriptors say so
+/// (`CannotCommunicateInSameProcess`). (Its transfers need two processes; that test is
+/// not written yet.)
+#[test]
+fn cuda_ipc_refuses_its_own_process() {
+    let Some(_) = gpus("cuda_ipc_refuses_its_own_process") else {
+        return;
+    };
+    let ctx = tp_cuda::ipc::CudaIpcContext::default();
+    for (_, d) in ctx.device_descriptors() {
+        assert!(!ctx.can_communicate_with_remote(&d, &d));
+    }
+}
+
+/// cuda_basic never serves CPU ↔ CPU (`CannotCommunicateCpuToCpu`).
+#[test]
+fn cuda_basic_refuses_cpu_to_cpu() {
+    let Some(_) = gpus("cuda_basic_refuses_cpu_to_cpu") else {
+        return;
+    };
+    let ctx = cuda_basic();
+    let cpu = ctx
+        .device_descriptors()
+        .into_iter()
+        .find(|(d, _)| *d == tp_channel::Device::CPU)
+        .unwrap()
+        .1;
+    assert!(!ctx.can_communicate_with_remote(&cpu, &cpu));
+}
