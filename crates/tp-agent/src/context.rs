@@ -1,14 +1,17 @@
 //! [`Context`]: the registries of transports and channels a pipe chooses from.
 //!
 //! A context holds every backend compiled in (cargo features `tcp`, `shm`, `ibv`,
-//! `basic`, `xth`, `cma`, `mpt`), each with a priority; the pipe handshake picks the
+//! `basic`, `xth`, `cma`, `mpt`, `cuda`), each with a priority; the pipe handshake picks the
 //! highest-priority transport both ends share and, per device pair, the
 //! highest-priority channel whose descriptors match. A backend that is not viable on
 //! this machine is left out, and the reason is logged (`tracing`, level INFO) and kept
 //! ([`Context::skipped`]).
 //!
 //! Default priorities follow PyTorch's TensorPipe agent: transports shm 200, ibv 100,
-//! tcp 0; channels cma 1200, mpt 1100, basic 1000. PyTorch does not register xth; here
+//! tcp 0; channels cma 1200, mpt 1100, basic 1000, cuda_xth 400, cuda_ipc 300, cuda_gdr
+//! 200, cuda_basic 0 (CPU channels rank above CUDA ones, so CPU ↔ CPU never goes
+//! through a CUDA channel; without a GPU the CUDA channels are skipped as not viable,
+//! with the reason). PyTorch does not register xth; here
 //! it gets 1300, so two pipes inside one process — the only place xth's descriptor
 //! matches — use a plain memcpy. [`ContextBuilder::priority`] overrides any of them, and
 //! naming a backend the build does not have is an error, not a silent no-op.
@@ -173,6 +176,32 @@ fn defaults() -> (Vec<TransportEntry>, Vec<ChannelEntry>) {
         priority: 1000,
         channel: Arc::new(tp_channel::basic::BasicContext::new()),
     });
+    #[cfg(feature = "cuda")]
+    {
+        channels.push(ChannelEntry {
+            name: "cuda_xth".into(),
+            priority: 400,
+            channel: Arc::new(tp_cuda::xth::CudaXthContext::new()),
+        });
+        channels.push(ChannelEntry {
+            name: "cuda_ipc".into(),
+            priority: 300,
+            channel: Arc::new(tp_cuda::ipc::CudaIpcContext::default()),
+        });
+        channels.push(ChannelEntry {
+            name: "cuda_gdr".into(),
+            priority: 200,
+            channel: Arc::new(tp_cuda::gdr::CudaGdrContext::new()),
+        });
+        channels.push(ChannelEntry {
+            name: "cuda_basic".into(),
+            priority: 0,
+            channel: Arc::new(tp_cuda::basic::CudaBasicContext::new(
+                Arc::new(tp_channel::basic::BasicContext::new()),
+                tp_cuda::basic::CudaBasicConfig::default(),
+            )),
+        });
+    }
     (transports, channels)
 }
 
