@@ -509,8 +509,10 @@ impl Inner {
                 }
             }
             .ok_or(ChannelError::Closed)?;
-            let release = SlotGuard {
-                outbox: &outbox,
+            // Back to the outbox when this send ends, however it ends: the outbox serves
+            // every channel of the context, so a slot lost here would starve them.
+            let held = SlotGuard {
+                outbox: outbox.clone(),
                 slot,
             };
             let event = &outbox.events[slot as usize];
@@ -526,14 +528,12 @@ impl Inner {
             let frame = encode(device, slot, n, first.then_some(&outbox.info[..]));
             let ack_turn = self.acks_order.turn();
             self.descriptors.write_frame(&frame).await?;
-            std::mem::forget(release);
-            let outbox_ = outbox.clone();
             inflight.push_back(async move {
                 ack_turn.ready().await;
                 let mut ack = [0u8; 1];
                 let r = self.acks.read_exact(&mut ack).await;
                 drop(ack_turn);
-                outbox_.release(slot);
+                drop(held);
                 match (r, ack) {
                     (Ok(()), [0]) => Ok(()),
                     (Ok(()), [b]) => Err(ChannelError::protocol(format!(
@@ -614,14 +614,13 @@ impl Inner {
     }
 }
 
-/// Gives a slot back unless forgotten (once its descriptor is out, the acknowledgement
-/// gives it back).
-struct SlotGuard<'a> {
-    outbox: &'a Outbox,
+/// A slot taken from an outbox, given back on drop.
+struct SlotGuard {
+    outbox: Arc<Outbox>,
     slot: u32,
 }
 
-impl Drop for SlotGuard<'_> {
+impl Drop for SlotGuard {
     fn drop(&mut self) {
         self.outbox.release(self.slot);
     }
