@@ -30,7 +30,7 @@ use tp_channel::{
 use tp_transport::BoxConnection;
 use tp_transport::order::Order;
 
-use crate::buffer::{recv_cuda, send_cuda};
+use crate::buffer::{Gpu, recv_gpu, send_gpu};
 use crate::driver::{self, CudaError, Pinned};
 
 /// Settings of a cuda_basic context.
@@ -274,9 +274,6 @@ impl Close for Inner {
     }
 }
 
-/// The GPU side of an operation: device, address, stream.
-type GpuSide = Option<(u32, u64, driver::RawStream)>;
-
 impl Inner {
     fn chunks(&self, len: usize) -> impl Iterator<Item = (usize, usize)> + use<> {
         let chunk = self.config.chunk;
@@ -286,9 +283,9 @@ impl Inner {
     }
 
     /// A chunk of `len` bytes: pinned (from the pool) for a GPU end.
-    fn chunk(&self, gpu: GpuSide, len: usize) -> Result<Chunk, ChannelError> {
+    fn chunk(&self, gpu: Option<Gpu>, len: usize) -> Result<Chunk, ChannelError> {
         let mem = match gpu {
-            Some((device, ..)) => Mem::Pinned(self.pool.take(device, self.config.chunk)?),
+            Some(g) => Mem::Pinned(self.pool.take(g.device, self.config.chunk)?),
             None => Mem::Heap(vec![0u8; len]),
         };
         Ok(Chunk { mem, len })
@@ -309,7 +306,7 @@ impl Inner {
         }
     }
 
-    async fn send(&self, buf: &dyn SendBuf, gpu: GpuSide) -> Result<(), ChannelError> {
+    async fn send(&self, buf: &dyn SendBuf, gpu: Option<Gpu>) -> Result<(), ChannelError> {
         let order = Order::default();
         let mut inflight = FuturesOrdered::new();
         for (off, n) in self.chunks(buf.byte_len()) {
@@ -320,9 +317,9 @@ impl Inner {
             }
             let mut chunk = self.chunk(gpu, n)?;
             let copied: BoxFuture<'static, Result<(), CudaError>> = match gpu {
-                Some((device, addr, stream)) => {
-                    driver::copy_async(device, chunk.addr(), addr + off as u64, n, stream)?;
-                    driver::reached(device, stream)?.boxed()
+                Some(g) => {
+                    driver::copy_async(g.device, chunk.addr(), g.addr + off as u64, n, g.stream)?;
+                    driver::reached(g.device, g.stream)?.boxed()
                 }
                 None => {
                     let src = buf.bytes().get(off..off + n).unwrap_or_default();
@@ -348,7 +345,7 @@ impl Inner {
         Ok(())
     }
 
-    async fn recv(&self, buf: &mut dyn RecvBuf, gpu: GpuSide) -> Result<(), ChannelError> {
+    async fn recv(&self, buf: &mut dyn RecvBuf, gpu: Option<Gpu>) -> Result<(), ChannelError> {
         let mut inflight = FuturesOrdered::new();
         let chunks: Vec<_> = self.chunks(buf.byte_len()).collect();
         for (off, n) in chunks {
@@ -366,9 +363,15 @@ impl Inner {
                 let chunk = *any
                     .downcast::<Chunk>()
                     .map_err(|_| ChannelError::protocol("cuda_basic: a foreign chunk"))?;
-                if let Some((device, addr, stream)) = gpu {
-                    driver::copy_async(device, addr + off as u64, chunk.addr(), chunk.len, stream)?;
-                    driver::reached(device, stream)?.await?;
+                if let Some(g) = gpu {
+                    driver::copy_async(
+                        g.device,
+                        g.addr + off as u64,
+                        chunk.addr(),
+                        chunk.len,
+                        g.stream,
+                    )?;
+                    driver::reached(g.device, g.stream)?.await?;
                 }
                 Ok::<_, ChannelError>((chunk, off))
             });
@@ -388,22 +391,6 @@ impl Inner {
             dst.copy_from_slice(SendBuf::bytes(&chunk));
         }
         self.recycle_recv(chunk);
-    }
-}
-
-/// Where an operation's buffer lives: `Ok(None)` for the CPU, the GPU side for a
-/// [`CudaBuffer`](crate::CudaBuffer), an error for any other device memory.
-fn gpu_side(
-    device: Device,
-    cuda: Option<(u32, u64, driver::RawStream)>,
-) -> Result<GpuSide, ChannelError> {
-    match (device == Device::CPU, cuda) {
-        (true, _) => Ok(None),
-        (false, Some(g)) => Ok(Some(g)),
-        (false, None) => Err(ChannelError::UnsupportedDevice {
-            channel: "cuda_basic",
-            device,
-        }),
     }
 }
 
@@ -429,8 +416,7 @@ impl Channel for CudaBasicChannel {
                 Ok(true) => {}
                 r => return (buf, r.map(drop)),
             }
-            let cuda = send_cuda(&*buf).map(|b| (b.device_index(), b.addr(), b.stream()));
-            let r = match gpu_side(buf.device(), cuda) {
+            let r = match send_gpu("cuda_basic", &*buf) {
                 Ok(gpu) => inner.send(&*buf, gpu).await,
                 Err(e) => Err(e),
             };
@@ -452,9 +438,7 @@ impl Channel for CudaBasicChannel {
                 Ok(true) => {}
                 r => return (buf, r.map(drop)),
             }
-            let device = buf.device();
-            let cuda = recv_cuda(&mut *buf).map(|b| (b.device_index(), b.addr(), b.stream()));
-            let r = match gpu_side(device, cuda) {
+            let r = match recv_gpu("cuda_basic", &*buf) {
                 Ok(gpu) => inner.recv(&mut *buf, gpu).await,
                 Err(e) => Err(e),
             };

@@ -4,7 +4,7 @@
 use std::any::Any;
 use std::fmt;
 
-use tp_channel::{Device, RecvBuf, SendBuf};
+use tp_channel::{ChannelError, Device, RecvBuf, SendBuf};
 
 use crate::driver::{self, CudaError, DeviceMem, RawStream};
 
@@ -185,6 +185,54 @@ impl RecvBuf for CudaBuffer {
     fn byte_len(&self) -> usize {
         self.len
     }
+}
+
+/// Where an operation's bytes lie on a GPU: a copy of a [`CudaBuffer`]'s fields (the
+/// buffer itself stays with the operation, which hands it back).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Gpu {
+    pub(crate) device: u32,
+    pub(crate) addr: u64,
+    pub(crate) len: usize,
+    pub(crate) stream: RawStream,
+}
+
+/// The GPU side of a buffer on `device`: `Ok(None)` for host memory, `Ok(Some(..))` for
+/// a [`CudaBuffer`], [`ChannelError::UnsupportedDevice`] for any other device memory.
+fn gpu_of(
+    channel: &'static str,
+    device: Device,
+    buf: &dyn Any,
+) -> Result<Option<Gpu>, ChannelError> {
+    if device == Device::CPU {
+        return Ok(None);
+    }
+    buf.downcast_ref::<CudaBuffer>()
+        .map(|b| {
+            Some(Gpu {
+                device: b.device,
+                addr: b.addr,
+                len: b.len,
+                stream: b.stream,
+            })
+        })
+        .ok_or(ChannelError::UnsupportedDevice { channel, device })
+}
+
+/// [`gpu_of`] for a send buffer.
+pub(crate) fn send_gpu(
+    channel: &'static str,
+    buf: &dyn SendBuf,
+) -> Result<Option<Gpu>, ChannelError> {
+    gpu_of(channel, buf.device(), buf)
+}
+
+/// [`gpu_of`] for a receive buffer.
+pub(crate) fn recv_gpu(
+    channel: &'static str,
+    buf: &dyn RecvBuf,
+) -> Result<Option<Gpu>, ChannelError> {
+    gpu_of(channel, buf.device(), buf)
 }
 
 /// The [`CudaBuffer`] behind a send buffer, if it is one.

@@ -47,7 +47,7 @@ use tp_channel::{
 use tp_transport::BoxConnection;
 use tp_transport::order::Order;
 
-use crate::buffer::{recv_cuda, send_cuda};
+use crate::buffer::{Gpu, recv_gpu, send_gpu};
 use crate::driver::{self, CudaError, DeviceMem, Event, MappedMem};
 
 /// The most slots a peer's outbox may declare.
@@ -480,14 +480,13 @@ impl Close for Inner {
 }
 
 impl Inner {
-    async fn send(
-        &self,
-        device: u32,
-        addr: u64,
-        len: usize,
-        stream: driver::RawStream,
-        turn: tp_transport::order::Turn,
-    ) -> Result<(), ChannelError> {
+    async fn send(&self, gpu: Gpu, turn: tp_transport::order::Turn) -> Result<(), ChannelError> {
+        let Gpu {
+            device,
+            addr,
+            len,
+            stream,
+        } = gpu;
         let outbox = self.shared.outbox(device)?;
         let mut inflight = FuturesOrdered::new();
         let mut off = 0;
@@ -573,13 +572,13 @@ impl Inner {
         Ok((m, info))
     }
 
-    async fn recv(
-        &self,
-        device: u32,
-        addr: u64,
-        len: usize,
-        stream: driver::RawStream,
-    ) -> Result<(), ChannelError> {
+    async fn recv(&self, gpu: Gpu) -> Result<(), ChannelError> {
+        let Gpu {
+            device,
+            addr,
+            len,
+            stream,
+        } = gpu;
         let mut off = 0usize;
         while off < len {
             let frame = self.descriptors.read_frame(MAX_DESCRIPTOR).await?;
@@ -639,11 +638,12 @@ impl std::fmt::Debug for CudaIpcChannel {
     }
 }
 
-fn not_cuda(device: Device) -> ChannelError {
-    ChannelError::UnsupportedDevice {
+/// The GPU side of an operation; host memory is not cuda_ipc's.
+fn on_gpu(gpu: Result<Option<Gpu>, ChannelError>) -> Result<Gpu, ChannelError> {
+    gpu?.ok_or(ChannelError::UnsupportedDevice {
         channel: "cuda_ipc",
-        device,
-    }
+        device: Device::CPU,
+    })
 }
 
 impl Channel for CudaIpcChannel {
@@ -655,13 +655,9 @@ impl Channel for CudaIpcChannel {
                 Ok(true) => {}
                 r => return (buf, r.map(drop)),
             }
-            let r = match send_cuda(&*buf) {
-                Some(b) => {
-                    let (device, addr, len, stream) =
-                        (b.device_index(), b.addr(), b.len(), b.stream());
-                    inner.send(device, addr, len, stream, turn).await
-                }
-                None => Err(not_cuda(buf.device())),
+            let r = match on_gpu(send_gpu("cuda_ipc", &*buf)) {
+                Ok(gpu) => inner.send(gpu, turn).await,
+                Err(e) => Err(e),
             };
             if r.is_err() {
                 inner.close();
@@ -671,7 +667,7 @@ impl Channel for CudaIpcChannel {
         .boxed()
     }
 
-    fn recv(&self, mut buf: Box<dyn RecvBuf>) -> BoxFuture<'static, RecvDone> {
+    fn recv(&self, buf: Box<dyn RecvBuf>) -> BoxFuture<'static, RecvDone> {
         let turn = self.inner.ops.recv_turn();
         let inner = self.inner.clone();
         async move {
@@ -679,13 +675,9 @@ impl Channel for CudaIpcChannel {
                 Ok(true) => {}
                 r => return (buf, r.map(drop)),
             }
-            let device = buf.device();
-            let r = match recv_cuda(&mut *buf) {
-                Some(b) => {
-                    let (d, addr, len, stream) = (b.device_index(), b.addr(), b.len(), b.stream());
-                    inner.recv(d, addr, len, stream).await
-                }
-                None => Err(not_cuda(device)),
+            let r = match on_gpu(recv_gpu("cuda_ipc", &*buf)) {
+                Ok(gpu) => inner.recv(gpu).await,
+                Err(e) => Err(e),
             };
             if r.is_err() {
                 inner.close();

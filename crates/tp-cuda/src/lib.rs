@@ -59,29 +59,3 @@ pub fn gpus_or_skip(what: &str) -> Option<usize> {
         }
     }
 }
-
-/// Bandwidths of the plain copies a channel is measured against, for `tp bench
-/// limits`: device → device on one GPU, and pinned host → device (bytes per second,
-/// best of `rounds`).
-///
-/// # Errors
-/// No GPU, or a driver error.
-pub fn copy_bandwidths(device: u32, len: usize, rounds: usize) -> Result<(f64, f64), CudaError> {
-    let stream = OwnedStream::new(device)?;
-    let a = CudaBuffer::alloc(device, len, stream.raw())?;
-    let b = CudaBuffer::alloc(device, len, stream.raw())?;
-    let host = driver::Pinned::new(device, len)?;
-    let time = |f: &dyn Fn() -> Result<(), CudaError>| -> Result<f64, CudaError> {
-        let mut best = f64::MAX;
-        for _ in 0..rounds.max(1) {
-            let t = std::time::Instant::now();
-            f()?;
-            stream.synchronize()?;
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        Ok(len as f64 / best)
-    };
-    let d2d = time(&|| driver::copy_async(device, b.addr(), a.addr(), len, stream.raw()))?;
-    let h2d = time(&|| driver::copy_async(device, a.addr(), host.addr(), len, stream.raw()))?;
-    Ok((d2d, h2d))
-}

@@ -120,7 +120,9 @@ async fn empty_and_nonempty_tensors(c: Case) {
 /// The sender's stream is busy when it fills the tensor with 0x42 and sends at once:
 /// the receiver must see 0x42, not what was there before (`ReceiverWaitsForStartEvent`).
 async fn the_receiver_waits_for_the_senders_stream(c: Case) {
-    let At::Gpu(d) = c.src else { return };
+    let At::Gpu(d) = c.src else {
+        unreachable!("instantiated only with a GPU source")
+    };
     let (_cc, cl, _sc, sv) = pair(c.make).await;
     let stream = OwnedStream::new(d).unwrap();
     let len = 1 << 20;
@@ -152,7 +154,9 @@ async fn the_receiver_waits_for_the_senders_stream(c: Case) {
 /// A tensor that starts inside an allocation (`SendOffsetAllocation`): exactly its
 /// bytes move.
 async fn an_interior_pointer_sends_its_own_bytes(c: Case) {
-    let At::Gpu(d) = c.src else { return };
+    let At::Gpu(d) = c.src else {
+        unreachable!("instantiated only with a GPU source")
+    };
     let (_cc, cl, _sc, sv) = pair(c.make).await;
     let whole = pattern(4096 + 128, 9);
     let mut base = CudaBuffer::alloc(d, whole.len(), RawStream::default()).unwrap();
@@ -194,7 +198,16 @@ fn gpus(what: &str) -> Option<usize> {
 }
 
 macro_rules! cuda_conformance {
+    // Every case; the GPU-source ones only where the source is a GPU.
+    ($name:ident, $make:expr, At::Gpu($s:expr), $dst:expr, $min_gpus:expr) => {
+        cuda_conformance!(@module $name, $make, At::Gpu($s), $dst, $min_gpus;
+            the_receiver_waits_for_the_senders_stream,
+            an_interior_pointer_sends_its_own_bytes);
+    };
     ($name:ident, $make:expr, $src:expr, $dst:expr, $min_gpus:expr) => {
+        cuda_conformance!(@module $name, $make, $src, $dst, $min_gpus;);
+    };
+    (@module $name:ident, $make:expr, $src:expr, $dst:expr, $min_gpus:expr; $($extra:ident),*) => {
         mod $name {
             use super::*;
 
@@ -206,9 +219,8 @@ macro_rules! cuda_conformance {
 
             cuda_conformance!(@cases $min_gpus;
                 device_descriptors, client_to_server, server_to_client, one_byte_and_large,
-                many_tensors_in_flight, empty_and_nonempty_tensors,
-                the_receiver_waits_for_the_senders_stream,
-                an_interior_pointer_sends_its_own_bytes, close_fails_pending_ops);
+                many_tensors_in_flight, empty_and_nonempty_tensors, close_fails_pending_ops
+                $(, $extra)*);
         }
     };
     (@cases $min_gpus:expr; $($case:ident),*) => {
