@@ -4,6 +4,8 @@
 //!   truncation at every offset, single-byte mutations.
 //! - `prop::pipe`: random interleavings of write, read and close through tp-wire's
 //!   deterministic harness; order and exactly-once must hold.
+//! - `prop::cuda_ipc`: cuda_ipc's chunk descriptor (the frame that carries a peer's
+//!   CUDA handles) — round trips, arbitrary bytes, cut and extended encodings.
 //!
 //! - `conformance::transport`: one suite of transport behaviours (tensorpipe.md §6.2
 //!   plus bad input), instantiated for every transport and run under two executors.

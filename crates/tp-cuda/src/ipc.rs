@@ -78,7 +78,7 @@ struct Outbox {
     events: Vec<Event>,
     slot_size: usize,
     /// What a receiver needs to map it (sent once per channel).
-    info: Vec<u8>,
+    info: OutboxInfo,
     free: Mutex<Free>,
 }
 
@@ -103,14 +103,15 @@ impl Outbox {
                 std::time::SystemTime::now(),
             ))
         };
-        let mut info = Vec::new();
-        info.extend_from_slice(&id.to_le_bytes());
-        info.extend_from_slice(&(config.slot_size as u64).to_le_bytes());
-        info.extend_from_slice(&config.slots.to_le_bytes());
-        info.extend_from_slice(&mem.ipc_handle()?);
-        for e in &events {
-            info.extend_from_slice(&e.ipc_handle()?);
-        }
+        let info = OutboxInfo {
+            id,
+            slot_size: config.slot_size as u64,
+            mem: mem.ipc_handle()?,
+            events: events
+                .iter()
+                .map(Event::ipc_handle)
+                .collect::<Result<_, _>>()?,
+        };
         Ok(Self {
             mem,
             events,
@@ -178,44 +179,117 @@ impl Drop for Acquire {
     }
 }
 
-/// A peer's outbox, as it declared it.
-#[derive(Clone, Debug)]
-struct RemoteInfo {
-    id: u64,
-    slot_size: usize,
-    slots: u32,
-    mem: [u8; 64],
-    events: Vec<[u8; 64]>,
+/// An outbox, as its owner declares it to a peer: enough to map it.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct OutboxInfo {
+    /// Tells outboxes apart: a new id for the same GPU means the peer's context was
+    /// replaced, and an old mapping must go.
+    pub id: u64,
+    /// Bytes per slot; never 0.
+    pub slot_size: u64,
+    /// `cuIpcGetMemHandle` of the outbox's memory (`slots × slot_size` bytes).
+    pub mem: [u8; 64],
+    /// `cuIpcGetEventHandle` of each slot's event: 1 to [`MAX_SLOTS`] of them.
+    pub events: Vec<[u8; 64]>,
 }
 
-impl RemoteInfo {
-    const FIXED: usize = 8 + 8 + 4 + 64;
+/// One chunk of a tensor, sender → receiver on connection 0 (docs/wire.md §9).
+///
+/// Byte by byte, little-endian: `device u32 | slot u32 | len u64 | has_outbox u8`, then
+/// when `has_outbox` is 1 the [`OutboxInfo`]: `id u64 | slot_size u64 | slots u32 |
+/// mem handle [64] | event handle [64] × slots`. Nothing else may follow.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct ChunkDescriptor {
+    /// The sender's GPU (whose outbox holds the chunk).
+    pub device: u32,
+    /// The slot.
+    pub slot: u32,
+    /// The chunk's length in bytes.
+    pub len: u64,
+    /// The sender's outbox, the first time this channel uses it.
+    pub outbox: Option<OutboxInfo>,
+}
 
-    fn parse(d: &[u8]) -> Result<(Self, usize), ChannelError> {
-        let id = u64::from_le_bytes(le_bytes(d, 0)?);
-        let slot_size = u64::from_le_bytes(le_bytes(d, 8)?);
-        let slots = u32::from_le_bytes(le_bytes(d, 16)?);
-        if slots == 0 || slots > MAX_SLOTS || slot_size == 0 {
-            return Err(ChannelError::protocol(format!(
-                "cuda_ipc: an outbox of {slots} slots of {slot_size} B"
-            )));
+impl ChunkDescriptor {
+    /// Bytes before the outbox.
+    const HEAD: usize = 17;
+    /// An outbox's bytes before its event handles.
+    const OUTBOX_HEAD: usize = 8 + 8 + 4 + 64;
+    /// The longest valid encoding (an outbox of [`MAX_SLOTS`] slots): the limit a
+    /// receiver reads a frame under.
+    pub const MAX_LEN: u64 = (Self::HEAD + Self::OUTBOX_HEAD) as u64 + 64 * MAX_SLOTS as u64;
+
+    /// The bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let outbox_len = self
+            .outbox
+            .as_ref()
+            .map_or(0, |o| Self::OUTBOX_HEAD + 64 * o.events.len());
+        let mut d = Vec::with_capacity(Self::HEAD + outbox_len);
+        d.extend_from_slice(&self.device.to_le_bytes());
+        d.extend_from_slice(&self.slot.to_le_bytes());
+        d.extend_from_slice(&self.len.to_le_bytes());
+        d.push(u8::from(self.outbox.is_some()));
+        if let Some(o) = &self.outbox {
+            d.extend_from_slice(&o.id.to_le_bytes());
+            d.extend_from_slice(&o.slot_size.to_le_bytes());
+            d.extend_from_slice(&(o.events.len() as u32).to_le_bytes());
+            d.extend_from_slice(&o.mem);
+            for e in &o.events {
+                d.extend_from_slice(e);
+            }
         }
-        let slot_size = usize::try_from(slot_size)
-            .map_err(|_| ChannelError::protocol("cuda_ipc: slot size out of range"))?;
-        let mem = le_bytes::<64>(d, 20)?;
-        let events = (0..slots as usize)
-            .map(|i| le_bytes::<64>(d, Self::FIXED + 64 * i))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok((
-            Self {
-                id,
-                slot_size,
-                slots,
-                mem,
-                events,
-            },
-            Self::FIXED + 64 * slots as usize,
-        ))
+        d
+    }
+
+    /// Parses a peer's descriptor. The slot count is checked against [`MAX_SLOTS`]
+    /// before anything is allocated.
+    ///
+    /// # Errors
+    /// [`ChannelError::Protocol`]: truncated, trailing bytes, a flag other than 0 or 1,
+    /// an outbox of 0 or more than [`MAX_SLOTS`] slots, or of 0-byte slots.
+    pub fn decode(d: &[u8]) -> Result<Self, ChannelError> {
+        let device = u32::from_le_bytes(le_bytes(d, 0)?);
+        let slot = u32::from_le_bytes(le_bytes(d, 4)?);
+        let len = u64::from_le_bytes(le_bytes(d, 8)?);
+        let (outbox, end) = match d.get(16) {
+            Some(0) => (None, Self::HEAD),
+            Some(1) => {
+                let o = &d[Self::HEAD..];
+                let id = u64::from_le_bytes(le_bytes(o, 0)?);
+                let slot_size = u64::from_le_bytes(le_bytes(o, 8)?);
+                let slots = u32::from_le_bytes(le_bytes(o, 16)?);
+                if slots == 0 || slots > MAX_SLOTS || slot_size == 0 {
+                    return Err(ChannelError::protocol(format!(
+                        "cuda_ipc: an outbox of {slots} slots of {slot_size} B"
+                    )));
+                }
+                let mem = le_bytes::<64>(o, 20)?;
+                let events = (0..slots as usize)
+                    .map(|i| le_bytes::<64>(o, Self::OUTBOX_HEAD + 64 * i))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let end = Self::HEAD + Self::OUTBOX_HEAD + 64 * slots as usize;
+                let info = OutboxInfo {
+                    id,
+                    slot_size,
+                    mem,
+                    events,
+                };
+                (Some(info), end)
+            }
+            _ => return Err(ChannelError::protocol("cuda_ipc: bad descriptor flag")),
+        };
+        if d.len() != end {
+            return Err(ChannelError::protocol(
+                "cuda_ipc: descriptor of the wrong size",
+            ));
+        }
+        Ok(Self {
+            device,
+            slot,
+            len,
+            outbox,
+        })
     }
 }
 
@@ -224,53 +298,6 @@ impl RemoteInfo {
 struct Mapped {
     mem: MappedMem,
     events: Vec<Event>,
-}
-
-/// The largest descriptor: the fixed part and an outbox of [`MAX_SLOTS`] slots.
-const MAX_DESCRIPTOR: u64 = 17 + RemoteInfo::FIXED as u64 + 64 * MAX_SLOTS as u64;
-
-/// One chunk's descriptor: the sender's GPU, the slot, the length, and maybe the outbox.
-fn encode(device: u32, slot: u32, len: usize, info: Option<&[u8]>) -> Vec<u8> {
-    let mut d = Vec::with_capacity(17 + info.map_or(0, <[u8]>::len));
-    d.extend_from_slice(&device.to_le_bytes());
-    d.extend_from_slice(&slot.to_le_bytes());
-    d.extend_from_slice(&(len as u64).to_le_bytes());
-    d.push(u8::from(info.is_some()));
-    d.extend_from_slice(info.unwrap_or_default());
-    d
-}
-
-/// Parsed chunk descriptor.
-struct ChunkDesc {
-    device: u32,
-    slot: u32,
-    len: u64,
-    info: Option<RemoteInfo>,
-}
-
-fn decode(d: &[u8]) -> Result<ChunkDesc, ChannelError> {
-    let device = u32::from_le_bytes(le_bytes(d, 0)?);
-    let slot = u32::from_le_bytes(le_bytes(d, 4)?);
-    let len = u64::from_le_bytes(le_bytes(d, 8)?);
-    let (info, end) = match d.get(16) {
-        Some(0) => (None, 17),
-        Some(1) => {
-            let (info, n) = RemoteInfo::parse(d.get(17..).unwrap_or_default())?;
-            (Some(info), 17 + n)
-        }
-        _ => return Err(ChannelError::protocol("cuda_ipc: bad descriptor flag")),
-    };
-    if d.len() != end {
-        return Err(ChannelError::protocol(
-            "cuda_ipc: descriptor of the wrong size",
-        ));
-    }
-    Ok(ChunkDesc {
-        device,
-        slot,
-        len,
-        info,
-    })
 }
 
 /// What a cuda_ipc descriptor says.
@@ -452,7 +479,7 @@ impl ChannelContext for CudaIpcContext {
 #[derive(Debug, Default)]
 struct Remote {
     /// Outboxes the peer declared, by its GPU.
-    infos: HashMap<u32, RemoteInfo>,
+    infos: HashMap<u32, OutboxInfo>,
     /// Those mapped here, by (its GPU, our GPU).
     mapped: HashMap<(u32, u32), Arc<Mapped>>,
 }
@@ -524,7 +551,13 @@ impl Inner {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .insert(device);
-            let frame = encode(device, slot, n, first.then_some(&outbox.info[..]));
+            let frame = ChunkDescriptor {
+                device,
+                slot,
+                len: n as u64,
+                outbox: first.then(|| outbox.info.clone()),
+            }
+            .encode();
             let ack_turn = self.acks_order.turn();
             self.descriptors.write_frame(&frame).await?;
             inflight.push_back(async move {
@@ -552,7 +585,7 @@ impl Inner {
     }
 
     /// The peer's outbox of its GPU `remote` mapped into our GPU `local`.
-    fn mapped(&self, remote: u32, local: u32) -> Result<(Arc<Mapped>, RemoteInfo), ChannelError> {
+    fn mapped(&self, remote: u32, local: u32) -> Result<(Arc<Mapped>, OutboxInfo), ChannelError> {
         let mut r = self.remote.lock().unwrap_or_else(PoisonError::into_inner);
         let info =
             r.infos.get(&remote).cloned().ok_or_else(|| {
@@ -581,9 +614,12 @@ impl Inner {
         } = gpu;
         let mut off = 0usize;
         while off < len {
-            let frame = self.descriptors.read_frame(MAX_DESCRIPTOR).await?;
-            let d = decode(&frame)?;
-            if let Some(info) = d.info {
+            let frame = self
+                .descriptors
+                .read_frame(ChunkDescriptor::MAX_LEN)
+                .await?;
+            let d = ChunkDescriptor::decode(&frame)?;
+            if let Some(info) = d.outbox {
                 let mut r = self.remote.lock().unwrap_or_else(PoisonError::into_inner);
                 // A new outbox for that GPU (the peer's context was replaced): forget
                 // the old mapping.
@@ -593,16 +629,19 @@ impl Inner {
                 r.infos.insert(d.device, info);
             }
             let (mapped, info) = self.mapped(d.device, device)?;
-            let expected = info.slot_size.min(len - off);
-            if d.slot >= info.slots || d.len != expected as u64 {
+            // Within usize: the chunk is at most what is left of the buffer.
+            let expected = info.slot_size.min((len - off) as u64) as usize;
+            if d.slot as usize >= info.events.len() || d.len != expected as u64 {
                 return Err(ChannelError::protocol(format!(
                     "cuda_ipc: chunk of {} B in slot {} where {expected} B in one of {} slots \
                      was due",
-                    d.len, d.slot, info.slots
+                    d.len,
+                    d.slot,
+                    info.events.len()
                 )));
             }
             let event = &mapped.events[d.slot as usize];
-            let src = mapped.mem.addr + u64::from(d.slot) * info.slot_size as u64;
+            let src = mapped.mem.addr + u64::from(d.slot) * info.slot_size;
             event.wait_on(device, stream)?;
             driver::copy_async(device, addr + off as u64, src, expected, stream)?;
             event.record(stream)?;
@@ -732,30 +771,45 @@ mod tests {
 
     #[test]
     fn descriptors_round_trip_and_bad_ones_are_refused() {
-        let mut info = Vec::new();
-        info.extend_from_slice(&7u64.to_le_bytes());
-        info.extend_from_slice(&(1u64 << 20).to_le_bytes());
-        info.extend_from_slice(&2u32.to_le_bytes());
-        info.extend_from_slice(&[1; 64]);
-        info.extend_from_slice(&[2; 64]);
-        info.extend_from_slice(&[3; 64]);
-        let d = decode(&encode(1, 1, 100, Some(&info))).unwrap();
-        assert_eq!((d.device, d.slot, d.len), (1, 1, 100));
-        let i = d.info.unwrap();
-        assert_eq!((i.id, i.slot_size, i.slots), (7, 1 << 20, 2));
-        assert_eq!(i.events, vec![[2; 64], [3; 64]]);
-        let plain = decode(&encode(0, 3, 5, None)).unwrap();
-        assert!(plain.info.is_none());
+        let info = OutboxInfo {
+            id: 7,
+            slot_size: 1 << 20,
+            mem: [1; 64],
+            events: vec![[2; 64], [3; 64]],
+        };
+        let with = ChunkDescriptor {
+            device: 1,
+            slot: 1,
+            len: 100,
+            outbox: Some(info.clone()),
+        };
+        let full = with.encode();
+        assert_eq!(full.len(), 17 + 84 + 128);
+        assert_eq!(ChunkDescriptor::decode(&full).unwrap(), with);
+        let plain = ChunkDescriptor {
+            device: 0,
+            slot: 3,
+            len: 5,
+            outbox: None,
+        };
+        assert_eq!(ChunkDescriptor::decode(&plain.encode()).unwrap(), plain);
         // Truncated, padded, a bad flag, too many slots: protocol errors.
-        let full = encode(1, 1, 100, Some(&info));
-        assert!(decode(&full[..full.len() - 1]).is_err());
-        assert!(decode(&[&full[..], &[0]].concat()).is_err());
-        let mut bad = encode(0, 0, 1, None);
+        let err = |d: &[u8]| matches!(ChunkDescriptor::decode(d), Err(ChannelError::Protocol(_)));
+        assert!(err(&full[..full.len() - 1]));
+        assert!(err(&[&full[..], &[0]].concat()));
+        let mut bad = plain.encode();
         bad[16] = 9;
-        assert!(decode(&bad).is_err());
-        let mut many = info.clone();
-        many[16..20].copy_from_slice(&(MAX_SLOTS + 1).to_le_bytes());
-        assert!(decode(&encode(0, 0, 1, Some(&many))).is_err());
-        assert!((full.len() as u64) <= MAX_DESCRIPTOR);
+        assert!(err(&bad));
+        let mut many = full;
+        many[17 + 16..17 + 20].copy_from_slice(&(MAX_SLOTS + 1).to_le_bytes());
+        assert!(err(&many));
+        let max = ChunkDescriptor {
+            outbox: Some(OutboxInfo {
+                events: vec![[0; 64]; MAX_SLOTS as usize],
+                ..info
+            }),
+            ..with
+        };
+        assert_eq!(max.encode().len() as u64, ChunkDescriptor::MAX_LEN);
     }
 }

@@ -1,2 +1,3 @@
+mod cuda_ipc;
 mod packets;
 mod pipe;
