@@ -47,7 +47,9 @@ fn tensor() -> Vec<u8> {
 /// Checks every block; answers "ok <len>" or which block differs.
 fn check(req: Request) -> Reply {
     let base = base();
-    let data = &req.message.tensors[0].data;
+    let Some(data) = req.message.tensors[0].as_cpu() else {
+        return Reply::Ready(Err("not a CPU tensor".into()));
+    };
     for (i, got) in data.chunks(BLOCK).enumerate() {
         if got != &block(&base, i, got.len())[..] {
             return Reply::Ready(Err(format!("block {i} differs")));

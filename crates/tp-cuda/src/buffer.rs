@@ -3,10 +3,11 @@
 
 use std::any::Any;
 use std::fmt;
+use std::sync::Arc;
 
 use tp_channel::{ChannelError, Device, RecvBuf, SendBuf};
 
-use crate::driver::{self, CudaError, DeviceMem, RawStream};
+use crate::driver::{self, CudaError, DeviceMem, OwnedStream, RawStream};
 
 /// Bytes in the memory of GPU `cuda:N`, and the stream that orders work on them.
 ///
@@ -47,6 +48,24 @@ impl CudaBuffer {
             device,
             stream,
             _owner: Some(Box::new(mem)),
+        })
+    }
+
+    /// Allocates `len` bytes on `stream`'s GPU, ordered by `stream`, which the buffer
+    /// keeps alive (a receiver that hands buffers to code it does not control, such as
+    /// the RPC agent, uses this).
+    ///
+    /// # Errors
+    /// No driver, or the allocation failed.
+    pub fn alloc_on(len: usize, stream: Arc<OwnedStream>) -> Result<Self, CudaError> {
+        let device = stream.device();
+        let mem = DeviceMem::new(device, len)?;
+        Ok(Self {
+            addr: mem.addr,
+            len,
+            device,
+            stream: stream.raw(),
+            _owner: Some(Box::new((mem, stream))),
         })
     }
 

@@ -251,6 +251,11 @@ impl OwnedStream {
         self.raw
     }
 
+    /// The GPU's index (`cuda:N`).
+    pub const fn device(&self) -> u32 {
+        self.device
+    }
+
     /// Waits until everything enqueued on the stream is done.
     ///
     /// # Errors

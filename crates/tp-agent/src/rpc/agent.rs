@@ -32,6 +32,7 @@ use tp_channel::Device;
 use tp_store::{Store, StoreError};
 use tp_wire::rpc::RpcKind;
 
+use super::devices::Devices;
 use super::message::{
     self, CallError, ReadError, Received, Reply, Request, RpcMessage, header, reply_targets,
     request_targets, to_pipe,
@@ -209,6 +210,8 @@ struct Inner {
     next_id: AtomicU64,
     barrier_round: AtomicU64,
     listener: Arc<crate::Listener>,
+    /// Where received tensors are put.
+    devices: Arc<Devices>,
 }
 
 /// An RPC agent: one worker of a group. See the [module docs](self).
@@ -227,11 +230,6 @@ impl std::fmt::Debug for Agent {
             .field("url", &self.inner.url)
             .finish_non_exhaustive()
     }
-}
-
-/// The local devices of this build (CUDA devices arrive with step 7).
-fn local_devices() -> Vec<Device> {
-    vec![Device::CPU]
 }
 
 impl Agent {
@@ -253,7 +251,8 @@ impl Agent {
         let (t, c) = (builder.transport_names(), builder.channel_names());
         let t: Vec<&str> = t.iter().map(String::as_str).collect();
         let c: Vec<&str> = c.iter().map(String::as_str).collect();
-        opts.validate(&t, &c, &local_devices())
+        let devices = Arc::new(Devices::probe());
+        opts.validate(&t, &c, &devices.local())
             .map_err(AgentError::Options)?;
         if let Some(list) = &opts.transports {
             builder = builder.use_transports(list);
@@ -273,7 +272,7 @@ impl Agent {
                 ctx.skipped()
             )));
         }
-        let result = Self::start_on(opts, store, Arc::new(handler), &ctx);
+        let result = Self::start_on(opts, store, Arc::new(handler), &ctx, devices);
         if result.is_err() {
             ctx.close(); // nothing left running after a failed start
         }
@@ -285,6 +284,7 @@ impl Agent {
         store: Arc<dyn Store>,
         handler: Arc<dyn Handler>,
         ctx: &Arc<Context>,
+        devices: Arc<Devices>,
     ) -> Result<Self, AgentError> {
         // Listen on every transport; publish the lowest-priority one (tcp), as PyTorch.
         let urls: Vec<String> = ctx
@@ -340,12 +340,14 @@ impl Agent {
                 next_id: AtomicU64::new(0),
                 barrier_round: AtomicU64::new(0),
                 listener: Arc::new(listener),
+                devices,
             }
         });
         drop(ctx.spawn(accept_loop(
             Arc::downgrade(&inner),
             inner.listener.clone(),
             inner.opts.max_message_bytes,
+            inner.devices.clone(),
         )));
         Ok(Self { inner })
     }
@@ -766,7 +768,7 @@ impl Inner {
         let weak = Arc::downgrade(self);
         self.pool.spawn(async move {
             let id = got.header.id;
-            let arrived: Vec<Device> = got.message.tensors.iter().map(|t| t.device).collect();
+            let arrived: Vec<Device> = got.message.devices().collect();
             let request = Request {
                 from: from.clone(),
                 id,
@@ -1006,7 +1008,12 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Accepts pipes and serves each (holds the listener, not the agent).
-async fn accept_loop(weak: Weak<Inner>, listener: Arc<crate::Listener>, max: u64) {
+async fn accept_loop(
+    weak: Weak<Inner>,
+    listener: Arc<crate::Listener>,
+    max: u64,
+    devices: Arc<Devices>,
+) {
     while let Ok(pipe) = listener.accept().await {
         let Some(inner) = weak.upgrade() else { return };
         let pipe = Arc::new(pipe);
@@ -1015,19 +1022,23 @@ async fn accept_loop(weak: Weak<Inner>, listener: Arc<crate::Listener>, max: u64
             s.served.retain(|p| p.strong_count() > 0);
             s.served.push(Arc::downgrade(&pipe));
         }
-        drop(inner.ctx.spawn(serve_loop(weak.clone(), pipe, max)));
+        drop(
+            inner
+                .ctx
+                .spawn(serve_loop(weak.clone(), pipe, max, devices.clone())),
+        );
     }
 }
 
 /// Reads a caller's requests from one accepted pipe.
-async fn serve_loop(weak: Weak<Inner>, pipe: Arc<Pipe>, max: u64) {
+async fn serve_loop(weak: Weak<Inner>, pipe: Arc<Pipe>, max: u64, devices: Arc<Devices>) {
     loop {
-        let got = message::read(&pipe, max).await;
+        let got = message::read(&pipe, max, &devices).await;
         let Some(inner) = weak.upgrade() else { return };
         let got = match got {
             Ok(g) => g,
             Err(e) => {
-                if inner.lock().phase == Phase::Running && matches!(e, ReadError::Malformed(_)) {
+                if inner.lock().phase == Phase::Running && !matches!(e, ReadError::Pipe(_)) {
                     tracing::warn!(peer = pipe.remote_name(), error = %e, "RPC: closed a pipe");
                 } else {
                     tracing::debug!(peer = pipe.remote_name(), error = %e, "RPC: a caller's pipe closed");
@@ -1050,12 +1061,12 @@ async fn serve_loop(weak: Weak<Inner>, pipe: Arc<Pipe>, max: u64) {
 
 /// Reads replies from the pipe this agent opened to `peer`.
 async fn client_loop(weak: Weak<Inner>, peer: String, generation: u64, pipe: Arc<Pipe>) {
-    let max = match weak.upgrade() {
-        Some(i) => i.opts.max_message_bytes,
+    let (max, devices) = match weak.upgrade() {
+        Some(i) => (i.opts.max_message_bytes, i.devices.clone()),
         None => return,
     };
     loop {
-        let got = message::read(&pipe, max).await;
+        let got = message::read(&pipe, max, &devices).await;
         let Some(inner) = weak.upgrade() else { return };
         match got {
             Ok(got) => {

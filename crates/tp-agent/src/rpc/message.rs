@@ -7,36 +7,124 @@ use std::fmt;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use tp_channel::{Device, RecvBuf};
+use tp_channel::{Device, RecvBuf, SendBuf};
 use tp_wire::rpc::{RpcHeader, RpcKind, decode_source_device, encode_source_device};
 
+use super::devices::Devices;
 use crate::pipe::{Allocation, Message, OpError, Payload, Pipe, Tensor};
 
-/// A tensor in a call or reply: bytes, and the device they belong to.
+/// A tensor in a call or reply: its bytes, in host memory or (feature `cuda`) in a
+/// GPU's.
 ///
-/// Until the CUDA channels land (step 7) the bytes are host memory; `device` says which
-/// device they stand for, and device maps decide where a peer puts them.
-#[derive(Clone, Debug, Eq, PartialEq)]
-pub struct RpcTensor {
-    /// The bytes.
-    pub data: Vec<u8>,
-    /// The device.
-    pub device: Device,
+/// Device maps ([`AgentOptions::device_maps`](super::AgentOptions::device_maps)) decide
+/// where the peer puts a tensor; a received GPU tensor is a [`tp_cuda::CudaBuffer`]
+/// on the mapped GPU, ordered by a stream the agent owns for that GPU (its
+/// [`stream`](tp_cuda::CudaBuffer::stream)): the bytes are there for work enqueued on
+/// that stream, which the buffer keeps alive.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum RpcTensor {
+    /// Host memory.
+    Cpu(Vec<u8>),
+    /// GPU memory, ordered by the buffer's stream: a send reads it after the work
+    /// enqueued on that stream before the call.
+    #[cfg(feature = "cuda")]
+    Cuda(tp_cuda::CudaBuffer),
 }
 
 impl RpcTensor {
     /// A CPU tensor.
     pub fn cpu(data: Vec<u8>) -> Self {
-        Self {
-            data,
-            device: Device::CPU,
+        Self::Cpu(data)
+    }
+
+    /// Where the bytes are.
+    pub fn device(&self) -> Device {
+        match self {
+            Self::Cpu(_) => Device::CPU,
+            #[cfg(feature = "cuda")]
+            Self::Cuda(b) => Device::cuda(b.device_index()),
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Cpu(v) => v.len(),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(b) => b.len(),
+        }
+    }
+
+    /// Whether it has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes of a CPU tensor.
+    pub fn as_cpu(&self) -> Option<&[u8]> {
+        match self {
+            Self::Cpu(v) => Some(v),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(_) => None,
+        }
+    }
+
+    /// The bytes of a CPU tensor, to change.
+    pub fn as_cpu_mut(&mut self) -> Option<&mut Vec<u8>> {
+        match self {
+            Self::Cpu(v) => Some(v),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(_) => None,
+        }
+    }
+
+    /// The buffer of a GPU tensor.
+    #[cfg(feature = "cuda")]
+    pub fn as_cuda(&self) -> Option<&tp_cuda::CudaBuffer> {
+        match self {
+            Self::Cuda(b) => Some(b),
+            Self::Cpu(_) => None,
+        }
+    }
+
+    /// The buffer of a GPU tensor, to change.
+    #[cfg(feature = "cuda")]
+    pub fn as_cuda_mut(&mut self) -> Option<&mut tp_cuda::CudaBuffer> {
+        match self {
+            Self::Cuda(b) => Some(b),
+            Self::Cpu(_) => None,
+        }
+    }
+
+    /// For a pipe message.
+    fn into_send(self) -> Box<dyn SendBuf> {
+        match self {
+            Self::Cpu(v) => Box::new(v),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(b) => Box::new(b),
+        }
+    }
+
+    /// From a buffer the agent allocated (see `Devices::alloc`).
+    fn from_recv(buf: Box<dyn RecvBuf>) -> Self {
+        let any: Box<dyn std::any::Any> = buf;
+        #[cfg(feature = "cuda")]
+        let any = match any.downcast::<tp_cuda::CudaBuffer>() {
+            Ok(b) => return Self::Cuda(*b),
+            Err(any) => any,
+        };
+        match any.downcast::<Vec<u8>>() {
+            Ok(v) => Self::Cpu(*v),
+            // The agent allocates only these two kinds.
+            Err(_) => Self::Cpu(Vec::new()),
         }
     }
 }
 
 /// A call's or a reply's content: opaque bytes (the caller's own serialization) and
 /// tensors.
-#[derive(Clone, Debug, Default, Eq, PartialEq)]
+#[derive(Debug, Default)]
 pub struct RpcMessage {
     /// The bytes.
     pub payload: Vec<u8>,
@@ -62,13 +150,31 @@ impl RpcMessage {
 
     /// Bytes of payload and tensors together.
     pub fn len(&self) -> u64 {
-        let tensors: usize = self.tensors.iter().map(|t| t.data.len()).sum();
+        let tensors: usize = self.tensors.iter().map(RpcTensor::len).sum();
         (self.payload.len() + tensors) as u64
     }
 
     /// Whether there are no bytes at all.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// A copy, when every tensor is in host memory (`None` if one is on a GPU: copying
+    /// device memory is the caller's business, on its own stream).
+    pub fn try_clone(&self) -> Option<Self> {
+        Some(Self {
+            payload: self.payload.clone(),
+            tensors: self
+                .tensors
+                .iter()
+                .map(|t| t.as_cpu().map(|b| RpcTensor::Cpu(b.to_vec())))
+                .collect::<Option<_>>()?,
+        })
+    }
+
+    /// Each tensor's device, in order.
+    pub fn devices(&self) -> impl Iterator<Item = Device> + '_ {
+        self.tensors.iter().map(RpcTensor::device)
     }
 }
 
@@ -295,6 +401,9 @@ pub(crate) enum ReadError {
     Pipe(OpError),
     /// The peer broke the framing or a limit; the pipe was closed.
     Malformed(String),
+    /// A tensor could not be placed (a device this worker lacks, a failed GPU
+    /// allocation); the pipe was closed.
+    Placement(String),
 }
 
 impl fmt::Display for ReadError {
@@ -302,6 +411,7 @@ impl fmt::Display for ReadError {
         match self {
             Self::Pipe(e) => e.fmt(f),
             Self::Malformed(why) => write!(f, "malformed RPC message: {why}"),
+            Self::Placement(why) => write!(f, "cannot place a received tensor: {why}"),
         }
     }
 }
@@ -319,17 +429,23 @@ pub(crate) fn to_pipe(header: RpcHeader, msg: RpcMessage, targets: &[Device]) ->
             .into_iter()
             .zip(targets)
             .map(|(t, &target)| Tensor {
-                metadata: encode_source_device(t.device).to_vec(),
-                data: Box::new(t.data),
+                metadata: encode_source_device(t.device()).to_vec(),
+                data: t.into_send(),
                 target_device: Some(target),
             })
             .collect(),
     }
 }
 
-/// Reads the next RPC message from `pipe`. Lengths are checked against `max_bytes`
-/// before anything is allocated; a malformed message closes the pipe.
-pub(crate) async fn read(pipe: &Pipe, max_bytes: u64) -> Result<Received, ReadError> {
+/// Reads the next RPC message from `pipe`, each tensor into a buffer on its target
+/// device from `devices`. Lengths are checked against `max_bytes` before anything is
+/// allocated; a malformed message, or one whose tensors cannot be placed, closes the
+/// pipe (its bytes cannot be consumed without their buffers).
+pub(crate) async fn read(
+    pipe: &Pipe,
+    max_bytes: u64,
+    devices: &Devices,
+) -> Result<Received, ReadError> {
     let incoming = pipe.read_descriptor().await.map_err(ReadError::Pipe)?;
     let d = &incoming.descriptor;
     let checked = (|| {
@@ -369,7 +485,27 @@ pub(crate) async fn read(pipe: &Pipe, max_bytes: u64) -> Result<Received, ReadEr
         }
     };
     // Within max_bytes, which the operator chose to fit this machine.
-    let alloc = Allocation::for_descriptor(d);
+    let placed = d
+        .tensors
+        .iter()
+        .zip(&targets)
+        .map(|(t, &device)| devices.alloc(device, usize::try_from(t.length).unwrap_or(0)))
+        .collect::<Result<Vec<_>, _>>();
+    let tensors = match placed {
+        Ok(t) => t,
+        Err(why) => {
+            pipe.close();
+            return Err(ReadError::Placement(why));
+        }
+    };
+    let alloc = Allocation {
+        payloads: d
+            .payloads
+            .iter()
+            .map(|p| vec![0u8; usize::try_from(p.length).unwrap_or(0)])
+            .collect(),
+        tensors,
+    };
     let (alloc, r) = pipe.read(incoming, alloc).await;
     r.map_err(ReadError::Pipe)?;
     let mut payloads = alloc.payloads.into_iter();
@@ -377,26 +513,13 @@ pub(crate) async fn read(pipe: &Pipe, max_bytes: u64) -> Result<Received, ReadEr
     let tensors = alloc
         .tensors
         .into_iter()
-        .zip(targets)
-        .map(|(buf, device)| RpcTensor {
-            data: into_vec(buf),
-            device,
-        })
+        .map(RpcTensor::from_recv)
         .collect();
     Ok(Received {
         header,
         message: RpcMessage { payload, tensors },
         sources,
     })
-}
-
-/// The bytes of a receive buffer (ours are `Vec<u8>`; anything else is copied).
-fn into_vec(buf: Box<dyn RecvBuf>) -> Vec<u8> {
-    let any: Box<dyn std::any::Any> = buf;
-    match any.downcast::<Vec<u8>>() {
-        Ok(v) => *v,
-        Err(_) => Vec::new(),
-    }
 }
 
 /// Where each of `msg`'s tensors goes at `peer`, by `map` (this worker's device map to
@@ -406,14 +529,23 @@ pub(crate) fn request_targets(
     peer: &str,
     map: Option<&BTreeMap<Device, Device>>,
 ) -> Result<Vec<Device>, CallError> {
-    msg.tensors
-        .iter()
-        .map(|t| match map.and_then(|m| m.get(&t.device)) {
+    place_request(msg.devices(), peer, map)
+}
+
+/// [`request_targets`] for tensors on `devices`.
+fn place_request(
+    devices: impl IntoIterator<Item = Device>,
+    peer: &str,
+    map: Option<&BTreeMap<Device, Device>>,
+) -> Result<Vec<Device>, CallError> {
+    devices
+        .into_iter()
+        .map(|d| match map.and_then(|m| m.get(&d)) {
             Some(&to) => Ok(to),
-            None if t.device == Device::CPU => Ok(Device::CPU),
+            None if d == Device::CPU => Ok(Device::CPU),
             None => Err(CallError::NoDeviceMap {
                 peer: peer.to_string(),
-                device: t.device,
+                device: d,
             }),
         })
         .collect()
@@ -428,19 +560,27 @@ pub(crate) fn reply_targets(
     sources: &[Device],
     arrived: &[Device],
 ) -> Result<Vec<Device>, CallError> {
+    place_reply(reply.devices(), sources, arrived)
+}
+
+/// [`reply_targets`] for tensors on `devices`.
+fn place_reply(
+    devices: impl IntoIterator<Item = Device>,
+    sources: &[Device],
+    arrived: &[Device],
+) -> Result<Vec<Device>, CallError> {
     let back: BTreeMap<Device, Device> = arrived
         .iter()
         .copied()
         .zip(sources.iter().copied())
         .collect();
-    reply
-        .tensors
-        .iter()
-        .map(|t| match back.get(&t.device) {
+    devices
+        .into_iter()
+        .map(|d| match back.get(&d) {
             Some(&to) => Ok(to),
-            None if t.device == Device::CPU => Ok(Device::CPU),
+            None if d == Device::CPU => Ok(Device::CPU),
             None => Err(CallError::BadReplyDevice {
-                device: t.device,
+                device: d,
                 allowed: back.keys().copied().collect(),
             }),
         })
@@ -458,18 +598,14 @@ mod tests {
 
     #[test]
     fn device_maps_place_requests_and_reverse_for_replies() {
+        // Placement needs only the devices, so no GPU is needed to test it.
         let map = BTreeMap::from([(Device::cuda(0), Device::cuda(1))]);
-        let msg = RpcMessage::new("x")
-            .with_tensor(RpcTensor::cpu(vec![1]))
-            .with_tensor(RpcTensor {
-                data: vec![2],
-                device: Device::cuda(0),
-            });
+        let sent = [Device::CPU, Device::cuda(0)];
         assert_eq!(
-            request_targets(&msg, "p", Some(&map)).unwrap(),
+            place_request(sent, "p", Some(&map)).unwrap(),
             [Device::CPU, Device::cuda(1)]
         );
-        let e = request_targets(&msg, "p", None).unwrap_err();
+        let e = place_request(sent, "p", None).unwrap_err();
         assert!(
             e.to_string()
                 .contains("only CPU tensors are sent by default"),
@@ -477,25 +613,20 @@ mod tests {
         );
         assert!(e.to_string().contains("cuda:0"), "{e}");
         // The callee got cuda:0 → its cuda:1; a reply on cuda:1 goes back to cuda:0.
-        let reply = RpcMessage::new("").with_tensor(RpcTensor {
-            data: vec![],
-            device: Device::cuda(1),
-        });
         let sources = [Device::CPU, Device::cuda(0)];
         let arrived = [Device::CPU, Device::cuda(1)];
         assert_eq!(
-            reply_targets(&reply, &sources, &arrived).unwrap(),
+            place_reply([Device::cuda(1)], &sources, &arrived).unwrap(),
             [Device::cuda(0)]
         );
-        let stray = RpcMessage::new("").with_tensor(RpcTensor {
-            data: vec![],
-            device: Device::cuda(5),
-        });
-        let e = reply_targets(&stray, &sources, &arrived).unwrap_err();
+        let e = place_reply([Device::cuda(5)], &sources, &arrived).unwrap_err();
         assert!(
             e.to_string()
                 .contains("cuda:5, which is not one of the input tensor devices: [cpu:0, cuda:1]"),
             "{e}"
         );
+        // A message's tensors give their devices.
+        let msg = RpcMessage::new("x").with_tensor(RpcTensor::cpu(vec![1]));
+        assert_eq!(request_targets(&msg, "p", None).unwrap(), [Device::CPU]);
     }
 }

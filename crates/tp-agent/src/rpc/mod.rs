@@ -20,6 +20,7 @@
 //! ```
 
 pub mod agent;
+mod devices;
 pub mod message;
 pub mod options;
 mod pool;

@@ -121,8 +121,9 @@ pub(crate) fn handler(req: Request) -> Reply {
     }
     let mut m = req.message;
     if m.payload.starts_with(b"bump") {
-        for t in &mut m.tensors {
-            for b in &mut t.data {
+        // The tool's agents have CPU tensors only (no device maps).
+        for b in m.tensors.iter_mut().filter_map(RpcTensor::as_cpu_mut) {
+            for b in b.iter_mut() {
                 *b = b.wrapping_add(1);
             }
         }
@@ -149,6 +150,11 @@ pub(crate) fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// A copy of one of the tool's messages (CPU tensors only, so always possible).
+fn copy(m: &RpcMessage) -> RpcMessage {
+    m.try_clone().unwrap_or_default()
+}
+
 /// A message with a tensor of each size, for `bump`.
 fn sized(seed: u8, sizes: &[usize]) -> RpcMessage {
     sizes
@@ -159,15 +165,17 @@ fn sized(seed: u8, sizes: &[usize]) -> RpcMessage {
 }
 
 fn check_bumped(reply: &RpcMessage, sent: &RpcMessage) -> Result<(), String> {
-    let ok = reply.payload == sent.payload
-        && reply.tensors.len() == sent.tensors.len()
-        && reply.tensors.iter().zip(&sent.tensors).all(|(g, w)| {
-            g.data.len() == w.data.len()
-                && g.data
-                    .iter()
-                    .zip(&w.data)
-                    .all(|(a, b)| *a == b.wrapping_add(1))
-        });
+    let ok =
+        reply.payload == sent.payload
+            && reply.tensors.len() == sent.tensors.len()
+            && reply.tensors.iter().zip(&sent.tensors).all(|(g, w)| {
+                match (g.as_cpu(), w.as_cpu()) {
+                    (Some(g), Some(w)) => {
+                        g.len() == w.len() && g.iter().zip(w).all(|(a, b)| *a == b.wrapping_add(1))
+                    }
+                    _ => false,
+                }
+            });
     if ok {
         Ok(())
     } else {
@@ -220,7 +228,7 @@ pub(crate) fn worker(args: &WorkerArgs) -> Result<(), String> {
                 .enumerate()
                 .map(|(i, to)| {
                     let m = sized(i as u8 ^ args.rank as u8, &sizes);
-                    (m.clone(), agent.send(to, m, None))
+                    (copy(&m), agent.send(to, m, None))
                 })
                 .collect();
             for (sent, call) in calls {
@@ -285,7 +293,7 @@ pub(crate) fn worker(args: &WorkerArgs) -> Result<(), String> {
             }
             let m = sized(3, &[4096]);
             check_bumped(
-                &block_on(agent.send(to, m.clone(), None)).map_err(|e| e.to_string())?,
+                &block_on(agent.send(to, copy(&m), None)).map_err(|e| e.to_string())?,
                 &m,
             )?;
             println!("LATE dropped=1 next_call=ok");
@@ -313,7 +321,7 @@ pub(crate) fn worker(args: &WorkerArgs) -> Result<(), String> {
             for (i, to) in survivors.iter().enumerate() {
                 let m = sized(i as u8, &[1000, 1 << 20]);
                 check_bumped(
-                    &block_on(agent.send(to, m.clone(), None)).map_err(|e| e.to_string())?,
+                    &block_on(agent.send(to, copy(&m), None)).map_err(|e| e.to_string())?,
                     &m,
                 )?;
             }
@@ -419,7 +427,7 @@ pub(crate) fn demo_group(sizes: &[usize]) -> Result<(), String> {
                 let m = sized(rank as u8, &[size]);
                 let t = Instant::now();
                 let reply =
-                    block_on(agent.send(&name, m.clone(), None)).map_err(|e| e.to_string())?;
+                    block_on(agent.send(&name, copy(&m), None)).map_err(|e| e.to_string())?;
                 let took = t.elapsed();
                 check_bumped(&reply, &m)?;
                 println!(
@@ -498,12 +506,12 @@ pub(crate) fn bench(args: &RpcBenchArgs) -> Result<(), String> {
             let budget = Duration::from_secs_f64(args.seconds);
             // Warm-up: opens the pipe, takes the first allocations.
             for _ in 0..10 {
-                block_on(agent.send("worker1", msg.clone(), None)).map_err(|e| e.to_string())?;
+                block_on(agent.send("worker1", copy(&msg), None)).map_err(|e| e.to_string())?;
             }
             let mut lat = Vec::new();
             let t0 = Instant::now();
             while t0.elapsed() < budget || lat.len() < 20 {
-                let m = msg.clone(); // not timed: a caller sends a message it has
+                let m = copy(&msg); // not timed: a caller sends a message it has
                 let t = Instant::now();
                 block_on(agent.send("worker1", m, None)).map_err(|e| e.to_string())?;
                 lat.push(t.elapsed());
@@ -514,7 +522,7 @@ pub(crate) fn bench(args: &RpcBenchArgs) -> Result<(), String> {
             let mut done = 0usize;
             let mut busy = Duration::ZERO;
             while t0.elapsed() < budget {
-                let msgs: Vec<RpcMessage> = (0..args.in_flight).map(|_| msg.clone()).collect();
+                let msgs: Vec<RpcMessage> = (0..args.in_flight).map(|_| copy(&msg)).collect();
                 let t = Instant::now();
                 let batch: Vec<_> = msgs
                     .into_iter()
