@@ -347,3 +347,48 @@ fn bench_pipe_runs_both_ends_and_draws_its_plot() {
     assert!(svg.starts_with("<svg") && svg.contains("2 MiB"), "{svg}");
     let _ = std::fs::remove_file(&plot);
 }
+
+/// cuda_ipc between two processes, cuda_basic over shm between two processes, and
+/// cuda_xth: GPU buffers both ends, every echo compared, the driver's copy as the limit.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_channels_move_verified_gpu_tensors_between_two_processes() {
+    let what = "cli::cuda_channels_move_verified_gpu_tensors_between_two_processes";
+    if tp_cuda::gpus_or_skip(what).is_none() {
+        return;
+    }
+    for channel in [
+        &["--channel", "cuda_ipc"][..],
+        &["--channel", "cuda_basic", "--transport", "shm"],
+        &["--channel", "cuda_xth"],
+    ] {
+        let json = bench_channel(channel);
+        // The same run measured the driver's copy for the sizes from 64 KiB up.
+        assert_eq!(json.matches("\"limit_gbps\":null").count(), 2, "{json}");
+    }
+}
+
+/// `tp demo --cuda`: with a GPU, two processes move GPU tensors over a CUDA channel;
+/// without one, it fails saying why (and nothing panics).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_demo_moves_gpu_tensors_or_says_why_not() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tp"))
+        .args(["demo", "--cuda", "--sizes", "1K,9M", "--round-trips", "2"])
+        .output()
+        .expect("run tp");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    if tp_cuda::gpus_or_skip("cli::cuda_demo_moves_gpu_tensors (its GPU half)").is_some() {
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        assert!(stdout.contains("cuda_ipc"), "{stdout}");
+        let (pipe_part, _) = stdout.split_once("an RPC group").unwrap_or_default();
+        assert_eq!(pipe_part.matches("   yes").count(), 2, "{stdout}");
+    } else {
+        assert!(!out.status.success());
+        assert!(stderr.contains("tp demo --cuda needs a GPU"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}

@@ -67,6 +67,8 @@ pub(crate) struct DeviceInfo {
     pub(crate) pci: (i32, i32, i32),
     /// Total memory in bytes.
     pub(crate) total_mem: usize,
+    /// The product name (`cuDeviceGetName`).
+    pub(crate) name: String,
     ctx: OnceLock<Result<Handle, CudaError>>,
 }
 
@@ -74,6 +76,8 @@ pub(crate) struct DeviceInfo {
 #[derive(Debug)]
 pub(crate) struct Driver {
     pub(crate) devices: Vec<DeviceInfo>,
+    /// `cuDriverGetVersion`: 1000 × major + 10 × minor of the CUDA API it supports.
+    pub(crate) version: i32,
 }
 
 /// The driver, probed once per process: `Err` says why CUDA cannot be used here.
@@ -102,7 +106,11 @@ fn probe() -> Result<Driver, String> {
         .map(device_info)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
-    Ok(Driver { devices })
+    let mut version = 0;
+    // SAFETY: `version` is a valid place for the result.
+    let r = unsafe { sys::cuDriverGetVersion(&raw mut version) };
+    check("cuDriverGetVersion", r).map_err(|e| e.to_string())?;
+    Ok(Driver { devices, version })
 }
 
 fn attribute(dev: sys::CUdevice, attr: sys::CUdevice_attribute) -> Result<i32, CudaError> {
@@ -127,6 +135,15 @@ fn device_info(ordinal: i32) -> Result<DeviceInfo, CudaError> {
     // SAFETY: `total` is a valid place for the result.
     let r = unsafe { sys::cuDeviceTotalMem_v2(&raw mut total, dev) };
     check("cuDeviceTotalMem", r)?;
+    let mut name = [0 as std::ffi::c_char; 256];
+    // SAFETY: `name` has room for the 256 bytes the call is allowed to write.
+    let r = unsafe { sys::cuDeviceGetName(name.as_mut_ptr(), 256, dev) };
+    check("cuDeviceGetName", r)?;
+    let name: Vec<u8> = name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
     Ok(DeviceInfo {
         dev,
         uuid: uuid.bytes.map(|b| b as u8),
@@ -138,6 +155,7 @@ fn device_info(ordinal: i32) -> Result<DeviceInfo, CudaError> {
             attribute(dev, A::CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID)?,
         ),
         total_mem: total,
+        name: String::from_utf8_lossy(&name).into_owned(),
         ctx: OnceLock::new(),
     })
 }

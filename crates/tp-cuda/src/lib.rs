@@ -27,6 +27,7 @@ mod buffer;
 mod driver;
 pub mod gdr;
 pub mod ipc;
+pub mod limits;
 pub mod xth;
 
 pub use buffer::CudaBuffer;

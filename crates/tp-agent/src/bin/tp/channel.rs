@@ -13,24 +13,33 @@
 //! From 64 KiB up, xth and cma rows carry the physical limit measured right after, in
 //! the same run: hot `memcpy` of the same size (xth) or single-thread `process_vm_readv`
 //! from another process (cma), so the ratio stays within one machine state.
+//!
+//! The CUDA channels (`cuda_xth`, `cuda_ipc`, `cuda_basic` over basic) move buffers in
+//! the memory of GPU `--gpu` on both ends; their limit is the driver's own copy of the
+//! same size measured right after: device to device (cuda_xth, cuda_ipc) or pinned host
+//! to device (cuda_basic). cuda_xth runs its two ends on two threads of one process.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use tp_channel::{BoxChannel, ChannelContext, Endpoint, RecvBuf, SendBuf};
+use tp_channel::{BoxChannel, ChannelContext, Device, Endpoint, SendBuf};
 use tp_transport::{BoxConnection, Transport};
 
 use crate::echo::{into_recv, into_send, pattern};
+use crate::gpu;
 use crate::limits::{PINGPONG, Regime, cma_gbps, header, memcpy_gbps, parse_header, spawn_server};
 use crate::stats::{Summary, parse_sizes, size_label};
 use crate::{Mode, PingPongArgs};
 
 #[derive(Debug, Args, Clone)]
 pub(crate) struct ChannelArgs {
-    /// Which channel: basic, xth, cma, mpt.
+    /// Which channel: basic, xth, cma, mpt, cuda_xth, cuda_ipc, cuda_basic, cuda_gdr.
     #[arg(long, default_value = "basic")]
     channel: String,
+    /// The CUDA channels: the GPU (`cuda:N`) both ends' buffers are on.
+    #[arg(long, default_value_t = 0)]
+    gpu: u32,
     /// The transport under the channel's connections: tcp or shm.
     #[arg(long, default_value = "tcp")]
     transport: String,
@@ -56,14 +65,35 @@ fn make_channel(args: &ChannelArgs) -> Result<Arc<dyn ChannelContext>, String> {
                 ..tp_channel::mpt::MptConfig::default()
             },
         )),
+        #[cfg(feature = "cuda")]
+        "cuda_xth" => Arc::new(tp_cuda::xth::CudaXthContext::new()),
+        #[cfg(feature = "cuda")]
+        "cuda_ipc" => Arc::new(tp_cuda::ipc::CudaIpcContext::default()),
+        #[cfg(feature = "cuda")]
+        "cuda_gdr" => Arc::new(tp_cuda::gdr::CudaGdrContext::new()),
+        #[cfg(feature = "cuda")]
+        "cuda_basic" => Arc::new(tp_cuda::basic::CudaBasicContext::new(
+            Arc::new(tp_channel::basic::BasicContext::new()),
+            tp_cuda::basic::CudaBasicConfig::default(),
+        )),
         other => {
             return Err(format!(
-                "unknown channel {other:?} (known: basic, xth, cma, mpt)"
+                "unknown channel {other:?} (known: basic, xth, cma, mpt{})",
+                if cfg!(feature = "cuda") {
+                    ", cuda_xth, cuda_ipc, cuda_basic, cuda_gdr"
+                } else {
+                    "; the CUDA channels need the cargo feature `cuda`"
+                }
             ));
         }
     };
     ctx.viability().map_err(|e| e.to_string())?;
     Ok(ctx)
+}
+
+/// Where this run's buffers are.
+fn device(args: &ChannelArgs) -> Device {
+    gpu::device_for(&args.channel, args.gpu)
 }
 
 fn make_transport(name: &str) -> Result<Arc<dyn Transport>, String> {
@@ -96,7 +126,7 @@ pub(crate) fn run(args: &ChannelArgs) -> Result<(), String> {
         Mode::Listen => {
             let listener = transport.listen(&bind).map_err(|e| e.to_string())?;
             println!("LISTENING {}", listener.address());
-            async_io::block_on(serve(ctx.as_ref(), listener.as_ref()))
+            async_io::block_on(serve(ctx.as_ref(), listener.as_ref(), device(args)))
         }
         Mode::Connect => {
             let addr = args
@@ -109,14 +139,15 @@ pub(crate) fn run(args: &ChannelArgs) -> Result<(), String> {
             report(args, &regime, &rows);
             Ok(())
         }
-        Mode::Both if args.channel == "xth" => {
+        Mode::Both if args.channel == "xth" || args.channel == "cuda_xth" => {
             // One process: the serving end on a thread of its own.
             let regime = Regime::measure()?;
             let listener = transport.listen(&bind).map_err(|e| e.to_string())?;
             let addr = listener.address().to_string();
             let server_ctx = ctx.clone();
+            let on = device(args);
             let server = std::thread::spawn(move || {
-                async_io::block_on(serve(server_ctx.as_ref(), listener.as_ref()))
+                async_io::block_on(serve(server_ctx.as_ref(), listener.as_ref(), on))
             });
             let rows = async_io::block_on(client(ctx.as_ref(), transport.as_ref(), &addr, args));
             let served = server.join().map_err(|_| "the serving thread panicked")?;
@@ -128,6 +159,7 @@ pub(crate) fn run(args: &ChannelArgs) -> Result<(), String> {
         Mode::Both => {
             let regime = Regime::measure()?;
             let lanes = args.lanes.to_string();
+            let gpu = args.gpu.to_string();
             let mut child_args = vec![
                 "bench",
                 "channel",
@@ -139,6 +171,8 @@ pub(crate) fn run(args: &ChannelArgs) -> Result<(), String> {
                 &args.transport,
                 "--lanes",
                 &lanes,
+                "--gpu",
+                &gpu,
             ];
             if let Some(a) = &args.run.address {
                 child_args.extend(["--address", a]);
@@ -183,6 +217,7 @@ async fn open(
 async fn serve(
     ctx: &dyn ChannelContext,
     listener: &dyn tp_transport::Listener,
+    device: Device,
 ) -> Result<(), String> {
     let n = ctx.connections_needed();
     let mut slots: Vec<Option<BoxConnection>> = (0..=n).map(|_| None).collect();
@@ -210,7 +245,7 @@ async fn serve(
         if kind != PINGPONG {
             return Ok(());
         }
-        let mut buf: Box<dyn RecvBuf> = Box::new(vec![0u8; size]);
+        let mut buf = gpu::recv_buf(device, size)?;
         for _ in 0..count {
             let (got, r) = channel.recv(buf).await;
             r.map_err(|e| format!("server recv: {e}"))?;
@@ -226,7 +261,7 @@ async fn serve(
 async fn round_trips(
     channel: &BoxChannel,
     control: &BoxConnection,
-    size: usize,
+    (size, device): (usize, Device),
     count: usize,
     verify_all: bool,
 ) -> Result<Vec<Duration>, String> {
@@ -235,8 +270,8 @@ async fn round_trips(
         .await
         .map_err(|e| e.to_string())?;
     let expect = pattern(size, size as u8);
-    let mut tx: Box<dyn SendBuf> = Box::new(expect.clone());
-    let mut rx: Box<dyn RecvBuf> = Box::new(vec![0u8; size]);
+    let mut tx = gpu::send_buf(device, expect.clone())?;
+    let mut rx = gpu::recv_buf(device, size)?;
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
         let t = Instant::now();
@@ -245,7 +280,7 @@ async fn round_trips(
         let (got, r) = channel.recv(rx).await;
         r.map_err(|e| format!("recv: {e}"))?;
         out.push(t.elapsed());
-        if (verify_all || i == 0 || i + 1 == count) && got.bytes() != &expect[..] {
+        if (verify_all || i == 0 || i + 1 == count) && gpu::contents(&*got)? != expect {
             return Err(format!(
                 "round trip {i} of {}: the echo differs from what was sent",
                 size_label(size)
@@ -267,16 +302,27 @@ async fn client(
     let (channel, control) = open(ctx, transport, addr).await?;
     let mut rows = Vec::new();
     for &size in &sizes {
-        let warm = round_trips(&channel, &control, size, 5, true).await?;
+        let on = (size, device(args));
+        let warm = round_trips(&channel, &control, on, 5, true).await?;
         let est = warm.iter().sum::<Duration>().as_secs_f64() / 5.0;
         let count = args
             .run
             .round_trips
             .unwrap_or(((args.run.seconds / est.max(1e-9)) as usize).clamp(20, 300_000));
-        let mut samples = round_trips(&channel, &control, size, count, args.verify).await?;
+        let mut samples = round_trips(&channel, &control, on, count, args.verify).await?;
         let limit = match args.channel.as_str() {
             "xth" if size >= 64 << 10 => Some(memcpy_gbps(size)),
             "cma" if size >= 64 << 10 => Some(cma_gbps(size)?),
+            #[cfg(feature = "cuda")]
+            "cuda_xth" | "cuda_ipc" | "cuda_basic" if size >= 64 << 10 => {
+                use tp_cuda::limits::{Copy, copy_gbps};
+                let copy = if args.channel == "cuda_basic" {
+                    Copy::HostToDevice
+                } else {
+                    Copy::DeviceToDevice
+                };
+                Some(copy_gbps(args.gpu, copy, size, 10).map_err(|e| e.to_string())?)
+            }
             _ => None,
         };
         rows.push((size, Summary::of(&mut samples), limit));
@@ -327,6 +373,13 @@ fn report(args: &ChannelArgs, regime: &Regime, rows: &[Row]) {
             args.transport
         );
         println!("{}", regime.line());
+        #[cfg(feature = "cuda")]
+        if args.channel.starts_with("cuda_") {
+            println!(
+                "{}",
+                tp_cuda::limits::describe(args.gpu).unwrap_or_else(|e| e)
+            );
+        }
         println!(
             "\n{:>8} {:>11} {:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>7}",
             "size", "round trips", "avg µs", "p50 µs", "p90 µs", "p99 µs", "GB/s", "limit", "ratio"
@@ -360,7 +413,10 @@ fn report(args: &ChannelArgs, regime: &Regime, rows: &[Row]) {
             }
         );
         println!(
-            "limit = same run: hot memcpy of the size (xth), 1-thread process_vm_readv from another process (cma)"
+            "limit = same run: hot memcpy of the size (xth), 1-thread process_vm_readv from another process (cma),"
+        );
+        println!(
+            "        the driver's copy of the size on the GPU: device to device (cuda_xth, cuda_ipc), pinned host to device (cuda_basic)"
         );
     }
 }

@@ -4,16 +4,21 @@
 //! the tcp URL, and shows what the handshake chose and why. Then it sends messages —
 //! a payload and a tensor of several sizes — that the other process sends back; every
 //! byte is checked, and a table shows sizes, round-trip times and throughput.
+//!
+//! With `--cuda` the tensors live in GPU `cuda:0` on both ends (the handshake then
+//! picks a CUDA channel for the cuda:0 ↔ cuda:0 pair: cuda_ipc between two processes
+//! of one machine); without a GPU it says why and fails.
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
-use tp_agent::{Allocation, Context, Message, Payload, Tensor};
+use tp_agent::{Context, Message, Payload, Tensor};
 use tp_channel::Device;
 
-use crate::echo::{BYE, echo, pattern};
+use crate::echo::{BYE, echo, pattern, reuse};
+use crate::gpu;
 use crate::stats::{parse_sizes, size_label};
 
 #[derive(Debug, Args)]
@@ -24,6 +29,9 @@ pub(crate) struct DemoArgs {
     /// Round trips per size.
     #[arg(long, default_value_t = 5)]
     round_trips: usize,
+    /// Keep the tensors on GPU cuda:0 at both ends (needs a GPU).
+    #[arg(long)]
+    cuda: bool,
     /// Internal: be the echoing peer, connected to this URL.
     #[arg(long, hide = true)]
     peer: Option<String>,
@@ -38,6 +46,13 @@ pub(crate) fn run(args: &DemoArgs) -> Result<(), String> {
 
 fn lead(args: &DemoArgs) -> Result<(), String> {
     let sizes = parse_sizes(&args.sizes)?;
+    let device = if args.cuda {
+        #[cfg(feature = "cuda")]
+        tp_cuda::available().map_err(|why| format!("tp demo --cuda needs a GPU: {why}"))?;
+        Device::cuda(0)
+    } else {
+        Device::CPU
+    };
     let ctx = Arc::new(Context::new("tp-demo-leader"));
     println!("tp demo: two processes, one pipe\n");
     println!("this context offers (best first):");
@@ -79,8 +94,8 @@ fn lead(args: &DemoArgs) -> Result<(), String> {
                         metadata: b"a small payload".to_vec(),
                     }],
                     tensors: vec![Tensor {
-                        data: Box::new(pattern(size, seed)),
-                        target_device: Some(Device::CPU),
+                        data: gpu::send_buf(device, pattern(size, seed))?,
+                        target_device: Some(device),
                         metadata: b"a tensor".to_vec(),
                     }],
                 };
@@ -88,18 +103,19 @@ fn lead(args: &DemoArgs) -> Result<(), String> {
                 let (_, w) = pipe.write(msg).await;
                 w.map_err(|e| format!("write: {e}"))?;
                 let incoming = pipe.read_descriptor().await.map_err(|e| e.to_string())?;
-                let alloc = Allocation::for_descriptor(&incoming.descriptor);
+                let alloc = reuse(None, &incoming.descriptor)?;
                 let (alloc, r) = pipe.read(incoming, alloc).await;
                 r.map_err(|e| format!("read: {e}"))?;
                 times.push(t.elapsed());
+                let tensor = match alloc.tensors.first() {
+                    Some(t) => Some(gpu::contents(&**t)?),
+                    None => None,
+                };
                 let ok = alloc
                     .payloads
                     .first()
                     .is_some_and(|p| *p == pattern(64, seed))
-                    && alloc
-                        .tensors
-                        .first()
-                        .is_some_and(|t| t.bytes() == &pattern(size, seed)[..]);
+                    && tensor.is_some_and(|t| t == pattern(size, seed));
                 if !ok {
                     return Err(format!("the echo of {} differs", size_label(size)));
                 }
@@ -119,6 +135,13 @@ fn lead(args: &DemoArgs) -> Result<(), String> {
             "  (shm: same boot id and network namespace; cma: same machine, namespaces and user;"
         );
         println!("   xth would need one process, so its descriptors differ)");
+        if device != Device::CPU {
+            println!(
+                "  (tensors on {device}: cuda_ipc needs the same machine, another process and GPUs \
+                 that reach each other; cuda_xth one process; cuda_basic stages through pinned \
+                 host memory anywhere)"
+            );
+        }
         let (_, bye) = pipe
             .write(Message {
                 metadata: BYE.to_vec(),

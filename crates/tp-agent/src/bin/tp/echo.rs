@@ -1,8 +1,7 @@
 //! What the `tp` tool's pipe and channel peers share: the echo loop, getting the
-//! tool's `Vec<u8>` buffers back from the channel traits, and the byte pattern every
-//! check compares against.
+//! tool's buffers back from the channel traits, and the byte pattern every check
+//! compares against.
 
-use std::any::Any;
 use std::time::Duration;
 
 use tp_agent::{Allocation, Message, Payload, Pipe, Tensor};
@@ -19,23 +18,24 @@ pub(crate) fn pattern(n: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-/// The tool only hands `Vec<u8>`s to channels and pipes; this gets one back to send it.
+/// The tool hands channels and pipes only its own buffers (`Vec<u8>`s, and GPU buffers
+/// from [`crate::gpu`]); this gets one back to send it.
 pub(crate) fn into_send(b: Box<dyn RecvBuf>) -> Box<dyn SendBuf> {
-    let any: Box<dyn Any> = b;
-    any.downcast::<Vec<u8>>()
-        .unwrap_or_else(|_| Box::new(Vec::new()))
+    crate::gpu::to_send(b)
 }
 
 /// The other way round.
 pub(crate) fn into_recv(b: Box<dyn SendBuf>) -> Box<dyn RecvBuf> {
-    let any: Box<dyn Any> = b;
-    any.downcast::<Vec<u8>>()
-        .unwrap_or_else(|_| Box::new(Vec::new()))
+    crate::gpu::to_recv(b)
 }
 
-/// `spare` if its buffers have exactly the lengths `descriptor` asks for (a benchmark
-/// reuses its buffers, as the original's does), else fresh ones.
-pub(crate) fn reuse(spare: Option<Allocation>, descriptor: &Descriptor) -> Allocation {
+/// `spare` if its buffers have exactly the lengths and devices `descriptor` asks for (a
+/// benchmark reuses its buffers, as the original's does), else fresh ones: each tensor
+/// on its target device (the CPU when the writer named none).
+pub(crate) fn reuse(
+    spare: Option<Allocation>,
+    descriptor: &Descriptor,
+) -> Result<Allocation, String> {
     match spare {
         Some(a)
             if a.payloads.len() == descriptor.payloads.len()
@@ -44,14 +44,30 @@ pub(crate) fn reuse(spare: Option<Allocation>, descriptor: &Descriptor) -> Alloc
                     .iter()
                     .zip(&descriptor.payloads)
                     .all(|(b, p)| b.len() as u64 == p.length)
-                && a.tensors
-                    .iter()
-                    .zip(&descriptor.tensors)
-                    .all(|(b, t)| b.bytes().len() as u64 == t.length) =>
+                && a.tensors.iter().zip(&descriptor.tensors).all(|(b, t)| {
+                    b.byte_len() as u64 == t.length
+                        && b.device() == t.target_device.unwrap_or(Device::CPU)
+                }) =>
         {
-            a
+            Ok(a)
         }
-        _ => Allocation::for_descriptor(descriptor),
+        _ => Ok(Allocation {
+            payloads: descriptor
+                .payloads
+                .iter()
+                .map(|p| vec![0u8; usize::try_from(p.length).unwrap_or(0)])
+                .collect(),
+            tensors: descriptor
+                .tensors
+                .iter()
+                .map(|t| {
+                    crate::gpu::recv_buf(
+                        t.target_device.unwrap_or(Device::CPU),
+                        usize::try_from(t.length).unwrap_or(0),
+                    )
+                })
+                .collect::<Result<_, _>>()?,
+        }),
     }
 }
 
@@ -84,7 +100,16 @@ pub(crate) async fn echo(pipe: &Pipe) {
             .iter()
             .map(|p| p.metadata.clone())
             .collect();
-        let alloc = reuse(spare.take(), &incoming.descriptor);
+        // Each tensor goes back to the device it came from.
+        let sources: Vec<Device> = incoming
+            .descriptor
+            .tensors
+            .iter()
+            .map(|t| t.source_device)
+            .collect();
+        let Ok(alloc) = reuse(spare.take(), &incoming.descriptor) else {
+            return;
+        };
         let (alloc, r) = pipe.read(incoming, alloc).await;
         if r.is_err() {
             return;
@@ -100,9 +125,10 @@ pub(crate) async fn echo(pipe: &Pipe) {
             tensors: alloc
                 .tensors
                 .into_iter()
-                .map(|t| Tensor {
+                .zip(sources)
+                .map(|(t, source)| Tensor {
                     data: into_send(t),
-                    target_device: Some(Device::CPU),
+                    target_device: Some(source),
                     metadata: Vec::new(),
                 })
                 .collect(),

@@ -259,23 +259,58 @@ pub(crate) fn run(args: &CommonArgs) -> Result<(), String> {
             "GB/s",
         ));
     }
+    let gpu = gpu_rows(&mut rows);
     if args.json {
         let items: Vec<String> = rows
             .iter()
             .map(|(k, v, u)| format!("{{\"quantity\":\"{k}\",\"value\":{v:.3},\"unit\":\"{u}\"}}"))
             .collect();
         println!(
-            "{{\"bench\":\"limits\",\"regime\":{},\"results\":[{}]}}",
+            "{{\"bench\":\"limits\",\"regime\":{},\"gpu\":\"{}\",\"results\":[{}]}}",
             regime.json(),
+            gpu.replace('"', "'"),
             items.join(",")
         );
     } else {
-        println!("tp bench limits\n{}\n", regime.line());
+        println!("tp bench limits\n{}\ngpu: {gpu}\n", regime.line());
         for (k, v, u) in rows {
             println!("{k:<44} {v:>10.2} {u}");
         }
     }
     Ok(())
+}
+
+/// The CUDA driver's copy bandwidths on `cuda:0` (the CUDA channels' ceilings), added
+/// to `rows`; returns the GPU's description, or why there is none.
+#[cfg(feature = "cuda")]
+fn gpu_rows(rows: &mut Vec<(String, f64, &str)>) -> String {
+    use tp_cuda::limits::{Copy, copy_gbps, describe};
+    if let Err(why) = tp_cuda::available() {
+        return format!("none (CUDA rows skipped: {why})");
+    }
+    for (copy, what) in [
+        (Copy::DeviceToDevice, "device to device"),
+        (Copy::HostToDevice, "pinned host to device"),
+        (Copy::DeviceToHost, "device to pinned host"),
+    ] {
+        for size in [1 << 20, 16 << 20, 64 << 20] {
+            match copy_gbps(0, copy, size, 20) {
+                Ok(g) => rows.push((
+                    format!("cuda:0 copy {what}, {}", size_label(size)),
+                    g,
+                    "GB/s",
+                )),
+                Err(e) => return format!("cuda:0: the copy failed: {e}"),
+            }
+        }
+    }
+    describe(0).unwrap_or_else(|e| e)
+}
+
+/// Without the cargo feature `cuda`: no CUDA rows.
+#[cfg(not(feature = "cuda"))]
+fn gpu_rows(_: &mut Vec<(String, f64, &str)>) -> String {
+    "none (this build has no CUDA support)".to_string()
 }
 
 /// Ping-pongs an eventfd pair with a child process; returns each round trip.

@@ -13,6 +13,7 @@
 mod channel;
 mod demo;
 mod echo;
+mod gpu;
 mod limits;
 mod pipebench;
 mod rpc;

@@ -151,7 +151,7 @@ async fn round_trip(
     let (_, w) = pipe.write(msg).await;
     w.map_err(|e| format!("write: {e}"))?;
     let incoming = pipe.read_descriptor().await.map_err(|e| e.to_string())?;
-    let alloc = reuse(spare.take(), &incoming.descriptor);
+    let alloc = reuse(spare.take(), &incoming.descriptor)?;
     let (alloc, r) = pipe.read(incoming, alloc).await;
     r.map_err(|e| format!("read: {e}"))?;
     let took = t.elapsed();
