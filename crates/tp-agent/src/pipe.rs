@@ -17,6 +17,7 @@
 //!   [`Pipe::read`] fills and hands back an [`Allocation`].
 
 use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -106,20 +107,37 @@ impl std::fmt::Debug for Allocation {
 impl Allocation {
     /// Zeroed heap buffers for every payload and tensor of `descriptor`.
     pub fn for_descriptor(descriptor: &Descriptor) -> Self {
-        Self {
+        let heap = |_: &WireTensor, len: usize| -> Result<Box<dyn RecvBuf>, Infallible> {
+            Ok(Box::new(vec![0u8; len]))
+        };
+        match Self::with_tensors(descriptor, heap) {
+            Ok(a) => a,
+            Err(never) => match never {},
+        }
+    }
+
+    /// Zeroed heap buffers for the payloads, and for each tensor what `alloc` makes of
+    /// it and its length (a buffer on its `target_device`, say); the first error stops.
+    ///
+    /// # Errors
+    /// `alloc`'s.
+    pub fn with_tensors<E>(
+        descriptor: &Descriptor,
+        mut alloc: impl FnMut(&WireTensor, usize) -> Result<Box<dyn RecvBuf>, E>,
+    ) -> Result<Self, E> {
+        let len = |n: u64| usize::try_from(n).unwrap_or(0);
+        Ok(Self {
             payloads: descriptor
                 .payloads
                 .iter()
-                .map(|p| vec![0u8; usize::try_from(p.length).unwrap_or(0)])
+                .map(|p| vec![0u8; len(p.length)])
                 .collect(),
             tensors: descriptor
                 .tensors
                 .iter()
-                .map(|t| {
-                    Box::new(vec![0u8; usize::try_from(t.length).unwrap_or(0)]) as Box<dyn RecvBuf>
-                })
-                .collect(),
-        }
+                .map(|t| alloc(t, len(t.length)))
+                .collect::<Result<_, _>>()?,
+        })
     }
 }
 

@@ -470,14 +470,9 @@ pub(crate) async fn read(
             .iter()
             .map(|t| decode_source_device(&t.metadata).map_err(|e| e.to_string()))
             .collect::<Result<Vec<_>, _>>()?;
-        let targets: Vec<Device> = d
-            .tensors
-            .iter()
-            .map(|t| t.target_device.unwrap_or(Device::CPU))
-            .collect();
-        Ok((header, sources, targets))
+        Ok((header, sources))
     })();
-    let (header, sources, targets) = match checked {
+    let (header, sources) = match checked {
         Ok(v) => v,
         Err(why) => {
             pipe.close();
@@ -485,26 +480,15 @@ pub(crate) async fn read(
         }
     };
     // Within max_bytes, which the operator chose to fit this machine.
-    let placed = d
-        .tensors
-        .iter()
-        .zip(&targets)
-        .map(|(t, &device)| devices.alloc(device, usize::try_from(t.length).unwrap_or(0)))
-        .collect::<Result<Vec<_>, _>>();
-    let tensors = match placed {
-        Ok(t) => t,
+    let placed = Allocation::with_tensors(d, |t, len| {
+        devices.alloc(t.target_device.unwrap_or(Device::CPU), len)
+    });
+    let alloc = match placed {
+        Ok(a) => a,
         Err(why) => {
             pipe.close();
             return Err(ReadError::Placement(why));
         }
-    };
-    let alloc = Allocation {
-        payloads: d
-            .payloads
-            .iter()
-            .map(|p| vec![0u8; usize::try_from(p.length).unwrap_or(0)])
-            .collect(),
-        tensors,
     };
     let (alloc, r) = pipe.read(incoming, alloc).await;
     r.map_err(ReadError::Pipe)?;

@@ -51,22 +51,8 @@ pub(crate) fn reuse(
         {
             Ok(a)
         }
-        _ => Ok(Allocation {
-            payloads: descriptor
-                .payloads
-                .iter()
-                .map(|p| vec![0u8; usize::try_from(p.length).unwrap_or(0)])
-                .collect(),
-            tensors: descriptor
-                .tensors
-                .iter()
-                .map(|t| {
-                    crate::gpu::recv_buf(
-                        t.target_device.unwrap_or(Device::CPU),
-                        usize::try_from(t.length).unwrap_or(0),
-                    )
-                })
-                .collect::<Result<_, _>>()?,
+        _ => Allocation::with_tensors(descriptor, |t, len| {
+            crate::gpu::recv_buf(t.target_device.unwrap_or(Device::CPU), len)
         }),
     }
 }
