@@ -10,6 +10,9 @@
 //!
 //! - [`proto`] is the ring and acknowledgement protocol as a sans-IO, `core`-only state
 //!   machine, tested against an in-memory model of a reliable-connected queue pair.
+//! - [`read`] splits one-sided RDMA reads into requests and checks their completions
+//!   (also `core`-only); with the `ibv` feature, [`RdmaReader`] drives it for channels
+//!   that pull large buffers straight from the peer's memory (cuda_gdr).
 //! - With the `ibv` feature, [`IbvTransport`] drives it with real verbs: the `ibverbs`
 //!   crate finds the devices; the data path calls libibverbs through `ibverbs-sys` (the
 //!   safe crate offers no write-with-immediate). It needs libibverbs at build and run
@@ -29,11 +32,16 @@
 //! [`TransportError::NotViable`]: crate::TransportError::NotViable
 
 pub mod proto;
+pub mod read;
+#[cfg(feature = "ibv")]
+pub mod reader;
 #[cfg(feature = "ibv")]
 mod transport;
 #[cfg(feature = "ibv")]
 #[allow(unsafe_code)]
 mod verbs;
 
+#[cfg(feature = "ibv")]
+pub use reader::{MemoryRegion, RdmaDevice, RdmaReader, RemoteSpan};
 #[cfg(feature = "ibv")]
 pub use transport::{DOMAIN_DESCRIPTOR, IbvConfig, IbvTransport};

@@ -266,7 +266,7 @@ fn proto_err(e: ProtoError) -> TransportError {
 }
 
 /// A 24-bit initial packet sequence number, different per connection.
-fn initial_psn(qpn: u32) -> u32 {
+pub(super) fn initial_psn(qpn: u32) -> u32 {
     use std::hash::BuildHasher;
     let h = std::collections::hash_map::RandomState::new().hash_one((qpn, Instant::now()));
     u32::try_from(h & 0x00ff_ffff).unwrap_or(0)

@@ -68,6 +68,9 @@ pub(crate) struct Device {
     pub(crate) max_message: u32,
     pub(crate) gid_index: u8,
     pub(crate) gid: [u8; 16],
+    /// RDMA reads a queue pair may have outstanding, as initiator and as responder
+    /// (the device's `max_qp_init_rd_atom` and `max_qp_rd_atom`, the smaller, at least 1).
+    pub(crate) max_rd_atomic: u8,
 }
 
 // SAFETY: libibverbs contexts and protection domains are thread-safe; `Device` hands out
@@ -193,6 +196,16 @@ impl Device {
         }
         // SAFETY: every bit pattern of the union is a valid `[u8; 16]`.
         let gid = unsafe { gid.raw };
+        let mut dattr = ffi::ibv_device_attr::default();
+        // SAFETY: `ctx` is open and `dattr` is a valid out-pointer.
+        let errno = unsafe { ffi::ibv_query_device(ctx.as_ptr(), &raw mut dattr) };
+        if errno != 0 {
+            return Err(errno_error("ibv_query_device", errno));
+        }
+        let max_rd_atomic = dattr
+            .max_qp_rd_atom
+            .min(dattr.max_qp_init_rd_atom)
+            .clamp(1, i32::from(u8::MAX));
         // SAFETY: `ctx` is open.
         let pd = unsafe { ffi::ibv_alloc_pd(ctx.as_ptr()) };
         let pd = NonNull::new(pd).ok_or_else(|| last_error("ibv_alloc_pd"))?;
@@ -207,6 +220,7 @@ impl Device {
             max_message: attr.max_msg_sz,
             gid_index: choice.gid_index,
             gid,
+            max_rd_atomic: u8::try_from(max_rd_atomic).unwrap_or(1),
         })
     }
 }
@@ -341,10 +355,109 @@ impl Drop for Region {
     }
 }
 
+/// Memory the caller owns — host memory, or GPU memory where NVIDIA's peer-memory
+/// module is loaded — registered with an [`RdmaDevice`](super::RdmaDevice) for local
+/// writes and remote reads; deregistered on drop.
+pub struct MemoryRegion {
+    mr: NonNull<ffi::ibv_mr>,
+    addr: u64,
+    len: usize,
+    _dev: Arc<Device>,
+}
+
+// SAFETY: a memory region handle is usable from any thread; we only read its keys.
+unsafe impl Send for MemoryRegion {}
+// SAFETY: as above.
+unsafe impl Sync for MemoryRegion {}
+
+impl std::fmt::Debug for MemoryRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryRegion")
+            .field("addr", &format_args!("{:#x}", self.addr))
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryRegion {
+    /// Registers `len` bytes at `addr`.
+    ///
+    /// # Safety
+    /// `addr..addr + len` must stay allocated until the region is dropped. While a
+    /// read into it is in progress, nothing else may use the bytes being read.
+    ///
+    /// # Errors
+    /// The device's refusal (unpinnable memory, no peer-memory support, limits).
+    pub unsafe fn register(dev: &super::RdmaDevice, addr: u64, len: usize) -> io::Result<Self> {
+        let dev = dev.device();
+        let access = ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
+            | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_READ;
+        // SAFETY: the caller keeps the memory allocated while registered; the protection
+        // domain is live (`dev` is held).
+        let mr = unsafe {
+            ffi::ibv_reg_mr(
+                dev.pd.as_ptr(),
+                addr as *mut std::ffi::c_void,
+                len,
+                i32::try_from(access.0).unwrap_or(i32::MAX),
+            )
+        };
+        let mr = NonNull::new(mr).ok_or_else(|| last_error("ibv_reg_mr"))?;
+        Ok(Self {
+            mr,
+            addr,
+            len,
+            _dev: dev.clone(),
+        })
+    }
+
+    /// Start of the registered span.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// Length of the registered span.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the span is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether `addr..addr + len` lies inside the region.
+    pub fn covers(&self, addr: u64, len: u64) -> bool {
+        addr >= self.addr
+            && addr
+                .checked_add(len)
+                .is_some_and(|end| end <= self.addr.saturating_add(self.len as u64))
+    }
+
+    pub(crate) fn lkey(&self) -> u32 {
+        // SAFETY: `mr` is registered until drop; the field is written once by libibverbs.
+        unsafe { (*self.mr.as_ptr()).lkey }
+    }
+
+    /// The key a peer needs to read this memory.
+    pub fn rkey(&self) -> u32 {
+        // SAFETY: as in `lkey`.
+        unsafe { (*self.mr.as_ptr()).rkey }
+    }
+}
+
+impl Drop for MemoryRegion {
+    fn drop(&mut self) {
+        // SAFETY: registered in `register`, deregistered once. Reads that named it were
+        // waited for (or their queue pair was put in the error state) by its users.
+        unsafe { ffi::ibv_dereg_mr(self.mr.as_ptr()) };
+    }
+}
+
 /// What a work completion reported.
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub(crate) enum Completion {
-    /// A send-queue request (write or ack) finished.
+    /// A send-queue request (write, read or ack) finished.
     Sent {
         /// The request's id.
         wr_id: u64,
@@ -384,6 +497,8 @@ pub(crate) struct QueuePair {
     cq: NonNull<ffi::ibv_cq>,
     channel: NonNull<ffi::ibv_comp_channel>,
     events_to_ack: u32,
+    /// Outstanding RDMA reads allowed, as initiator and responder.
+    rd_atomic: u8,
     dev: Arc<Device>,
 }
 
@@ -395,6 +510,35 @@ unsafe impl Sync for QueuePair {}
 impl QueuePair {
     /// Creates an RC queue pair in the INIT state, allowing remote writes.
     pub(crate) fn new(dev: &Arc<Device>, send_depth: u32, recv_depth: u32) -> io::Result<Self> {
+        Self::create(
+            dev,
+            send_depth,
+            recv_depth,
+            ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE,
+            1,
+        )
+    }
+
+    /// Creates an RC queue pair in the INIT state for one-sided reads: the peer may
+    /// read memory we registered, and we read the peer's, with as many reads
+    /// outstanding as the device allows.
+    pub(crate) fn for_reads(dev: &Arc<Device>, send_depth: u32) -> io::Result<Self> {
+        Self::create(
+            dev,
+            send_depth,
+            1,
+            ffi::ibv_access_flags::IBV_ACCESS_REMOTE_READ,
+            dev.max_rd_atomic,
+        )
+    }
+
+    fn create(
+        dev: &Arc<Device>,
+        send_depth: u32,
+        recv_depth: u32,
+        remote: ffi::ibv_access_flags,
+        rd_atomic: u8,
+    ) -> io::Result<Self> {
         // SAFETY: the context is open.
         let channel = unsafe { ffi::ibv_create_comp_channel(dev.ctx.as_ptr()) };
         let channel = NonNull::new(channel).ok_or_else(|| last_error("ibv_create_comp_channel"))?;
@@ -403,6 +547,7 @@ impl QueuePair {
             cq: NonNull::dangling(),
             channel,
             events_to_ack: 0,
+            rd_atomic: rd_atomic.max(1),
             dev: dev.clone(),
         };
         rustix::io::ioctl_fionbio(this.fd(), true).map_err(io::Error::from)?;
@@ -435,9 +580,7 @@ impl QueuePair {
             qp_state: ffi::ibv_qp_state::IBV_QPS_INIT,
             pkey_index: 0,
             port_num: dev.port,
-            qp_access_flags: (ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
-                | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE)
-                .0,
+            qp_access_flags: (ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE | remote).0,
             ..Default::default()
         };
         let mask = ffi::ibv_qp_attr_mask::IBV_QP_STATE
@@ -483,7 +626,7 @@ impl QueuePair {
             path_mtu: remote.mtu.min(self.dev.active_mtu),
             dest_qp_num: remote.qpn,
             rq_psn: remote.psn,
-            max_dest_rd_atomic: 1,
+            max_dest_rd_atomic: self.rd_atomic,
             min_rnr_timer: 20,
             ah_attr: ffi::ibv_ah_attr {
                 dlid: remote.lid,
@@ -515,7 +658,7 @@ impl QueuePair {
             timeout: 14,
             retry_cnt: 7,
             rnr_retry: 7,
-            max_rd_atomic: 1,
+            max_rd_atomic: self.rd_atomic,
             ..Default::default()
         };
         let mask = ffi::ibv_qp_attr_mask::IBV_QP_STATE
@@ -590,6 +733,57 @@ impl QueuePair {
             __bindgen_anon_1: ffi::ibv_send_wr__bindgen_ty_1 {
                 imm_data: len.to_be(),
             },
+            wr: ffi::ibv_send_wr__bindgen_ty_2 {
+                rdma: ffi::ibv_send_wr__bindgen_ty_2__bindgen_ty_1 {
+                    remote_addr: remote_addr.wrapping_add(offset),
+                    rkey,
+                },
+            },
+            qp_type: Default::default(),
+            __bindgen_anon_2: Default::default(),
+        };
+        self.post_send(&mut wr)
+    }
+
+    /// Reads outstanding at once this queue pair allows (at least 1).
+    pub(crate) fn rd_atomic(&self) -> u8 {
+        self.rd_atomic
+    }
+
+    /// Posts an RDMA read of `len` bytes from the peer's `remote_addr` (under `rkey`)
+    /// into `local` at `offset`.
+    ///
+    /// # Errors
+    /// A span outside `local`, or the provider's refusal.
+    pub(crate) fn post_read(
+        &self,
+        local: &MemoryRegion,
+        offset: u64,
+        len: u32,
+        remote_addr: u64,
+        rkey: u32,
+        wr_id: u64,
+    ) -> io::Result<()> {
+        let end = offset.checked_add(u64::from(len));
+        if end.is_none_or(|e| e > local.len() as u64) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "read span outside the registration",
+            ));
+        }
+        let mut sge = ffi::ibv_sge {
+            addr: local.addr().wrapping_add(offset),
+            length: len,
+            lkey: local.lkey(),
+        };
+        let mut wr = ffi::ibv_send_wr {
+            wr_id,
+            next: ptr::null_mut(),
+            sg_list: &raw mut sge,
+            num_sge: 1,
+            opcode: ffi::ibv_wr_opcode::IBV_WR_RDMA_READ,
+            send_flags: ffi::ibv_send_flags::IBV_SEND_SIGNALED.0,
+            __bindgen_anon_1: Default::default(),
             wr: ffi::ibv_send_wr__bindgen_ty_2 {
                 rdma: ffi::ibv_send_wr__bindgen_ty_2__bindgen_ty_1 {
                     remote_addr: remote_addr.wrapping_add(offset),
