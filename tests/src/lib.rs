@@ -6,6 +6,8 @@
 //!   deterministic harness; order and exactly-once must hold.
 //! - `prop::cuda_ipc`: cuda_ipc's chunk descriptor (the frame that carries a peer's
 //!   CUDA handles) — round trips, arbitrary bytes, cut and extended encodings.
+//! - `prop::cuda_gdr`: cuda_gdr's per-tensor descriptor (the same three properties)
+//!   and the RDMA read plan (coverage, window, completion order) against a model.
 //!
 //! - `conformance::transport`: one suite of transport behaviours (tensorpipe.md §6.2
 //!   plus bad input), instantiated for every transport and run under two executors.

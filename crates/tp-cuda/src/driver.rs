@@ -638,3 +638,69 @@ pub(crate) fn pointer_device(addr: u64) -> Result<Option<u32>, CudaError> {
         Err(_) => Ok(None),
     }
 }
+
+#[cfg(feature = "ibv")]
+/// The allocation a device pointer lies in (cuda_gdr registers whole allocations).
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub(crate) struct Allocation {
+    pub(crate) base: u64,
+    pub(crate) size: usize,
+    /// The driver's id of the allocation, never reused while the process lives, so a
+    /// cache keyed by it cannot mistake a new allocation at a freed one's address.
+    pub(crate) buffer_id: u64,
+}
+
+#[cfg(feature = "ibv")]
+/// The allocation containing `addr` on `device`. Also turns on synchronous memory
+/// operations for it, which GPUDirect RDMA needs so that the NIC's accesses and
+/// CUDA's own copies of the memory are ordered.
+pub(crate) fn allocation_of(device: u32, addr: u64) -> Result<Allocation, CudaError> {
+    on_device(device, || {
+        let mut base: sys::CUdeviceptr = 0;
+        let mut size: usize = 0;
+        // SAFETY: valid out-pointers; the driver validates `addr`.
+        let r = unsafe { sys::cuMemGetAddressRange_v2(&raw mut base, &raw mut size, addr) };
+        check("cuMemGetAddressRange", r)?;
+        let mut buffer_id: u64 = 0;
+        // SAFETY: the buffer id attribute is an unsigned long long; `buffer_id` holds one.
+        let r = unsafe {
+            sys::cuPointerGetAttribute(
+                (&raw mut buffer_id).cast::<c_void>(),
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_BUFFER_ID,
+                base,
+            )
+        };
+        check("cuPointerGetAttribute(BUFFER_ID)", r)?;
+        let on: c_uint = 1;
+        // SAFETY: the sync-memops attribute takes an unsigned int; `on` outlives the call.
+        let r = unsafe {
+            sys::cuPointerSetAttribute(
+                (&raw const on).cast::<c_void>(),
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_SYNC_MEMOPS,
+                base,
+            )
+        };
+        check("cuPointerSetAttribute(SYNC_MEMOPS)", r)?;
+        Ok(Allocation {
+            base,
+            size,
+            buffer_id,
+        })
+    })
+}
+
+#[cfg(feature = "ibv")]
+/// Makes writes the NIC completed into `device`'s memory visible to work launched on
+/// it afterwards.
+pub(crate) fn flush_rdma_writes(device: u32) -> Result<(), CudaError> {
+    on_device(device, || {
+        // SAFETY: a plain driver call on the current context.
+        let r = unsafe {
+            sys::cuFlushGPUDirectRDMAWrites(
+                sys::CUflushGPUDirectRDMAWritesTarget::CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TARGET_CURRENT_CTX,
+                sys::CUflushGPUDirectRDMAWritesScope::CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TO_OWNER,
+            )
+        };
+        check("cuFlushGPUDirectRDMAWrites", r)
+    })
+}

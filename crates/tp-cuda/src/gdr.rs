@@ -1,15 +1,56 @@
-//! cuda_gdr: GPUDirect RDMA — the NIC reads and writes GPU memory directly.
+//! cuda_gdr: GPUDirect RDMA — the NIC reads GPU memory directly, no host staging.
 //!
-//! **Status: the viability probe is real; the data path is not written yet**, so the
-//! context always reports `is_viable() == false` and is never chosen. The probe checks,
-//! in order, what the original checks (tensorpipe.md §4.10), so that the reason given
-//! is the first thing a machine lacks:
+//! **Viability.** The probe checks, in order, what the original checks (tensorpipe.md
+//! §4.10), so that the reason given is the first thing a machine lacks:
 //! 1. the CUDA driver and at least one GPU;
 //! 2. NVIDIA's peer-memory kernel module (`/sys/kernel/mm/memory_peers/nv_mem/version`
 //!    or `/sys/module/nvidia_peermem/version`);
-//! 3. an RDMA device (`ibverbs`, with this crate's `ibv` feature);
+//! 3. an RDMA device (`ibverbs`, with this crate's `ibv` feature), which then opens
+//!    (`TP_IBV_DEVICE`, `TP_IBV_PORT`, `TP_IBV_GID_INDEX` choose it, as for the ibv
+//!    transport);
 //! 4. every GPU's BAR1 window (`resource1` of its PCI device) spans its whole memory,
 //!    or registering large tensors with the NIC fails.
+//!
+//! **Data path** (with the `ibv` feature). The sender does not push: the receiver
+//! pulls with one-sided RDMA reads, on tp-channel's handoff protocol (as cma pulls with
+//! `process_vm_readv`). Per channel, one reliable-connected queue pair per side; at
+//! channel creation each side sends its queue pair's setup record (the ibv transport's
+//! 64-byte [`SetupInfo`](tp_transport::ibv::proto::SetupInfo)) as a frame on connection
+//! 0, connects, and both confirm with a one-byte frame. Then per tensor:
+//! - sender: waits until its stream has finished producing the buffer, registers the
+//!   whole CUDA allocation containing it with the NIC (cached, see below), and sends a
+//!   [`GdrDescriptor`] — address, length and remote key — on connection 0;
+//! - receiver: waits until its stream has finished with the destination (the NIC
+//!   writes outside any stream), registers the destination's allocation, reads the
+//!   span in requests of at most the port's largest message with as many outstanding as
+//!   the queue pair allows ([`ReadPlan`](tp_transport::ibv::read::ReadPlan)), flushes
+//!   the NIC's writes to the GPU (`cuFlushGPUDirectRDMAWrites`) so that work enqueued on
+//!   the consumer's stream afterwards sees them, and acknowledges on connection 1; the
+//!   sender then has its buffer back.
+//!
+//! **Registrations** are cached per GPU allocation, keyed by the driver's buffer id
+//! (never reused, so a freed allocation's stale entry is never taken for a new one at
+//! the same address), at most [`CudaGdrConfig::registrations`] of them, the least
+//! recently used dropped first. The original cached every allocation it ever saw.
+//!
+//! **Trust.** A peer that has a remote key can read the whole registered allocation,
+//! not only the tensor it was offered, for as long as the registration is cached (read
+//! only: the key grants no writes). As in the original, use cuda_gdr between processes
+//! that trust each other.
+//!
+//! **Blocking.** As cma's pull, the read runs on the channel's I/O thread and blocks
+//! it until the read completes, fails or [`CudaGdrConfig::read_timeout`] passes (it
+//! sleeps on the queue pair's completion channel; nothing busy-polls — the original
+//! spun a thread per context). A failed read breaks that channel's queue pair: the
+//! channel closes, its pending operations fail.
+//!
+//! **Not run here.** No machine this project has run on has an RDMA NIC, so this path
+//! has been compiled and its pieces tested (the read plan against an in-order queue
+//! pair model, the descriptor codec by proptest and fuzzing), never executed end to
+//! end; where the hardware exists, the CUDA channel conformance suite and
+//! `tp bench channel --channel cuda_gdr` exercise it.
+
+use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -18,15 +59,90 @@ use tp_transport::BoxConnection;
 
 use crate::driver;
 
-/// The cuda_gdr channel context (see the [module docs](self) for its status).
-#[derive(Debug)]
-pub struct CudaGdrContext {
-    why_not: String,
+/// What a cuda_gdr sender announces for one tensor on connection 0.
+///
+/// | bytes | field |
+/// |---|---|
+/// | 0 | kind: 0 = readable, 1 = unavailable |
+/// | 1..9 | readable only: address in the sender's GPU memory, u64 LE |
+/// | 9..17 | length in bytes, u64 LE |
+/// | 17..21 | remote key of the registration covering it, u32 LE |
+///
+/// *Unavailable* (one byte) says the sender could not expose the buffer to its NIC
+/// (the reason is in its log); the receiver fails that transfer.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum GdrDescriptor {
+    /// The receiver may read `len` bytes at `addr` with `rkey`.
+    Readable {
+        /// Address in the sender's GPU memory.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+        /// Remote key of the registration covering the span.
+        rkey: u32,
+    },
+    /// The sender could not expose its buffer.
+    Unavailable,
 }
 
-impl Default for CudaGdrContext {
+impl GdrDescriptor {
+    /// Length of an encoded readable descriptor (the longest).
+    pub const MAX_LEN: usize = 21;
+
+    /// The encoding (see the table above).
+    pub fn encode(&self) -> Vec<u8> {
+        match *self {
+            Self::Readable { addr, len, rkey } => {
+                let mut d = Vec::with_capacity(Self::MAX_LEN);
+                d.push(0);
+                d.extend_from_slice(&addr.to_le_bytes());
+                d.extend_from_slice(&len.to_le_bytes());
+                d.extend_from_slice(&rkey.to_le_bytes());
+                d
+            }
+            Self::Unavailable => vec![1],
+        }
+    }
+
+    /// Decodes what a peer sent.
+    ///
+    /// # Errors
+    /// [`ChannelError::Protocol`] for an unknown kind or a length other than the kind's.
+    pub fn decode(d: &[u8]) -> Result<Self, ChannelError> {
+        match (d.first(), d.len()) {
+            (Some(0), Self::MAX_LEN) => Ok(Self::Readable {
+                addr: u64::from_le_bytes(tp_channel::kit::le_bytes(d, 1)?),
+                len: u64::from_le_bytes(tp_channel::kit::le_bytes(d, 9)?),
+                rkey: u32::from_le_bytes(tp_channel::kit::le_bytes(d, 17)?),
+            }),
+            (Some(1), 1) => Ok(Self::Unavailable),
+            (Some(k @ (0 | 1)), n) => Err(ChannelError::protocol(format!(
+                "cuda_gdr descriptor of kind {k} is {n} bytes"
+            ))),
+            (Some(k), _) => Err(ChannelError::protocol(format!(
+                "cuda_gdr descriptor of unknown kind {k}"
+            ))),
+            (None, _) => Err(ChannelError::protocol("empty cuda_gdr descriptor")),
+        }
+    }
+}
+
+/// How cuda_gdr behaves.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct CudaGdrConfig {
+    /// How long one tensor's read may take before the channel gives up on its peer
+    /// (and closes). Default 10 s.
+    pub read_timeout: Duration,
+    /// GPU allocations kept registered with the NIC, per context. Default 64.
+    pub registrations: usize,
+}
+
+impl Default for CudaGdrConfig {
     fn default() -> Self {
-        Self::new()
+        Self {
+            read_timeout: Duration::from_secs(10),
+            registrations: 64,
+        }
     }
 }
 
@@ -65,6 +181,7 @@ fn bar1(pci: (i32, i32, i32)) -> Option<u64> {
     (end > start).then(|| end - start + 1)
 }
 
+/// What the machine lacks for cuda_gdr, in the original's order; empty if nothing.
 fn probe() -> String {
     let drv = match driver::driver() {
         Ok(d) => d,
@@ -91,15 +208,39 @@ fn probe() -> String {
             None => return format!("cannot read cuda:{i}'s BAR1 size from sysfs"),
         }
     }
-    "the cuda_gdr data path is not implemented yet (the machine has what it needs)".to_string()
+    String::new()
+}
+
+/// The cuda_gdr channel context (see the [module docs](self)).
+#[derive(Debug)]
+pub struct CudaGdrContext {
+    inner: Result<path::Ready, String>,
+}
+
+impl Default for CudaGdrContext {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl CudaGdrContext {
-    /// Probes the machine.
+    /// Probes the machine, with the default configuration.
     pub fn new() -> Self {
-        let why_not = probe();
-        tracing::info!(channel = "cuda_gdr", reason = %why_not, "channel not viable");
-        Self { why_not }
+        Self::with_config(CudaGdrConfig::default())
+    }
+
+    /// Probes the machine.
+    pub fn with_config(config: CudaGdrConfig) -> Self {
+        let lacks = probe();
+        let inner = if lacks.is_empty() {
+            path::Ready::open(config)
+        } else {
+            Err(lacks)
+        };
+        if let Err(why) = &inner {
+            tracing::info!(channel = "cuda_gdr", reason = %why, "channel not viable");
+        }
+        Self { inner }
     }
 }
 
@@ -109,32 +250,111 @@ impl ChannelContext for CudaGdrContext {
     }
 
     fn viability(&self) -> Result<(), ChannelError> {
-        Err(ChannelError::not_viable("cuda_gdr", &self.why_not))
+        match &self.inner {
+            Ok(ready) => ready.viability(),
+            Err(why) => Err(ChannelError::not_viable("cuda_gdr", why)),
+        }
     }
 
     fn device_descriptors(&self) -> Vec<(Device, Vec<u8>)> {
-        Vec::new()
+        self.inner
+            .as_ref()
+            .map(path::Ready::device_descriptors)
+            .unwrap_or_default()
     }
 
     fn connections_needed(&self) -> usize {
-        0
+        2
     }
 
     fn create_channel(
         &self,
-        _conns: Vec<BoxConnection>,
+        conns: Vec<BoxConnection>,
         _endpoint: Endpoint,
     ) -> BoxFuture<'static, Result<BoxChannel, ChannelError>> {
-        let e = ChannelError::not_viable("cuda_gdr", &self.why_not);
-        async move { Err(e) }.boxed()
+        match &self.inner {
+            Ok(ready) => ready.create(conns),
+            Err(why) => {
+                let e = ChannelError::not_viable("cuda_gdr", why);
+                async move { Err(e) }.boxed()
+            }
+        }
     }
 
-    fn close(&self) {}
+    fn close(&self) {
+        if let Ok(ready) = &self.inner {
+            ready.close();
+        }
+    }
 }
+
+/// Without the `ibv` feature there is no data path; the probe already said so.
+#[cfg(not(feature = "ibv"))]
+mod path {
+    use super::{BoxChannel, BoxConnection, BoxFuture, ChannelError, CudaGdrConfig, Device};
+
+    #[derive(Debug)]
+    pub(super) enum Ready {}
+
+    impl Ready {
+        pub(super) fn open(_config: CudaGdrConfig) -> Result<Self, String> {
+            Err("tp-cuda was built without the `ibv` feature".to_string())
+        }
+
+        pub(super) fn viability(&self) -> Result<(), ChannelError> {
+            match *self {}
+        }
+
+        pub(super) fn device_descriptors(&self) -> Vec<(Device, Vec<u8>)> {
+            match *self {}
+        }
+
+        pub(super) fn create(
+            &self,
+            _conns: Vec<BoxConnection>,
+        ) -> BoxFuture<'static, Result<BoxChannel, ChannelError>> {
+            match *self {}
+        }
+
+        pub(super) fn close(&self) {
+            match *self {}
+        }
+    }
+}
+
+#[cfg(feature = "ibv")]
+mod path;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn descriptors_have_the_documented_layout_and_refuse_the_rest() {
+        let d = GdrDescriptor::Readable {
+            addr: 0x0102_0304_0506_0708,
+            len: 16,
+            rkey: 0xaabb_ccdd,
+        };
+        let bytes = d.encode();
+        assert_eq!(bytes.len(), GdrDescriptor::MAX_LEN);
+        assert_eq!(bytes[0], 0);
+        assert_eq!(bytes[1..9], 0x0102_0304_0506_0708u64.to_le_bytes());
+        assert_eq!(bytes[9..17], 16u64.to_le_bytes());
+        assert_eq!(bytes[17..21], 0xaabb_ccddu32.to_le_bytes());
+        assert_eq!(GdrDescriptor::decode(&bytes).unwrap(), d);
+        assert_eq!(GdrDescriptor::Unavailable.encode(), [1]);
+        assert_eq!(
+            GdrDescriptor::decode(&[1]).unwrap(),
+            GdrDescriptor::Unavailable
+        );
+        for bad in [&[][..], &[2], &[1, 0], &bytes[..20], &[0; 22]] {
+            assert!(
+                matches!(GdrDescriptor::decode(bad), Err(ChannelError::Protocol(_))),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn it_says_why_it_is_not_viable() {

@@ -233,6 +233,11 @@ macro_rules! cuda_conformance {
                     eprintln!("SKIPPED: {what}: needs {} GPUs, {n} here", $min_gpus);
                     return;
                 }
+                // A GPU is not all a channel may need (cuda_gdr: an RDMA NIC).
+                if let Err(e) = (CASE.make)().viability() {
+                    eprintln!("SKIPPED: {what}: {e}");
+                    return;
+                }
                 run(Executor::BlockOn, super::$case(CASE));
             }
         )*
@@ -262,6 +267,13 @@ cuda_conformance!(
 );
 cuda_conformance!(cuda_xth_gpu_to_gpu, cuda_xth, At::Gpu(0), At::Gpu(0), 1);
 cuda_conformance!(cuda_xth_across_gpus, cuda_xth, At::Gpu(1), At::Gpu(0), 2);
+
+fn cuda_gdr() -> Arc<dyn ChannelContext> {
+    Arc::new(tp_cuda::gdr::CudaGdrContext::new())
+}
+
+cuda_conformance!(cuda_gdr_gpu_to_gpu, cuda_gdr, At::Gpu(0), At::Gpu(0), 1);
+cuda_conformance!(cuda_gdr_across_gpus, cuda_gdr, At::Gpu(1), At::Gpu(0), 2);
 
 /// cuda_ipc cannot work inside one process: the descriptors say so
 /// (`CannotCommunicateInSameProcess`). (Its transfers need two processes; that test is

@@ -1,3 +1,4 @@
+mod cuda_gdr;
 mod cuda_ipc;
 mod packets;
 mod pipe;
