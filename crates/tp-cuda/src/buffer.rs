@@ -265,3 +265,25 @@ pub(crate) fn recv_cuda(buf: &mut dyn RecvBuf) -> Option<&mut CudaBuffer> {
     let any: &mut dyn Any = buf;
     any.downcast_mut()
 }
+
+/// The [`CudaBuffer`] behind a receive buffer, checked to hold exactly the `announced`
+/// bytes a peer's descriptor says are coming.
+///
+/// # Errors
+/// [`ChannelError::UnsupportedDevice`] for anything but a `CudaBuffer`,
+/// [`ChannelError::LengthMismatch`] for another length.
+pub(crate) fn recv_cuda_sized<'a>(
+    channel: &'static str,
+    dst: &'a mut dyn RecvBuf,
+    announced: u64,
+) -> Result<&'a mut CudaBuffer, ChannelError> {
+    let device = dst.device();
+    let dst = recv_cuda(dst).ok_or(ChannelError::UnsupportedDevice { channel, device })?;
+    if announced != dst.len() as u64 {
+        return Err(ChannelError::LengthMismatch {
+            expected: dst.len() as u64,
+            announced,
+        });
+    }
+    Ok(dst)
+}

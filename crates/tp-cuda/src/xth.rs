@@ -19,7 +19,7 @@ use tp_channel::{BoxChannel, ChannelContext, ChannelError, Device, Endpoint, Rec
 use tp_transport::BoxConnection;
 use tp_wire::device::DeviceKind;
 
-use crate::buffer::{CudaBuffer, recv_cuda, send_cuda};
+use crate::buffer::{CudaBuffer, recv_cuda_sized, send_cuda};
 use crate::driver::{self, Event};
 
 /// A parked send: the buffer, and the event recorded after its producer's work (or why
@@ -84,17 +84,7 @@ impl Fetch for EventCopy {
         }
         let token = u64::from_le_bytes(le_bytes(d, 0)?);
         let len = u64::from_le_bytes(le_bytes(d, 8)?);
-        let device = dst.device();
-        let dst = recv_cuda(dst).ok_or(ChannelError::UnsupportedDevice {
-            channel: "cuda_xth",
-            device,
-        })?;
-        if len != dst.len() as u64 {
-            return Err(ChannelError::LengthMismatch {
-                expected: dst.len() as u64,
-                announced: len,
-            });
-        }
+        let dst = recv_cuda_sized("cuda_xth", dst, len)?;
         with_parked(token, |parcel| {
             let any: &dyn std::any::Any = parcel;
             let parcel = any

@@ -15,7 +15,7 @@ use tp_transport::ibv::{IbvConfig, MemoryRegion, RdmaDevice, RdmaReader, RemoteS
 use tp_wire::device::DeviceKind;
 
 use super::{CudaGdrConfig, GdrDescriptor};
-use crate::buffer::{recv_cuda, send_cuda};
+use crate::buffer::{recv_cuda_sized, send_cuda};
 use crate::driver;
 
 /// A context whose machine has everything cuda_gdr needs.
@@ -257,17 +257,7 @@ impl Fetch for RdmaRead {
                 ));
             }
         };
-        let device = dst.device();
-        let dst = recv_cuda(dst).ok_or(ChannelError::UnsupportedDevice {
-            channel: "cuda_gdr",
-            device,
-        })?;
-        if len != dst.len() as u64 {
-            return Err(ChannelError::LengthMismatch {
-                expected: dst.len() as u64,
-                announced: len,
-            });
-        }
+        let dst = recv_cuda_sized("cuda_gdr", dst, len)?;
         // The NIC writes outside any stream: the consumer's earlier work on the
         // destination must be done first.
         driver::synchronize(dst.device_index(), dst.stream())?;

@@ -26,7 +26,7 @@ use super::proto::SetupInfo;
 use super::read::ReadPlan;
 use super::transport::IbvConfig;
 pub use super::verbs::MemoryRegion;
-use super::verbs::{Completion, Device, DeviceChoice, QueuePair, RemoteQp};
+use super::verbs::{Completion, Device, QueuePair, RemoteQp};
 
 /// An open RDMA device (see the [module docs](self)).
 #[derive(Clone, Debug)]
@@ -41,22 +41,7 @@ impl RdmaDevice {
     /// # Errors
     /// Why no device could be used: no RDMA support, no such device, port down.
     pub fn open(config: &IbvConfig) -> Result<Self, String> {
-        let names = super::verbs::device_names()
-            .map_err(|e| format!("no RDMA support (listing devices failed: {e})"))?;
-        if names.is_empty() {
-            return Err("no RDMA device found".to_string());
-        }
-        let dev = Device::open(&DeviceChoice {
-            name: config.device.clone(),
-            port: config.port,
-            gid_index: config.gid_index,
-        })
-        .map_err(|e| {
-            format!(
-                "cannot use an RDMA device (found: {}): {e}",
-                names.join(", ")
-            )
-        })?;
+        let dev = super::transport::open_device(config)?;
         Ok(Self { dev: Arc::new(dev) })
     }
 
@@ -154,16 +139,7 @@ impl RdmaReader {
     /// The device's refusal (an unreachable address, a bad queue pair number).
     pub fn connect(&self, theirs: &SetupInfo) -> io::Result<()> {
         let mut st = self.lock();
-        st.qp.connect(
-            self.psn,
-            &RemoteQp {
-                qpn: theirs.qpn,
-                psn: theirs.psn,
-                lid: theirs.lid,
-                gid: theirs.gid,
-                mtu: u32::from(theirs.mtu),
-            },
-        )?;
+        st.qp.connect(self.psn, &RemoteQp::from(theirs))?;
         st.max_message = st.max_message.min(theirs.max_message).max(1);
         Ok(())
     }

@@ -122,19 +122,15 @@ impl IbvTransport {
     }
 }
 
-fn open(config: &IbvConfig) -> Result<Arc<Device>, String> {
-    if !config.ring_capacity.is_power_of_two() || (config.ring_capacity as u64) > MAX_RING {
-        return Err(format!(
-            "ring capacity {} is not a power of two up to {MAX_RING}",
-            config.ring_capacity
-        ));
-    }
+/// Opens the device, port and GID index `config` names (the first device when it names
+/// none), or says why none can be used.
+pub(super) fn open_device(config: &IbvConfig) -> Result<Device, String> {
     let names = super::verbs::device_names()
         .map_err(|e| format!("no RDMA support (listing devices failed: {e})"))?;
     if names.is_empty() {
         return Err("no RDMA device found".to_string());
     }
-    let dev = Device::open(&DeviceChoice {
+    Device::open(&DeviceChoice {
         name: config.device.clone(),
         port: config.port,
         gid_index: config.gid_index,
@@ -144,7 +140,17 @@ fn open(config: &IbvConfig) -> Result<Arc<Device>, String> {
             "cannot use an RDMA device (found: {}): {e}",
             names.join(", ")
         )
-    })?;
+    })
+}
+
+fn open(config: &IbvConfig) -> Result<Arc<Device>, String> {
+    if !config.ring_capacity.is_power_of_two() || (config.ring_capacity as u64) > MAX_RING {
+        return Err(format!(
+            "ring capacity {} is not a power of two up to {MAX_RING}",
+            config.ring_capacity
+        ));
+    }
+    let dev = open_device(config)?;
     if (config.ring_capacity as u64) > u64::from(dev.max_message) {
         return Err(format!(
             "ring capacity {} exceeds the port's largest message ({})",
@@ -605,17 +611,8 @@ impl IbvConnection {
         let outbox_len =
             usize::try_from(theirs.inbox_capacity).map_err(|_| refuse("inbox size"))?;
         let outbox = Region::new(device, outbox_len, false).map_err(verbs_err)?;
-        qp.connect(
-            psn,
-            &RemoteQp {
-                qpn: theirs.qpn,
-                psn: theirs.psn,
-                lid: theirs.lid,
-                gid: theirs.gid,
-                mtu: u32::from(theirs.mtu),
-            },
-        )
-        .map_err(verbs_err)?;
+        qp.connect(psn, &RemoteQp::from(&theirs))
+            .map_err(verbs_err)?;
         // Neither side writes before the other's queue pair is ready to receive.
         stream
             .write_all(&[1])

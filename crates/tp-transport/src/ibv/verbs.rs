@@ -246,12 +246,82 @@ impl Drop for Device {
     }
 }
 
-/// A buffer of our own, registered with the device.
-pub(crate) struct Region {
-    ptr: NonNull<u8>,
-    layout: Layout,
+/// A registration with the device's protection domain, deregistered on drop.
+struct Mr {
     mr: NonNull<ffi::ibv_mr>,
     _dev: Arc<Device>,
+}
+
+impl Mr {
+    /// Registers `len` bytes at `addr` with `access`.
+    ///
+    /// # Safety
+    /// `addr..addr + len` must stay allocated until the registration is dropped.
+    unsafe fn new(
+        dev: &Arc<Device>,
+        addr: *mut std::ffi::c_void,
+        len: usize,
+        access: ffi::ibv_access_flags,
+    ) -> io::Result<Self> {
+        // SAFETY: the caller keeps the memory allocated while registered; the protection
+        // domain is live (`dev` is held).
+        let mr = unsafe {
+            ffi::ibv_reg_mr(
+                dev.pd.as_ptr(),
+                addr,
+                len,
+                i32::try_from(access.0).unwrap_or(i32::MAX),
+            )
+        };
+        let mr = NonNull::new(mr).ok_or_else(|| last_error("ibv_reg_mr"))?;
+        Ok(Self {
+            mr,
+            _dev: dev.clone(),
+        })
+    }
+
+    fn lkey(&self) -> u32 {
+        // SAFETY: `mr` is registered until drop; the field is written once by libibverbs.
+        unsafe { (*self.mr.as_ptr()).lkey }
+    }
+
+    fn rkey(&self) -> u32 {
+        // SAFETY: as in `lkey`.
+        unsafe { (*self.mr.as_ptr()).rkey }
+    }
+}
+
+impl Drop for Mr {
+    fn drop(&mut self) {
+        // SAFETY: registered in `new`, deregistered once. The queue pairs that used it
+        // were destroyed before, or their requests waited for (the owners' duty).
+        unsafe { ffi::ibv_dereg_mr(self.mr.as_ptr()) };
+    }
+}
+
+// SAFETY: a memory region handle is usable from any thread; we only read its keys.
+unsafe impl Send for Mr {}
+// SAFETY: as above.
+unsafe impl Sync for Mr {}
+
+/// Page-aligned zeroed bytes we own, freed on drop.
+struct Alloc {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+impl Drop for Alloc {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `Region::new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+/// A buffer of our own, registered with the device.
+pub(crate) struct Region {
+    // Field order is drop order: deregister, then free.
+    mr: Mr,
+    mem: Alloc,
 }
 
 // SAFETY: the buffer is plain memory we own; copies in and out go through raw pointers
@@ -269,49 +339,26 @@ impl Region {
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(ptr).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        let mem = Alloc { ptr, layout };
         let mut access = ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE;
         if remote_write {
             access |= ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE;
         }
-        // SAFETY: `ptr..ptr+len` is our allocation and stays alive until after deregistration.
-        let mr = unsafe {
-            ffi::ibv_reg_mr(
-                dev.pd.as_ptr(),
-                ptr.as_ptr().cast(),
-                layout.size(),
-                i32::try_from(access.0).unwrap_or(i32::MAX),
-            )
-        };
-        let Some(mr) = NonNull::new(mr) else {
-            let e = last_error("ibv_reg_mr");
-            // SAFETY: allocated above with this layout, never registered.
-            unsafe { std::alloc::dealloc(ptr.as_ptr(), layout) };
-            return Err(e);
-        };
-        Ok(Self {
-            ptr,
-            layout,
-            mr,
-            _dev: dev.clone(),
-        })
+        // SAFETY: `mem` is our allocation; the region drops `mr` before it.
+        let mr = unsafe { Mr::new(dev, ptr.as_ptr().cast(), layout.size(), access) }?;
+        Ok(Self { mr, mem })
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.layout.size()
+        self.mem.layout.size()
     }
 
     pub(crate) fn addr(&self) -> u64 {
-        self.ptr.as_ptr() as u64
-    }
-
-    fn lkey(&self) -> u32 {
-        // SAFETY: `mr` is registered until drop; the field is written once by libibverbs.
-        unsafe { (*self.mr.as_ptr()).lkey }
+        self.mem.ptr.as_ptr() as u64
     }
 
     pub(crate) fn rkey(&self) -> u32 {
-        // SAFETY: as in `lkey`.
-        unsafe { (*self.mr.as_ptr()).rkey }
+        self.mr.rkey()
     }
 
     /// Copies `src` in at `offset`, wrapping around the end (a ring). Bytes beyond the
@@ -321,7 +368,7 @@ impl Region {
         let offset = offset % len;
         let (head, tail) = src.split_at(src.len().min(len - offset));
         let tail = tail.get(..tail.len().min(offset)).unwrap_or_default();
-        let base = self.ptr.as_ptr();
+        let base = self.mem.ptr.as_ptr();
         // SAFETY: `offset + head.len() <= len`; `src` cannot overlap memory we own.
         unsafe { ptr::copy_nonoverlapping(head.as_ptr(), base.wrapping_add(offset), head.len()) };
         // SAFETY: `tail.len() <= offset <= len`, from the start of the region.
@@ -335,7 +382,7 @@ impl Region {
         let (head, tail) = dst.split_at_mut(dst.len().min(len - offset));
         let tail_len = tail.len().min(offset);
         let tail = tail.get_mut(..tail_len).unwrap_or_default();
-        let base = self.ptr.as_ptr();
+        let base = self.mem.ptr.as_ptr();
         // SAFETY: `offset + head.len() <= len`; `dst` cannot overlap memory we own.
         unsafe {
             ptr::copy_nonoverlapping(base.wrapping_add(offset), head.as_mut_ptr(), head.len())
@@ -345,30 +392,14 @@ impl Region {
     }
 }
 
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: registered in `new`, deregistered once; a queue pair using it is
-        // destroyed before (the transport drops its endpoint first).
-        unsafe { ffi::ibv_dereg_mr(self.mr.as_ptr()) };
-        // SAFETY: allocated in `new` with this layout; no longer registered.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
-    }
-}
-
 /// Memory the caller owns — host memory, or GPU memory where NVIDIA's peer-memory
 /// module is loaded — registered with an [`RdmaDevice`](super::RdmaDevice) for local
 /// writes and remote reads; deregistered on drop.
 pub struct MemoryRegion {
-    mr: NonNull<ffi::ibv_mr>,
+    mr: Mr,
     addr: u64,
     len: usize,
-    _dev: Arc<Device>,
 }
-
-// SAFETY: a memory region handle is usable from any thread; we only read its keys.
-unsafe impl Send for MemoryRegion {}
-// SAFETY: as above.
-unsafe impl Sync for MemoryRegion {}
 
 impl std::fmt::Debug for MemoryRegion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -389,26 +420,11 @@ impl MemoryRegion {
     /// # Errors
     /// The device's refusal (unpinnable memory, no peer-memory support, limits).
     pub unsafe fn register(dev: &super::RdmaDevice, addr: u64, len: usize) -> io::Result<Self> {
-        let dev = dev.device();
         let access = ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
             | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_READ;
-        // SAFETY: the caller keeps the memory allocated while registered; the protection
-        // domain is live (`dev` is held).
-        let mr = unsafe {
-            ffi::ibv_reg_mr(
-                dev.pd.as_ptr(),
-                addr as *mut std::ffi::c_void,
-                len,
-                i32::try_from(access.0).unwrap_or(i32::MAX),
-            )
-        };
-        let mr = NonNull::new(mr).ok_or_else(|| last_error("ibv_reg_mr"))?;
-        Ok(Self {
-            mr,
-            addr,
-            len,
-            _dev: dev.clone(),
-        })
+        // SAFETY: the caller's contract is `Mr::new`'s.
+        let mr = unsafe { Mr::new(dev.device(), addr as *mut std::ffi::c_void, len, access) }?;
+        Ok(Self { mr, addr, len })
     }
 
     /// Start of the registered span.
@@ -434,23 +450,9 @@ impl MemoryRegion {
                 .is_some_and(|end| end <= self.addr.saturating_add(self.len as u64))
     }
 
-    pub(crate) fn lkey(&self) -> u32 {
-        // SAFETY: `mr` is registered until drop; the field is written once by libibverbs.
-        unsafe { (*self.mr.as_ptr()).lkey }
-    }
-
     /// The key a peer needs to read this memory.
     pub fn rkey(&self) -> u32 {
-        // SAFETY: as in `lkey`.
-        unsafe { (*self.mr.as_ptr()).rkey }
-    }
-}
-
-impl Drop for MemoryRegion {
-    fn drop(&mut self) {
-        // SAFETY: registered in `register`, deregistered once. Reads that named it were
-        // waited for (or their queue pair was put in the error state) by its users.
-        unsafe { ffi::ibv_dereg_mr(self.mr.as_ptr()) };
+        self.mr.rkey()
     }
 }
 
@@ -489,6 +491,18 @@ pub(crate) struct RemoteQp {
     pub(crate) lid: u16,
     pub(crate) gid: [u8; 16],
     pub(crate) mtu: u32,
+}
+
+impl From<&super::proto::SetupInfo> for RemoteQp {
+    fn from(theirs: &super::proto::SetupInfo) -> Self {
+        Self {
+            qpn: theirs.qpn,
+            psn: theirs.psn,
+            lid: theirs.lid,
+            gid: theirs.gid,
+            mtu: u32::from(theirs.mtu),
+        }
+    }
 }
 
 /// One connection's queue pair, with its own completion queue and channel.
@@ -718,31 +732,19 @@ impl QueuePair {
         rkey: u32,
         wr_id: u64,
     ) -> io::Result<()> {
-        let mut sge = ffi::ibv_sge {
+        let sge = ffi::ibv_sge {
             addr: local.addr().wrapping_add(offset),
             length: len,
-            lkey: local.lkey(),
+            lkey: local.mr.lkey(),
         };
-        let mut wr = ffi::ibv_send_wr {
+        let remote = (remote_addr.wrapping_add(offset), rkey);
+        self.post_rdma(
+            ffi::ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM,
+            sge,
+            remote,
+            len,
             wr_id,
-            next: ptr::null_mut(),
-            sg_list: &raw mut sge,
-            num_sge: 1,
-            opcode: ffi::ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM,
-            send_flags: ffi::ibv_send_flags::IBV_SEND_SIGNALED.0,
-            __bindgen_anon_1: ffi::ibv_send_wr__bindgen_ty_1 {
-                imm_data: len.to_be(),
-            },
-            wr: ffi::ibv_send_wr__bindgen_ty_2 {
-                rdma: ffi::ibv_send_wr__bindgen_ty_2__bindgen_ty_1 {
-                    remote_addr: remote_addr.wrapping_add(offset),
-                    rkey,
-                },
-            },
-            qp_type: Default::default(),
-            __bindgen_anon_2: Default::default(),
-        };
-        self.post_send(&mut wr)
+        )
     }
 
     /// Reads outstanding at once this queue pair allows (at least 1).
@@ -771,24 +773,42 @@ impl QueuePair {
                 "read span outside the registration",
             ));
         }
-        let mut sge = ffi::ibv_sge {
+        let sge = ffi::ibv_sge {
             addr: local.addr().wrapping_add(offset),
             length: len,
-            lkey: local.lkey(),
+            lkey: local.mr.lkey(),
         };
+        self.post_rdma(
+            ffi::ibv_wr_opcode::IBV_WR_RDMA_READ,
+            sge,
+            (remote_addr, rkey),
+            0,
+            wr_id,
+        )
+    }
+
+    /// Posts one signalled one-sided request on `sge` against the peer's
+    /// `(address, rkey)`; `imm` is sent only by opcodes that carry one.
+    fn post_rdma(
+        &self,
+        opcode: ffi::ibv_wr_opcode::Type,
+        mut sge: ffi::ibv_sge,
+        (remote_addr, rkey): (u64, u32),
+        imm: u32,
+        wr_id: u64,
+    ) -> io::Result<()> {
         let mut wr = ffi::ibv_send_wr {
             wr_id,
             next: ptr::null_mut(),
             sg_list: &raw mut sge,
             num_sge: 1,
-            opcode: ffi::ibv_wr_opcode::IBV_WR_RDMA_READ,
+            opcode,
             send_flags: ffi::ibv_send_flags::IBV_SEND_SIGNALED.0,
-            __bindgen_anon_1: Default::default(),
+            __bindgen_anon_1: ffi::ibv_send_wr__bindgen_ty_1 {
+                imm_data: imm.to_be(),
+            },
             wr: ffi::ibv_send_wr__bindgen_ty_2 {
-                rdma: ffi::ibv_send_wr__bindgen_ty_2__bindgen_ty_1 {
-                    remote_addr: remote_addr.wrapping_add(offset),
-                    rkey,
-                },
+                rdma: ffi::ibv_send_wr__bindgen_ty_2__bindgen_ty_1 { remote_addr, rkey },
             },
             qp_type: Default::default(),
             __bindgen_anon_2: Default::default(),
