@@ -328,6 +328,7 @@ mod path;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tp_wire::device::DeviceKind;
 
     #[test]
     fn descriptors_have_the_documented_layout_and_refuse_the_rest() {
@@ -357,11 +358,26 @@ mod tests {
     }
 
     #[test]
-    fn it_says_why_it_is_not_viable() {
+    fn it_is_viable_with_a_descriptor_per_gpu_or_says_why_not() {
         let ctx = CudaGdrContext::new();
-        let e = ctx.viability().unwrap_err().to_string();
-        assert!(e.starts_with("channel cuda_gdr is not viable: "), "{e}");
-        assert!(ctx.device_descriptors().is_empty());
-        eprintln!("cuda_gdr: {e}");
+        match ctx.viability() {
+            Ok(()) => {
+                let d = ctx.device_descriptors();
+                assert!(!d.is_empty());
+                assert!(
+                    d.iter()
+                        .all(|(dev, b)| dev.kind == DeviceKind::Cuda && b == b"*")
+                );
+                assert_eq!(ctx.connections_needed(), 2);
+                eprintln!("cuda_gdr: viable on {} GPUs", d.len());
+            }
+            Err(e) => {
+                let e = e.to_string();
+                assert!(e.starts_with("channel cuda_gdr is not viable: "), "{e}");
+                assert!(!e.ends_with(": "), "a reason is given: {e}");
+                assert!(ctx.device_descriptors().is_empty());
+                eprintln!("cuda_gdr: {e}");
+            }
+        }
     }
 }
