@@ -147,9 +147,9 @@ impl RdmaReader {
     /// Reads `from` into `into` at `offset`, blocking until done or `timeout` passes.
     ///
     /// # Errors
-    /// A span outside `into`, a failed request (the peer's key or span was wrong, the
-    /// peer is gone), a timeout, or a reader that failed before. Every error but the
-    /// first leaves the queue pair in the error state.
+    /// A span outside `into` (nothing is posted), a failed request (the peer's key or
+    /// span was wrong, the peer is gone), a timeout, or a reader that failed before.
+    /// Every error but the first leaves the queue pair in the error state.
     pub fn read(
         &self,
         into: &MemoryRegion,
@@ -164,7 +164,8 @@ impl RdmaReader {
                 "read span outside the local region",
             ));
         }
-        let deadline = Instant::now() + timeout;
+        // A timeout too long to represent waits without one.
+        let deadline = Instant::now().checked_add(timeout);
         let mut st = self.lock();
         if st.failed {
             return Err(io::Error::new(
@@ -200,7 +201,7 @@ fn drive(
     into: &MemoryRegion,
     offset: u64,
     from: RemoteSpan,
-    deadline: Instant,
+    deadline: Option<Instant>,
 ) -> io::Result<()> {
     let mut done = Vec::new();
     let mut armed = false;
@@ -246,8 +247,8 @@ fn drive(
             armed = true;
             continue;
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if left.is_some_and(|l| l.is_zero()) {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!(
@@ -257,7 +258,7 @@ fn drive(
                 ),
             ));
         }
-        let ts = rustix::event::Timespec::try_from(left).ok();
+        let ts = left.and_then(|l| rustix::event::Timespec::try_from(l).ok());
         let fd = qp.fd();
         let mut fds = [rustix::event::PollFd::new(
             &fd,
