@@ -64,6 +64,57 @@ pub mod kit {
     pub use crate::ops::Ops;
     pub use crate::park::{Ticket, park, with_parked};
     pub use crate::system::{boot_id, namespace};
+
+    #[doc(hidden)]
+    pub use futures::future::BoxFuture;
+    #[doc(hidden)]
+    pub use tp_transport::BoxConnection;
+
+    /// Implements [`ChannelContext`](crate::ChannelContext) for a context whose
+    /// channels run the handoff protocol: the type has a field `core:`
+    /// [`HandoffContext`], and `fetch` (or `|this| fetch`, given the context) makes
+    /// each new channel's [`Fetch`]. Name, viability, descriptors, the two connections, channel
+    /// creation and close all come from `core`.
+    #[macro_export]
+    macro_rules! handoff_channel_context {
+        ($ty:ty, $name:literal, |$this:ident| $fetch:expr) => {
+            impl $crate::ChannelContext for $ty {
+                fn name(&self) -> &'static str {
+                    $name
+                }
+
+                fn viability(&self) -> Result<(), $crate::ChannelError> {
+                    self.core.viability()
+                }
+
+                fn device_descriptors(&self) -> Vec<($crate::Device, Vec<u8>)> {
+                    self.core.device_descriptors()
+                }
+
+                fn connections_needed(&self) -> usize {
+                    2
+                }
+
+                fn create_channel(
+                    &self,
+                    conns: Vec<$crate::kit::BoxConnection>,
+                    _endpoint: $crate::Endpoint,
+                ) -> $crate::kit::BoxFuture<'static, Result<$crate::BoxChannel, $crate::ChannelError>>
+                {
+                    let $this = self;
+                    self.core.create($fetch, conns)
+                }
+
+                fn close(&self) {
+                    self.core.close();
+                }
+            }
+        };
+        ($ty:ty, $name:literal, $fetch:expr) => {
+            $crate::handoff_channel_context!($ty, $name, |_this| $fetch);
+        };
+    }
+    pub use handoff_channel_context;
 }
 
 use std::fmt;

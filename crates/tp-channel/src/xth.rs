@@ -11,12 +11,9 @@
 
 use std::sync::OnceLock;
 
-use futures::future::BoxFuture;
-use tp_transport::BoxConnection;
-
 use crate::handoff::{Fetch, HandoffContext, le_bytes};
 use crate::park::{Ticket, park, with_parked};
-use crate::{BoxChannel, ChannelContext, ChannelError, Device, Endpoint, RecvBuf, SendBuf};
+use crate::{ChannelError, RecvBuf, SendBuf};
 
 struct Memcpy;
 
@@ -122,35 +119,7 @@ impl XthContext {
     }
 }
 
-impl ChannelContext for XthContext {
-    fn name(&self) -> &'static str {
-        "xth"
-    }
-
-    fn viability(&self) -> Result<(), ChannelError> {
-        self.core.viability()
-    }
-
-    fn device_descriptors(&self) -> Vec<(Device, Vec<u8>)> {
-        self.core.device_descriptors()
-    }
-
-    fn connections_needed(&self) -> usize {
-        2
-    }
-
-    fn create_channel(
-        &self,
-        conns: Vec<BoxConnection>,
-        _endpoint: Endpoint,
-    ) -> BoxFuture<'static, Result<BoxChannel, ChannelError>> {
-        self.core.create(Memcpy, conns)
-    }
-
-    fn close(&self) {
-        self.core.close();
-    }
-}
+crate::handoff_channel_context!(XthContext, "xth", Memcpy);
 
 #[cfg(test)]
 mod tests {

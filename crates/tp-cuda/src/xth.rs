@@ -13,10 +13,8 @@
 //! inside one process. Copies between two GPUs go peer to peer where the hardware
 //! allows, through the host otherwise (the driver decides).
 
-use futures::future::BoxFuture;
 use tp_channel::kit::{Fetch, HandoffContext, Ticket, le_bytes, park, with_parked};
-use tp_channel::{BoxChannel, ChannelContext, ChannelError, Device, Endpoint, RecvBuf, SendBuf};
-use tp_transport::BoxConnection;
+use tp_channel::{ChannelError, Device, RecvBuf, SendBuf};
 use tp_wire::device::DeviceKind;
 
 use crate::buffer::{CudaBuffer, recv_cuda_sized, send_cuda};
@@ -155,35 +153,7 @@ impl CudaXthContext {
     }
 }
 
-impl ChannelContext for CudaXthContext {
-    fn name(&self) -> &'static str {
-        "cuda_xth"
-    }
-
-    fn viability(&self) -> Result<(), ChannelError> {
-        self.core.viability()
-    }
-
-    fn device_descriptors(&self) -> Vec<(Device, Vec<u8>)> {
-        self.core.device_descriptors()
-    }
-
-    fn connections_needed(&self) -> usize {
-        2
-    }
-
-    fn create_channel(
-        &self,
-        conns: Vec<BoxConnection>,
-        _endpoint: Endpoint,
-    ) -> BoxFuture<'static, Result<BoxChannel, ChannelError>> {
-        self.core.create(EventCopy, conns)
-    }
-
-    fn close(&self) {
-        self.core.close();
-    }
-}
+tp_channel::kit::handoff_channel_context!(CudaXthContext, "cuda_xth", EventCopy);
 
 #[cfg(test)]
 mod tests {

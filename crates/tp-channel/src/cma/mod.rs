@@ -25,11 +25,8 @@
 #[allow(unsafe_code)]
 mod sys;
 
-use futures::future::BoxFuture;
-use tp_transport::BoxConnection;
-
 use crate::handoff::{Fetch, HandoffContext, le_bytes};
-use crate::{BoxChannel, ChannelContext, ChannelError, Device, Endpoint, RecvBuf, SendBuf};
+use crate::{ChannelError, RecvBuf, SendBuf};
 
 /// Settings of a cma context.
 #[derive(Clone, Copy, Debug)]
@@ -156,39 +153,10 @@ impl CmaContext {
     }
 }
 
-impl ChannelContext for CmaContext {
-    fn name(&self) -> &'static str {
-        "cma"
-    }
-
-    fn viability(&self) -> Result<(), ChannelError> {
-        self.core.viability()
-    }
-
-    fn device_descriptors(&self) -> Vec<(Device, Vec<u8>)> {
-        self.core.device_descriptors()
-    }
-
-    fn connections_needed(&self) -> usize {
-        2
-    }
-
-    fn create_channel(
-        &self,
-        conns: Vec<BoxConnection>,
-        _endpoint: Endpoint,
-    ) -> BoxFuture<'static, Result<BoxChannel, ChannelError>> {
-        let pull = Pull {
-            pid: std::process::id(),
-            config: self.config,
-        };
-        self.core.create(pull, conns)
-    }
-
-    fn close(&self) {
-        self.core.close();
-    }
-}
+crate::handoff_channel_context!(CmaContext, "cma", |this| Pull {
+    pid: std::process::id(),
+    config: this.config
+});
 
 /// The receiver pulls; the sender holds its buffer meanwhile.
 struct Pull {
@@ -303,6 +271,7 @@ fn pull_parallel(pid: i32, addr: u64, dst: &mut [u8], threads: usize) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ChannelContext;
 
     #[test]
     fn the_probe_runs_for_real_and_names_this_machine_and_user() {
