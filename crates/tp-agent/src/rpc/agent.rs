@@ -1043,6 +1043,7 @@ async fn serve_loop(weak: Weak<Inner>, pipe: Arc<Pipe>, max: u64, devices: Arc<D
                 } else {
                     tracing::debug!(peer = pipe.remote_name(), error = %e, "RPC: a caller's pipe closed");
                 }
+                pipe.close();
                 return;
             }
         };

@@ -439,8 +439,10 @@ pub(crate) fn to_pipe(header: RpcHeader, msg: RpcMessage, targets: &[Device]) ->
 
 /// Reads the next RPC message from `pipe`, each tensor into a buffer on its target
 /// device from `devices`. Lengths are checked against `max_bytes` before anything is
-/// allocated; a malformed message, or one whose tensors cannot be placed, closes the
-/// pipe (its bytes cannot be consumed without their buffers).
+/// allocated. After an error the caller must close the pipe (a malformed message, or
+/// one whose tensors cannot be placed, leaves bytes that cannot be consumed without
+/// their buffers); it does so after saying why, so whoever sees the pipe close can
+/// find the reason already logged.
 pub(crate) async fn read(
     pipe: &Pipe,
     max_bytes: u64,
@@ -475,7 +477,6 @@ pub(crate) async fn read(
     let (header, sources) = match checked {
         Ok(v) => v,
         Err(why) => {
-            pipe.close();
             return Err(ReadError::Malformed(why));
         }
     };
@@ -486,7 +487,6 @@ pub(crate) async fn read(
     let alloc = match placed {
         Ok(a) => a,
         Err(why) => {
-            pipe.close();
             return Err(ReadError::Placement(why));
         }
     };
