@@ -51,6 +51,7 @@ mod registry;
 #[cfg(feature = "shm")]
 pub mod shm;
 mod signal;
+pub mod spin;
 #[cfg(feature = "tcp")]
 pub mod tcp;
 

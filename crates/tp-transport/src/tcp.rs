@@ -325,7 +325,7 @@ impl Spin {
     /// Tries non-blocking reads within the budget; `None` when nothing arrived (park).
     fn read(&self, stream: &TcpStream, buf: &mut [u8]) -> Option<io::Result<usize>> {
         use std::io::Read;
-        if self.budget.is_zero() {
+        if self.budget.is_zero() || !crate::spin::allowed() {
             return None;
         }
         let start = std::time::Instant::now();

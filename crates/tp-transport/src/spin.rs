@@ -1,0 +1,52 @@
+//! Whether an operation may spin on this thread right now.
+//!
+//! The shm transport (and tcp with `TP_TCP_SPIN_US`) spins for a while before it parks
+//! a read, so a reply already on its way is seen at once. That is right for a task that
+//! waits anyway, and wrong for a caller that only *looks*: tp-agent's pipe polls a read
+//! once, right where it is issued, to take bytes that are already there without a
+//! thread hop; if none are, the read continues on the connection's task. Such a look
+//! runs inside [`without_spinning`], and every spin checks [`allowed`] first.
+
+use std::cell::Cell;
+
+thread_local! {
+    static SUPPRESSED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with spinning off on this thread: a transport operation polled inside
+/// checks for its bytes once and returns `Pending` if they are not there, instead of
+/// spinning for them first.
+pub fn without_spinning<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SUPPRESSED.with(|s| s.set(self.0));
+        }
+    }
+    let _restore = Restore(SUPPRESSED.with(|s| s.replace(true)));
+    f()
+}
+
+/// False inside [`without_spinning`].
+pub(crate) fn allowed() -> bool {
+    !SUPPRESSED.with(Cell::get)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suppression_nests_and_ends_with_its_scope() {
+        assert!(allowed());
+        without_spinning(|| {
+            assert!(!allowed());
+            without_spinning(|| assert!(!allowed()));
+            assert!(!allowed());
+        });
+        assert!(allowed());
+        let caught = std::panic::catch_unwind(|| without_spinning(|| panic!("inside")));
+        assert!(caught.is_err());
+        assert!(allowed(), "a panic inside must not leave spinning off");
+    }
+}
