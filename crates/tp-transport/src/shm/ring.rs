@@ -35,6 +35,7 @@
 //!   other (Dekker), so a wake-up is never lost. [`Producer::wake_consumer`] and
 //!   [`Consumer::wake_producer`] say whether the peer must be woken (its eventfd written).
 
+use core::cell::Cell;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
@@ -243,7 +244,14 @@ pub unsafe fn create(
     // SYNC POINT: pairs with the Acquire load of `magic` in `attach`: a process that sees
     // the magic sees the initialised fields.
     h.magic.store(RING_MAGIC, Ordering::Release);
-    Ok((Producer { view, head: 0 }, Consumer { view, tail: 0 }))
+    Ok((
+        Producer {
+            view,
+            head: 0,
+            tail_seen: Cell::new(0),
+        },
+        Consumer { view, tail: 0 },
+    ))
 }
 
 /// Which end of an existing ring to attach to.
@@ -268,7 +276,11 @@ pub unsafe fn attach_producer(base: NonNull<u8>, len: usize) -> Result<Producer,
     // SAFETY: forwarded contract.
     unsafe { attach(base, len) }.map(|view| {
         let head = view.header().head.load(Ordering::Relaxed);
-        Producer { view, head }
+        Producer {
+            view,
+            head,
+            tail_seen: Cell::new(head),
+        }
     })
 }
 
@@ -314,6 +326,10 @@ unsafe fn attach(base: NonNull<u8>, len: usize) -> Result<View, RingError> {
 pub struct Producer {
     view: View,
     head: u64,
+    /// The consumer's `tail` as last loaded. Space only grows behind our back, so this
+    /// gives a lower bound on it without touching the consumer's cache line; the real
+    /// `tail` is loaded only when the bound is not enough.
+    tail_seen: Cell<u64>,
 }
 
 /// The reading end of a ring. It keeps its own `tail` locally (see [`Producer`]).
@@ -324,21 +340,36 @@ pub struct Consumer {
 }
 
 impl Producer {
-    /// Bytes that can be written now.
+    /// Bytes that can be written now (at least; more may have been freed since the
+    /// consumer's position was last loaded, which happens whenever this would be 0).
     pub fn writable(&self) -> usize {
+        self.space(1)
+    }
+
+    /// Free space, loading the consumer's `tail` only when the last one seen leaves less
+    /// than `want`.
+    fn space(&self, want: usize) -> usize {
+        let free = |tail: u64| {
+            // `tail` comes from the peer: a value outside [head - capacity, head] (a
+            // broken or hostile peer) yields no space rather than an out-of-range copy.
+            let used = self.head.wrapping_sub(tail);
+            usize::try_from(self.view.capacity.saturating_sub(used)).unwrap_or(0)
+        };
+        let known = free(self.tail_seen.get());
+        if known >= want {
+            return known;
+        }
         // SYNC POINT: pairs with the Release store of `tail` in Consumer::read: the space
         // it frees is no longer being read.
         let tail = self.view.header().tail.load(Ordering::Acquire);
-        // `tail` comes from the peer: a value outside [head - capacity, head] (a broken or
-        // hostile peer) yields no space rather than an out-of-range copy.
-        let used = self.head.wrapping_sub(tail);
-        usize::try_from(self.view.capacity.saturating_sub(used)).unwrap_or(0)
+        self.tail_seen.set(tail);
+        free(tail)
     }
 
     /// Copies as much of `src` as fits and publishes it; returns the bytes written.
     /// Call [`Producer::wake_consumer`] afterwards to learn whether to signal the peer.
     pub fn write(&mut self, src: &[u8]) -> usize {
-        let n = src.len().min(self.writable());
+        let n = src.len().min(self.space(src.len()));
         if n == 0 {
             return 0;
         }
@@ -360,7 +391,10 @@ impl Producer {
         // SYNC POINT: SeqCst fence pairs with the one in Consumer::park (Dekker): either
         // the consumer sees our new head before sleeping, or we see its flag here.
         fence(Ordering::SeqCst);
-        h.consumer_parked.swap(0, Ordering::AcqRel) != 0
+        // Look before clearing: a plain load leaves the consumer's cache line shared,
+        // where a swap on every write would take it away from the consumer each time.
+        h.consumer_parked.load(Ordering::Relaxed) != 0
+            && h.consumer_parked.swap(0, Ordering::AcqRel) != 0
     }
 
     /// Announces that the producer waits for space. Returns `false` if space appeared
@@ -428,9 +462,12 @@ impl Consumer {
 
     /// After a read: returns `true` if the producer is parked and must be woken.
     pub fn wake_producer(&self) -> bool {
+        let h = self.view.header();
         // SYNC POINT: pairs with the fence in Producer::park.
         fence(Ordering::SeqCst);
-        self.view.header().producer_parked.swap(0, Ordering::AcqRel) != 0
+        // Look before clearing (see Producer::wake_consumer).
+        h.producer_parked.load(Ordering::Relaxed) != 0
+            && h.producer_parked.swap(0, Ordering::AcqRel) != 0
     }
 
     /// Announces that the consumer waits for data. Returns `false` if data (or the end)
@@ -557,6 +594,9 @@ mod tests {
         let mut r = region::<{ HEADER_LEN + 64 }>();
         // SAFETY: as above.
         let (mut p, mut c) = unsafe { create(base(&mut r), HEADER_LEN + 64, 64) }.unwrap();
+        // The producer trusts the last tail it saw for the space that leaves (space only
+        // grows), so fill the ring first: from then on it must load the tail.
+        assert_eq!(p.write(&[7u8; 64]), 64);
         // A hostile peer sets its marker far ahead / behind.
         p.view.header().tail.store(u64::MAX / 2, Ordering::Relaxed);
         assert_eq!(
@@ -565,6 +605,12 @@ mod tests {
             "nonsense tail: no space, no out-of-range write"
         );
         assert_eq!(p.write(b"abc"), 0);
+        p.view.header().tail.store(1, Ordering::Relaxed);
+        assert_eq!(
+            p.write(b"abc"),
+            1,
+            "an honest tail again: the space it frees"
+        );
         p.view.header().tail.store(0, Ordering::Relaxed);
         c.view.header().head.store(u64::MAX - 3, Ordering::Relaxed);
         assert!(c.readable() <= 64, "never more than the ring holds");
