@@ -174,6 +174,8 @@ enum WriteAct {
     Close,
     /// Hand the connection over (to a channel) once earlier writes were issued.
     Release(oneshot::Sender<BoxConnection>),
+    /// A write started inline that must wait: finish it before any later write.
+    Continue(BoxFuture<'static, ()>),
 }
 
 enum ReadAct {
@@ -192,11 +194,67 @@ enum ReadAct {
 struct ConnHandle {
     writes: mpsc::UnboundedSender<WriteAct>,
     reads: mpsc::UnboundedSender<ReadAct>,
-    /// The connection, once it exists: reads are started inline through it.
+    /// The connection, once it exists: reads and writes are started inline through it.
     conn: Option<Arc<BoxConnection>>,
     /// Read actions queued for (or being done by) the connection's task; a read is
     /// started inline only when this is zero, so reads stay in order.
     reads_busy: Arc<AtomicUsize>,
+    /// The same for write actions.
+    writes_busy: Arc<AtomicUsize>,
+}
+
+/// Which half of a connection an inline operation uses.
+#[derive(Clone, Copy)]
+enum Side {
+    Read,
+    Write,
+}
+
+impl ConnHandle {
+    fn busy(&self, side: Side) -> &AtomicUsize {
+        match side {
+            Side::Read => &self.reads_busy,
+            Side::Write => &self.writes_busy,
+        }
+    }
+
+    /// Queues a read action on the connection's task (counted busy until done); hands
+    /// it back if the task is gone.
+    fn queue_read(&self, act: ReadAct) -> Result<(), ReadAct> {
+        queue(&self.reads, &self.reads_busy, act)
+    }
+
+    /// The same for a write action.
+    fn queue_write(&self, act: WriteAct) -> Result<(), WriteAct> {
+        queue(&self.writes, &self.writes_busy, act)
+    }
+
+    /// Queues what is left of an inline operation on its side, after everything queued
+    /// there; hands it back if the connection's task is gone.
+    fn queue_rest(
+        &self,
+        side: Side,
+        rest: BoxFuture<'static, ()>,
+    ) -> Option<BoxFuture<'static, ()>> {
+        match side {
+            Side::Read => match self.queue_read(ReadAct::Continue(rest)) {
+                Err(ReadAct::Continue(rest)) => Some(rest),
+                _ => None,
+            },
+            Side::Write => match self.queue_write(WriteAct::Continue(rest)) {
+                Err(WriteAct::Continue(rest)) => Some(rest),
+                _ => None,
+            },
+        }
+    }
+}
+
+fn queue<A>(tx: &mpsc::UnboundedSender<A>, busy: &AtomicUsize, act: A) -> Result<(), A> {
+    busy.fetch_add(1, Ordering::AcqRel);
+    tx.unbounded_send(act).map_err(|e| {
+        busy.fetch_sub(1, Ordering::AcqRel);
+        e.into_inner()
+    })
 }
 
 enum ChanSlot {
@@ -344,6 +402,7 @@ impl Shared {
         let (wtx, wrx) = mpsc::unbounded();
         let (rtx, rrx) = mpsc::unbounded();
         let reads_busy = Arc::new(AtomicUsize::new(0));
+        let writes_busy = Arc::new(AtomicUsize::new(0));
         core.conns.insert(
             id,
             ConnHandle {
@@ -351,20 +410,22 @@ impl Shared {
                 reads: rtx,
                 conn: None,
                 reads_busy: reads_busy.clone(),
+                writes_busy: writes_busy.clone(),
             },
         );
         let me = self.clone();
-        self.pool
-            .spawn_ok(async move { me.run_conn(id, conn, wrx, rrx, reads_busy).await });
+        self.pool.spawn_ok(async move {
+            me.run_conn(id, conn, (wrx, writes_busy), (rrx, reads_busy))
+                .await;
+        });
     }
 
     async fn run_conn(
         self: Arc<Self>,
         id: ConnId,
         conn: BoxFuture<'static, Result<BoxConnection, TransportError>>,
-        writes: mpsc::UnboundedReceiver<WriteAct>,
-        reads: mpsc::UnboundedReceiver<ReadAct>,
-        reads_busy: Arc<AtomicUsize>,
+        (writes, writes_busy): (mpsc::UnboundedReceiver<WriteAct>, Arc<AtomicUsize>),
+        (reads, reads_busy): (mpsc::UnboundedReceiver<ReadAct>, Arc<AtomicUsize>),
     ) {
         let conn = match conn.await {
             Ok(c) => {
@@ -381,7 +442,7 @@ impl Shared {
             }
         };
         let (release, ()) = join(
-            self.write_loop(id, conn.as_deref(), writes),
+            self.write_loop(id, conn.as_deref(), writes, &writes_busy),
             self.read_loop(id, conn.as_deref(), reads, &reads_busy),
         )
         .await;
@@ -397,9 +458,11 @@ impl Shared {
         id: ConnId,
         conn: Option<&BoxConnection>,
         mut acts: mpsc::UnboundedReceiver<WriteAct>,
+        busy: &AtomicUsize,
     ) -> Option<oneshot::Sender<BoxConnection>> {
         let mut failed = conn.is_none();
         while let Some(act) = acts.next().await {
+            let _done = Done(busy);
             match act {
                 WriteAct::Frame(frame) => {
                     if let (false, Some(c)) = (failed, conn)
@@ -435,6 +498,7 @@ impl Shared {
                     failed = true;
                 }
                 WriteAct::Release(tx) => return Some(tx),
+                WriteAct::Continue(rest) => rest.await,
             }
         }
         None
@@ -502,9 +566,28 @@ impl Shared {
     fn pump(self: &Arc<Self>, core: &mut Core) {
         loop {
             let mut progressed = false;
-            while let Some(io) = core.pipe.poll_io() {
+            let mut next = None;
+            while let Some(io) = next.take().or_else(|| core.pipe.poll_io()) {
                 progressed = true;
-                self.do_io(core, io);
+                let Io::Send { conn, frame } = io else {
+                    self.do_io(core, io);
+                    continue;
+                };
+                // The payloads that follow a frame on its connection go out with it, as
+                // one write.
+                let mut payloads = Vec::new();
+                loop {
+                    match core.pipe.poll_io() {
+                        Some(Io::SendPayload {
+                            conn: c, op, index, ..
+                        }) if c == conn => payloads.push((op, index)),
+                        other => {
+                            next = other;
+                            break;
+                        }
+                    }
+                }
+                self.send(core, conn, Some(frame), payloads);
             }
             while let Some(op) = core.pipe.poll_channel_op() {
                 progressed = true;
@@ -554,24 +637,21 @@ impl Shared {
                 };
                 self.start_conn(core, conn, connect);
             }
-            Io::Send { conn, frame } => send_to(core, conn, WriteAct::Frame(frame)),
+            Io::Send { conn, frame } => self.send(core, conn, Some(frame), Vec::new()),
             Io::SendPayload {
                 conn, op, index, ..
-            } => send_to(core, conn, WriteAct::Payload { op, index }),
+            } => self.send(core, conn, None, vec![(op, index)]),
             Io::Close { conn } => send_to(core, conn, WriteAct::Close),
             Io::RecvFrame { conn } => {
-                if let Some(c) = inline_reader(core, conn) {
+                if let Some(c) = inline_conn(core, conn, Side::Read) {
                     let limits = self.limits;
                     let io = async move { read_frame(&c, &limits).await }.boxed();
-                    self.inline(core, conn, io, move |core, r| match r {
+                    self.inline(core, conn, Side::Read, io, move |core, r| match r {
                         Ok(frame) => core.pipe.handle_frame(conn, &frame),
                         Err(kind) => core.pipe.handle_connection_error(conn, kind),
                     });
                 } else if let Some(h) = core.conns.get(&conn) {
-                    h.reads_busy.fetch_add(1, Ordering::AcqRel);
-                    if h.reads.unbounded_send(ReadAct::Frame).is_err() {
-                        h.reads_busy.fetch_sub(1, Ordering::AcqRel);
-                    }
+                    let _ = h.queue_read(ReadAct::Frame);
                 }
             }
             Io::RecvPayload {
@@ -580,7 +660,7 @@ impl Shared {
                 index,
                 len,
             } => {
-                let buf = match inline_reader(core, conn) {
+                let buf = match inline_conn(core, conn, Side::Read) {
                     Some(c) => core
                         .reads
                         .get_mut(&op)
@@ -599,7 +679,7 @@ impl Shared {
                         (b, r)
                     }
                     .boxed();
-                    self.inline(core, conn, io, move |core, (b, r)| {
+                    self.inline(core, conn, Side::Read, io, move |core, (b, r)| {
                         if let Some(slot) = core
                             .reads
                             .get_mut(&op)
@@ -613,38 +693,88 @@ impl Shared {
                         let _ = core.pipe.handle_payload_done(op, r);
                     });
                 } else {
-                    match core.conns.get(&conn) {
-                        Some(h) => {
-                            h.reads_busy.fetch_add(1, Ordering::AcqRel);
-                            if h.reads
-                                .unbounded_send(ReadAct::Payload { op, index, len })
-                                .is_err()
-                            {
-                                h.reads_busy.fetch_sub(1, Ordering::AcqRel);
-                                let _ = core.pipe.handle_payload_done(op, Err(IoErrorKind::Other));
-                            }
-                        }
-                        None => {
-                            let _ = core.pipe.handle_payload_done(op, Err(IoErrorKind::Other));
-                        }
+                    let queued = core
+                        .conns
+                        .get(&conn)
+                        .map(|h| h.queue_read(ReadAct::Payload { op, index, len }));
+                    if !matches!(queued, Some(Ok(()))) {
+                        let _ = core.pipe.handle_payload_done(op, Err(IoErrorKind::Other));
                     }
                 }
             }
         }
     }
 
-    /// Starts read `io` on connection `conn` right here, where the state machine asked
-    /// for it: if it finishes at once (the bytes were there), `finish` runs now and no
-    /// thread is woken; if not, the connection's task finishes it before later reads.
+    /// Writes `frame` (if any) and then the payloads `(op, index)` on connection `conn`:
+    /// inline, as one write, when nothing is queued on its writing side; else queued on
+    /// the connection's task, one action each. Every payload is reported done once.
+    fn send(
+        self: &Arc<Self>,
+        core: &mut Core,
+        conn: ConnId,
+        frame: Option<Vec<u8>>,
+        payloads: Vec<(OpId, usize)>,
+    ) {
+        let data: Option<Vec<(OpId, Arc<Vec<u8>>)>> = payloads
+            .iter()
+            .map(|&(op, index)| Some((op, core.writes.get(&op)?.payloads.get(index)?.0.clone())))
+            .collect();
+        match (inline_conn(core, conn, Side::Write), data) {
+            (Some(c), Some(data)) => {
+                let framed = frame.is_some();
+                let io = async move {
+                    let mut bufs: Vec<&[u8]> = Vec::with_capacity(1 + data.len());
+                    bufs.extend(frame.as_deref());
+                    bufs.extend(data.iter().map(|(_, d)| d.as_slice()));
+                    let r = c.write(&bufs).await.map_err(|e| kind_of(&e));
+                    drop(bufs);
+                    (data, r)
+                };
+                self.inline(
+                    core,
+                    conn,
+                    Side::Write,
+                    io.boxed(),
+                    move |core, (data, r)| {
+                        if let (true, Err(kind)) = (framed, r) {
+                            core.pipe.handle_connection_error(conn, kind);
+                        }
+                        for (op, d) in data {
+                            drop(d);
+                            let _ = core.pipe.handle_payload_done(op, r);
+                        }
+                    },
+                );
+            }
+            _ => {
+                if let Some(frame) = frame {
+                    send_to(core, conn, WriteAct::Frame(frame));
+                }
+                for (op, index) in payloads {
+                    send_to(core, conn, WriteAct::Payload { op, index });
+                }
+            }
+        }
+    }
+
+    /// Starts `io` on connection `conn` right here, where the state machine asked for
+    /// it: if it finishes at once (the bytes were there, or fit), `finish` runs now and
+    /// no task is woken; if not, the connection's task finishes it before later
+    /// operations of its side.
     fn inline<T: Send + 'static>(
         self: &Arc<Self>,
         core: &mut Core,
         conn: ConnId,
+        side: Side,
         mut io: BoxFuture<'static, T>,
         finish: impl FnOnce(&mut Core, T) + Send + 'static,
     ) {
         let waker = futures::task::noop_waker();
-        match io.poll_unpin(&mut std::task::Context::from_waker(&waker)) {
+        // Only a look: the bytes are there or the connection's task waits for them.
+        let polled = tp_transport::spin::without_spinning(|| {
+            io.poll_unpin(&mut std::task::Context::from_waker(&waker))
+        });
+        match polled {
             std::task::Poll::Ready(v) => finish(core, v),
             std::task::Poll::Pending => {
                 let me = self.clone();
@@ -659,19 +789,7 @@ impl Shared {
                 // how its result is reported), on the connection's task if there is
                 // one, else on its own.
                 let rest = match core.conns.get(&conn) {
-                    Some(h) => {
-                        h.reads_busy.fetch_add(1, Ordering::AcqRel);
-                        match h.reads.unbounded_send(ReadAct::Continue(rest)) {
-                            Ok(()) => None,
-                            Err(e) => {
-                                h.reads_busy.fetch_sub(1, Ordering::AcqRel);
-                                match e.into_inner() {
-                                    ReadAct::Continue(rest) => Some(rest),
-                                    _ => None,
-                                }
-                            }
-                        }
-                    }
+                    Some(h) => h.queue_rest(side, rest),
                     None => Some(rest),
                 };
                 if let Some(rest) = rest {
@@ -799,9 +917,8 @@ impl Shared {
                 for id in &conns {
                     if let Some(h) = core.conns.remove(id) {
                         let (tx, rx) = oneshot::channel();
-                        h.reads_busy.fetch_add(1, Ordering::AcqRel);
-                        let _ = h.reads.unbounded_send(ReadAct::Release);
-                        let _ = h.writes.unbounded_send(WriteAct::Release(tx));
+                        let _ = h.queue_read(ReadAct::Release);
+                        let _ = h.queue_write(WriteAct::Release(tx));
                         handed.push(rx);
                     }
                 }
@@ -910,7 +1027,7 @@ impl Shared {
                     }
                 }
                 for h in core.conns.values() {
-                    let _ = h.writes.unbounded_send(WriteAct::Close);
+                    let _ = h.queue_write(WriteAct::Close);
                 }
                 // Let the connection tasks go: they finish what is queued (every
                 // payload action is still reported) and end, so a closed pipe holds no
@@ -921,10 +1038,11 @@ impl Shared {
     }
 }
 
-/// The connection to start a read on inline, if it exists and has no queued reads.
-fn inline_reader(core: &Core, id: ConnId) -> Option<Arc<BoxConnection>> {
+/// The connection to start an operation on inline, if it exists and nothing is queued
+/// on that side of it.
+fn inline_conn(core: &Core, id: ConnId, side: Side) -> Option<Arc<BoxConnection>> {
     let h = core.conns.get(&id)?;
-    if h.reads_busy.load(Ordering::Acquire) == 0 {
+    if h.busy(side).load(Ordering::Acquire) == 0 {
         h.conn.clone()
     } else {
         None
@@ -943,9 +1061,7 @@ impl Drop for Done<'_> {
 fn send_to(core: &mut Core, conn: ConnId, act: WriteAct) {
     match core.conns.get(&conn) {
         Some(h) => {
-            if let Err(e) = h.writes.unbounded_send(act)
-                && let WriteAct::Payload { op, .. } = e.into_inner()
-            {
+            if let Err(WriteAct::Payload { op, .. }) = h.queue_write(act) {
                 let _ = core.pipe.handle_payload_done(op, Err(IoErrorKind::Other));
             }
         }
