@@ -7,8 +7,11 @@
 //!
 //! - Each connection has one task running two loops: writes (frames, payload bytes,
 //!   close) and reads (frames, payload bytes), each in the order the state machine
-//!   asked for them. Every payload action is reported back exactly once, also after a
-//!   failure (the state machine needs that to know the user's memory is free).
+//!   asked for them. A read or write is first polled once where the state machine asks
+//!   for it, when nothing is queued on that side (a frame goes out together with the
+//!   payloads that follow it); only what must wait is queued on the task. Every payload
+//!   action is reported back exactly once, also after a failure (the state machine
+//!   needs that to know the user's memory is free).
 //! - When a channel has all its connections, their tasks hand the connections over
 //!   once every pipe write queued on them was issued, and the channel is created on
 //!   them; channel operations wait for that, then run in the order asked.
