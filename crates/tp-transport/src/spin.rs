@@ -5,7 +5,7 @@
 //! waits anyway, and wrong for a caller that only *looks*: tp-agent's pipe polls a read
 //! once, right where it is issued, to take bytes that are already there without a
 //! thread hop; if none are, the read continues on the connection's task. Such a look
-//! runs inside [`without_spinning`], and every spin checks [`allowed`] first.
+//! runs inside [`without_spinning`], and every spin checks for it first.
 
 use std::cell::Cell;
 
