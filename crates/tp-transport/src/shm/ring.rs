@@ -276,10 +276,12 @@ pub unsafe fn attach_producer(base: NonNull<u8>, len: usize) -> Result<Producer,
     // SAFETY: forwarded contract.
     unsafe { attach(base, len) }.map(|view| {
         let head = view.header().head.load(Ordering::Relaxed);
+        // Nothing seen yet: a full ring, so the first write loads the real tail.
+        let tail_seen = Cell::new(head.wrapping_sub(view.capacity));
         Producer {
             view,
             head,
-            tail_seen: Cell::new(head),
+            tail_seen,
         }
     })
 }
@@ -587,6 +589,22 @@ mod tests {
         // SAFETY: rejected before the region is touched.
         let r4 = unsafe { attach_producer(misaligned, 64) };
         assert_eq!(r4.unwrap_err(), RingError::Misaligned);
+    }
+
+    #[test]
+    fn a_producer_attached_to_a_ring_with_unread_bytes_never_overwrites_them() {
+        let mut r = region::<{ HEADER_LEN + 64 }>();
+        // SAFETY: as above; the first producer is dropped before the second attaches.
+        let (mut p, mut c) = unsafe { create(base(&mut r), HEADER_LEN + 64, 64) }.unwrap();
+        assert_eq!(p.write(&[1u8; 40]), 40);
+        drop(p);
+        // SAFETY: the region outlives the new end; only one producer exists.
+        let mut p = unsafe { attach_producer(base(&mut r), HEADER_LEN + 64) }.unwrap();
+        assert_eq!(p.writable(), 24, "40 of 64 bytes are still unread");
+        assert_eq!(p.write(&[2u8; 64]), 24);
+        let mut out = [0u8; 64];
+        assert_eq!(c.read(&mut out), 64);
+        assert!(out[..40].iter().all(|&b| b == 1) && out[40..].iter().all(|&b| b == 2));
     }
 
     #[test]
