@@ -28,7 +28,9 @@
 //!   new `head` with Release; the consumer loads `head` with Acquire before reading
 //!   `[tail, head)`. Symmetrically the consumer frees space by storing `tail` with
 //!   Release, and the producer loads it with Acquire before overwriting. Each byte range
-//!   is therefore touched by one side at a time.
+//!   is therefore touched by one side at a time. Space only grows behind the producer's
+//!   back, so it may keep using the last `tail` it loaded and load it again only when
+//!   that leaves too little room; the consumer's line then stays in the consumer's cache.
 //! - Parking: a side that finds nothing to do sets its `*_parked` flag, issues a SeqCst
 //!   fence, and checks the marker again before sleeping; the other side publishes its
 //!   marker, issues a SeqCst fence, and reads the flag. One of the two always sees the
