@@ -596,14 +596,16 @@ mod tests {
     #[test]
     fn a_producer_attached_to_a_ring_with_unread_bytes_never_overwrites_them() {
         let mut r = region::<{ HEADER_LEN + 64 }>();
+        // One pointer for every end: a second `&mut r` would invalidate the first.
+        let b = base(&mut r);
         let mut c = {
             // SAFETY: as above; this producer is gone before the second one attaches.
-            let (mut p, c) = unsafe { create(base(&mut r), HEADER_LEN + 64, 64) }.unwrap();
+            let (mut p, c) = unsafe { create(b, HEADER_LEN + 64, 64) }.unwrap();
             assert_eq!(p.write(&[1u8; 40]), 40);
             c
         };
         // SAFETY: the region outlives the new end; only one producer exists.
-        let mut p = unsafe { attach_producer(base(&mut r), HEADER_LEN + 64) }.unwrap();
+        let mut p = unsafe { attach_producer(b, HEADER_LEN + 64) }.unwrap();
         assert_eq!(p.writable(), 24, "40 of 64 bytes are still unread");
         assert_eq!(p.write(&[2u8; 64]), 24);
         let mut out = [0u8; 64];
