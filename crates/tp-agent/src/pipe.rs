@@ -743,6 +743,8 @@ impl Shared {
                             core.pipe.handle_connection_error(conn, kind);
                         }
                         for (op, d) in data {
+                            // Our share goes first: when this completes the write, the
+                            // payload goes back to the user without a copy.
                             drop(d);
                             let _ = core.pipe.handle_payload_done(op, r);
                         }
