@@ -18,6 +18,8 @@
 //! the memory of GPU `--gpu` on both ends; their limit is the driver's own copy of the
 //! same size measured right after: device to device (cuda_xth, cuda_ipc) or pinned host
 //! to device (cuda_basic). cuda_xth runs its two ends on two threads of one process.
+//! A GPU receive completes once its copies are enqueued on the buffer's stream, so a
+//! round trip ends only after that stream is synchronized: the bytes are there.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -279,6 +281,9 @@ async fn round_trips(
         r.map_err(|e| format!("send: {e}"))?;
         let (got, r) = channel.recv(rx).await;
         r.map_err(|e| format!("recv: {e}"))?;
+        // A GPU receive completes once its copies are enqueued: the round trip ends
+        // when the bytes are there.
+        gpu::settle(&*got)?;
         out.push(t.elapsed());
         if (verify_all || i == 0 || i + 1 == count) && gpu::contents(&*got)? != expect {
             return Err(format!(

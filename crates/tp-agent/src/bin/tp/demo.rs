@@ -106,6 +106,10 @@ fn lead(args: &DemoArgs) -> Result<(), String> {
                 let alloc = reuse(None, &incoming.descriptor)?;
                 let (alloc, r) = pipe.read(incoming, alloc).await;
                 r.map_err(|e| format!("read: {e}"))?;
+                // A GPU tensor's read completes once its copies are enqueued.
+                for received in &alloc.tensors {
+                    gpu::settle(&**received)?;
+                }
                 times.push(t.elapsed());
                 let tensor = match alloc.tensors.first() {
                     Some(t) => Some(gpu::contents(&**t)?),

@@ -34,6 +34,15 @@ pub(crate) fn contents(buf: &dyn Any) -> Result<Vec<u8>, String> {
     cuda::contents(buf)
 }
 
+/// Waits until a received buffer's bytes are there: a GPU buffer's stream has passed
+/// the copies the receive enqueued. Host buffers are there already.
+pub(crate) fn settle(buf: &dyn Any) -> Result<(), String> {
+    if buf.is::<Vec<u8>>() {
+        return Ok(());
+    }
+    cuda::settle(buf)
+}
+
 /// One of this module's buffers, received, to send it (an empty one if it is not).
 pub(crate) fn to_send(buf: Box<dyn Any>) -> Box<dyn SendBuf> {
     match buf.downcast::<Vec<u8>>() {
@@ -100,6 +109,13 @@ mod cuda {
             .map_err(|e| e.to_string())
     }
 
+    pub(super) fn settle(buf: &dyn Any) -> Result<(), String> {
+        buf.downcast_ref::<CudaBuffer>()
+            .ok_or("not a buffer of the tool's")?
+            .synchronize()
+            .map_err(|e| e.to_string())
+    }
+
     pub(super) fn to_send(buf: Box<dyn Any>) -> Box<dyn tp_channel::SendBuf> {
         match buf.downcast::<CudaBuffer>() {
             Ok(b) => b,
@@ -130,6 +146,10 @@ mod cuda {
     }
 
     pub(super) fn contents(_: &dyn Any) -> Result<Vec<u8>, String> {
+        Err("not a buffer of the tool's".into())
+    }
+
+    pub(super) fn settle(_: &dyn Any) -> Result<(), String> {
         Err("not a buffer of the tool's".into())
     }
 
