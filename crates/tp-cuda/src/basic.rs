@@ -5,7 +5,7 @@
 //! moved by one send/receive of the CPU channel.
 //! - **Send from a GPU**: each chunk is copied device → pinned host slot on the
 //!   buffer's stream (so after the producer's work), and handed to the CPU channel once
-//!   the driver's stream callback says the copy is done. Up to
+//!   the copy is done (an event on the stream, queried: `driver::finished`). Up to
 //!   [`CudaBasicConfig::depth`] chunks are in flight, so copies overlap the network.
 //! - **Receive into a GPU**: each chunk arrives in a pinned slot and is copied host →
 //!   device on the buffer's stream; the receive completes once the copies are done.
@@ -319,7 +319,7 @@ impl Inner {
             let copied: BoxFuture<'static, Result<(), CudaError>> = match gpu {
                 Some(g) => {
                     driver::copy_async(g.device, chunk.addr(), g.addr + off as u64, n, g.stream)?;
-                    driver::reached(g.device, g.stream)?.boxed()
+                    driver::finished(g.device, g.stream)?.boxed()
                 }
                 None => {
                     let src = buf.bytes().get(off..off + n).unwrap_or_default();
@@ -371,7 +371,7 @@ impl Inner {
                         chunk.len,
                         g.stream,
                     )?;
-                    driver::reached(g.device, g.stream)?.await?;
+                    driver::finished(g.device, g.stream)?.await?;
                 }
                 Ok::<_, ChannelError>((chunk, off))
             });
