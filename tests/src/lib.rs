@@ -4,8 +4,8 @@
 //!   truncation at every offset, single-byte mutations.
 //! - `prop::pipe`: random interleavings of write, read and close through tp-wire's
 //!   deterministic harness; order and exactly-once must hold.
-//! - `prop::cuda_ipc`: cuda_ipc's chunk descriptor (the frame that carries a peer's
-//!   CUDA handles) — round trips, arbitrary bytes, cut and extended encodings.
+//! - `prop::cuda_ipc`: cuda_ipc's tensor descriptor (the frame that carries a peer's
+//!   CUDA memory handle) — round trips, arbitrary bytes, cut and extended encodings.
 //! - `prop::cuda_gdr`: cuda_gdr's per-tensor descriptor (the same three properties)
 //!   and the RDMA read plan (coverage, window, completion order) against a model.
 //!

@@ -313,12 +313,9 @@ pub(crate) struct Event {
 }
 
 impl Event {
-    /// A new event without timing; `interprocess` for one shared through IPC.
-    pub(crate) fn new(device: u32, interprocess: bool) -> Result<Self, CudaError> {
-        let mut flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as c_uint;
-        if interprocess {
-            flags |= sys::CUevent_flags::CU_EVENT_INTERPROCESS as c_uint;
-        }
+    /// A new event without timing (the cheapest kind: recorded and queried only).
+    pub(crate) fn new(device: u32) -> Result<Self, CudaError> {
+        let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as c_uint;
         on_device(device, || {
             let mut e: sys::CUevent = std::ptr::null_mut();
             // SAFETY: `e` is a valid place for the result; a context is current.
@@ -364,35 +361,6 @@ impl Event {
             // SAFETY: the event is alive; the stream is live.
             let r = unsafe { sys::cuStreamWaitEvent(stream.get(), self.get(), 0) };
             check("cuStreamWaitEvent", r)
-        })
-    }
-
-    /// The IPC handle another process opens this event by.
-    pub(crate) fn ipc_handle(&self) -> Result<[u8; 64], CudaError> {
-        on_device(self.device, || {
-            let mut h = sys::CUipcEventHandle { reserved: [0; 64] };
-            // SAFETY: `h` is a valid place for the result; the event is alive.
-            let r = unsafe { sys::cuIpcGetEventHandle(&raw mut h, self.get()) };
-            check("cuIpcGetEventHandle", r)?;
-            Ok(h.reserved.map(|b| b as u8))
-        })
-    }
-
-    /// Opens an event another process shared, in device `device`'s context.
-    pub(crate) fn open_ipc(device: u32, handle: &[u8; 64]) -> Result<Self, CudaError> {
-        on_device(device, || {
-            let h = sys::CUipcEventHandle {
-                reserved: handle.map(|b| b as std::ffi::c_char),
-            };
-            let mut e: sys::CUevent = std::ptr::null_mut();
-            // SAFETY: `e` is a valid place for the result; the driver validates the
-            // handle's bytes (a bad one is an error, not a crash).
-            let r = unsafe { sys::cuIpcOpenEventHandle(&raw mut e, h) };
-            check("cuIpcOpenEventHandle", r)?;
-            Ok(Self {
-                device,
-                raw: Handle(e as usize),
-            })
         })
     }
 }
@@ -469,9 +437,18 @@ pub(crate) fn finished(
     device: u32,
     stream: RawStream,
 ) -> Result<impl Future<Output = Result<(), CudaError>> + Send + 'static, CudaError> {
-    let event = Event::new(device, false)?;
-    event.record(stream)?;
+    // Work already done needs no event (a send's producer usually finished long ago).
+    let event = if stream_idle(device, stream)? {
+        None
+    } else {
+        let event = Event::new(device)?;
+        event.record(stream)?;
+        Some(event)
+    };
     Ok(async move {
+        let Some(event) = event else {
+            return Ok(());
+        };
         let start = Instant::now();
         let mut nap = POLL_NAP_MIN;
         while !event.query()? {
@@ -483,6 +460,18 @@ pub(crate) fn finished(
             }
         }
         Ok(())
+    })
+}
+
+/// Whether everything enqueued on `stream` is done (`cuStreamQuery`, answered on the
+/// host).
+fn stream_idle(device: u32, stream: RawStream) -> Result<bool, CudaError> {
+    on_device(device, || {
+        // SAFETY: `stream` is a live stream of this context.
+        match unsafe { sys::cuStreamQuery(stream.get()) } {
+            sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            r => check("cuStreamQuery", r).map(|()| true),
+        }
     })
 }
 
@@ -580,18 +569,6 @@ impl DeviceMem {
             Ok(Self { addr: p, device })
         })
     }
-
-    /// The IPC handle another process maps this allocation by.
-    pub(crate) fn ipc_handle(&self) -> Result<[u8; 64], CudaError> {
-        on_device(self.device, || {
-            let mut h = sys::CUipcMemHandle { reserved: [0; 64] };
-            // SAFETY: `h` is a valid place for the result; `addr` is the base of a live
-            // cuMemAlloc allocation.
-            let r = unsafe { sys::cuIpcGetMemHandle(&raw mut h, self.addr) };
-            check("cuIpcGetMemHandle", r)?;
-            Ok(h.reserved.map(|b| b as u8))
-        })
-    }
 }
 
 impl Drop for DeviceMem {
@@ -606,11 +583,28 @@ impl Drop for DeviceMem {
     }
 }
 
+/// The IPC handle another process maps the allocation at `base` (on `device`) by.
+///
+/// # Errors
+/// The driver's: `base` is not the start of a `cuMemAlloc` allocation (memory from
+/// `cuMemCreate` or a stream-ordered pool has no such handle).
+pub(crate) fn export(device: u32, base: u64) -> Result<[u8; 64], CudaError> {
+    on_device(device, || {
+        let mut h = sys::CUipcMemHandle { reserved: [0; 64] };
+        // SAFETY: `h` is a valid place for the result; the driver validates `base`.
+        let r = unsafe { sys::cuIpcGetMemHandle(&raw mut h, base) };
+        check("cuIpcGetMemHandle", r)?;
+        Ok(h.reserved.map(|b| b as u8))
+    })
+}
+
 /// Another process's device memory, mapped here through its IPC handle; unmapped on
 /// drop.
 #[derive(Debug)]
 pub(crate) struct MappedMem {
     pub(crate) addr: u64,
+    /// The mapped allocation's size, as this process's driver reports it.
+    pub(crate) size: usize,
     device: u32,
 }
 
@@ -631,7 +625,14 @@ impl MappedMem {
                 )
             };
             check("cuIpcOpenMemHandle", r)?;
-            Ok(Self { addr: p, device })
+            // Owned from here: unmapped on drop if the size cannot be read.
+            let mut mapped = Self {
+                addr: p,
+                size: 0,
+                device,
+            };
+            mapped.size = address_range(p)?.1;
+            Ok(mapped)
         })
     }
 }
@@ -669,8 +670,8 @@ pub(crate) fn pointer_device(addr: u64) -> Result<Option<u32>, CudaError> {
     }
 }
 
-#[cfg(feature = "ibv")]
-/// The allocation a device pointer lies in (cuda_gdr registers whole allocations).
+/// The allocation a device pointer lies in (cuda_ipc exports whole allocations,
+/// cuda_gdr registers them).
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub(crate) struct Allocation {
     pub(crate) base: u64,
@@ -680,17 +681,20 @@ pub(crate) struct Allocation {
     pub(crate) buffer_id: u64,
 }
 
-#[cfg(feature = "ibv")]
-/// The allocation containing `addr` on `device`. Also turns on synchronous memory
-/// operations for it, which GPUDirect RDMA needs so that the NIC's accesses and
-/// CUDA's own copies of the memory are ordered.
-pub(crate) fn allocation_of(device: u32, addr: u64) -> Result<Allocation, CudaError> {
+/// The start and size of the allocation containing `addr`, in the current context.
+fn address_range(addr: u64) -> Result<(u64, usize), CudaError> {
+    let mut base: sys::CUdeviceptr = 0;
+    let mut size: usize = 0;
+    // SAFETY: valid out-pointers; the driver validates `addr`.
+    let r = unsafe { sys::cuMemGetAddressRange_v2(&raw mut base, &raw mut size, addr) };
+    check("cuMemGetAddressRange", r)?;
+    Ok((base, size))
+}
+
+/// The allocation containing `addr` on `device`.
+pub(crate) fn allocation(device: u32, addr: u64) -> Result<Allocation, CudaError> {
     on_device(device, || {
-        let mut base: sys::CUdeviceptr = 0;
-        let mut size: usize = 0;
-        // SAFETY: valid out-pointers; the driver validates `addr`.
-        let r = unsafe { sys::cuMemGetAddressRange_v2(&raw mut base, &raw mut size, addr) };
-        check("cuMemGetAddressRange", r)?;
+        let (base, size) = address_range(addr)?;
         let mut buffer_id: u64 = 0;
         // SAFETY: the buffer id attribute is an unsigned long long; `buffer_id` holds one.
         let r = unsafe {
@@ -701,6 +705,22 @@ pub(crate) fn allocation_of(device: u32, addr: u64) -> Result<Allocation, CudaEr
             )
         };
         check("cuPointerGetAttribute(BUFFER_ID)", r)?;
+        Ok(Allocation {
+            base,
+            size,
+            buffer_id,
+        })
+    })
+}
+
+#[cfg(feature = "ibv")]
+/// [`allocation`], and turns on synchronous memory operations for it, which
+/// GPUDirect RDMA needs so that the NIC's accesses and CUDA's own copies of the memory
+/// are ordered.
+pub(crate) fn allocation_of(device: u32, addr: u64) -> Result<Allocation, CudaError> {
+    let alloc = allocation(device, addr)?;
+    on_device(device, || {
+        let base = alloc.base;
         let on: c_uint = 1;
         // SAFETY: the sync-memops attribute takes an unsigned int; `on` outlives the call.
         let r = unsafe {
@@ -711,11 +731,7 @@ pub(crate) fn allocation_of(device: u32, addr: u64) -> Result<Allocation, CudaEr
             )
         };
         check("cuPointerSetAttribute(SYNC_MEMOPS)", r)?;
-        Ok(Allocation {
-            base,
-            size,
-            buffer_id,
-        })
+        Ok(alloc)
     })
 }
 

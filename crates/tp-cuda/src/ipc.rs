@@ -1,303 +1,161 @@
-//! cuda_ipc: GPU tensors between processes of one machine, through a staging *outbox*
-//! shared by CUDA IPC.
+//! cuda_ipc: GPU tensors between processes of one machine, by one device-to-device
+//! copy out of the sender's own buffer, mapped through CUDA IPC.
 //!
-//! User buffers are never exported (tensorpipe.md §5.6: a buffer may already have an
-//! open handle, open handles keep freed memory alive, handles name the allocation's
-//! base). Instead each context owns, per GPU, an outbox of [`CudaIpcConfig::slots`]
-//! slots of [`CudaIpcConfig::slot_size`] bytes of device memory, with one interprocess
-//! event per slot. A tensor moves in slot-sized chunks:
+//! Per tensor:
 //!
-//! - **Sender**, per chunk: take a free slot; on the buffer's stream, wait for the
-//!   slot's event (the previous reader is done), copy buffer → slot, record the event;
-//!   write a descriptor on connection 0 — `{device, slot, length}` and, the first time a
-//!   device's outbox is used on this channel, the outbox: its id, slot size and count,
-//!   memory handle and event handles. The slot is free again when the receiver's
-//!   acknowledgement (one byte on connection 1) arrives; the send completes when all
-//!   its chunks are acknowledged.
-//! - **Receiver**, per chunk: read the descriptor; map the sender's outbox (once per
-//!   channel and local GPU); on the buffer's stream, wait for the slot's event, copy
-//!   slot → buffer, record the event (so the sender's next copy into the slot waits
-//!   for this one); acknowledge. The receive completes once every chunk's copy is
-//!   enqueued: its bytes are there for work enqueued on the stream afterwards.
+//! - **Sender**: finds the allocation the buffer lies in and its IPC memory handle
+//!   (`cuIpcGetMemHandle`, kept per allocation in the context), waits until the work
+//!   enqueued on the buffer's stream before the send is done (the producer), and writes
+//!   a [`TensorDescriptor`] on connection 0: the allocation's driver id, its handle, the
+//!   buffer's offset in it and its length. The send completes when the receiver's
+//!   acknowledgement (one byte on connection 1) says the bytes were copied out; until
+//!   then the buffer is read in place, and — like every buffer in flight — must not be
+//!   written.
+//! - **Receiver**: reads the descriptor, maps the peer's allocation into the
+//!   destination GPU's context (`cuIpcOpenMemHandle`; the last
+//!   [`CudaIpcConfig::mappings`] mappings are kept per channel), checks the range
+//!   against the mapping's real size, copies into the buffer on the buffer's stream,
+//!   waits until that copy is done and acknowledges. The next receive may start as
+//!   soon as the copy is enqueued; acknowledgements go out in order.
 //!
-//! Nothing waits on the host. Everything from the peer is checked: the slot index and
-//! length against the outbox the peer declared, the declared outbox against limits
-//! ([`MAX_SLOTS`], the chunk it must hold), and the driver validates handles.
+//! Both waits query an event on the host (`driver::finished`): an interprocess event
+//! waited on by the GPU cost about 60 µs per wait on an H200 (BENCHMARKS.md, tp-cuda),
+//! more than copying 64 MiB takes there.
+//!
+//! Why user buffers are exported, unlike the original (tensorpipe.md §4.9, §5.6, which
+//! copied every chunk twice through an IPC-shared staging outbox): one copy instead of
+//! two, and no per-chunk round trip. The original's concerns are handled so:
+//! - *Handles name the allocation's base*: the descriptor carries the offset.
+//! - *A handle may already be open in the receiver*: drivers since CUDA 11.1 count
+//!   opens of one handle in a process.
+//! - *Open handles keep memory alive after its owner frees it*: at most
+//!   [`CudaIpcConfig::mappings`] of a peer's allocations stay mapped per channel,
+//!   least recently used closed first, and every mapping closes with its channel.
+//! - *Not all memory can be exported* (`cuMemCreate`, stream-ordered pools): such a
+//!   send fails with the driver's error, and the sender tells the receiver, whose
+//!   receive fails too (a [`TensorDescriptor::Unexportable`]); cuda_basic moves such
+//!   tensors.
+//!
+//! Everything from the peer is checked: the descriptor's length against the receive
+//! buffer, the range against the mapped allocation's size as the local driver reports
+//! it, and the driver validates handles.
 //!
 //! Descriptor: `cuda_ipc:<boot id>:<pid>:<GPU uuid>:<uuids of the GPUs it can reach
 //! peer to peer>`. Two GPUs can talk when the boot id is the same, the processes
 //! differ (a process cannot open its own IPC handles), and the GPUs are the same or
 //! each can reach the other.
-//!
-//! Every chunk is copied twice (into the outbox, out of it), so the channel moves at
-//! most about half of one device-to-device copy's bandwidth.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::FutureExt;
-use futures::channel::oneshot;
-use futures::future::{BoxFuture, Either, select};
-use futures::stream::{FuturesOrdered, StreamExt};
+use futures::future::BoxFuture;
 use tp_channel::kit::{Children, Close, Ops, boot_id, le_bytes};
 use tp_channel::{
     BoxChannel, Channel, ChannelContext, ChannelError, Device, Endpoint, RecvBuf, RecvDone,
     SendBuf, SendDone,
 };
 use tp_transport::BoxConnection;
-use tp_transport::order::Order;
+use tp_transport::order::{Order, Turn};
 
 use crate::buffer::{Gpu, recv_gpu, send_gpu};
-use crate::driver::{self, CudaError, DeviceMem, Event, MappedMem};
-
-/// The most slots a peer's outbox may declare.
-pub const MAX_SLOTS: u32 = 64;
+use crate::driver::{self, CudaError, MappedMem};
 
 /// Settings of a cuda_ipc context.
 #[derive(Clone, Copy, Debug)]
 pub struct CudaIpcConfig {
-    /// Bytes per slot (the chunk size). Default 8 MiB, as the original.
-    pub slot_size: usize,
-    /// Slots per GPU. Default 4.
-    pub slots: u32,
+    /// A peer's allocations kept mapped per channel (at least 1). Default 8. A mapping
+    /// keeps the peer's memory allocated even after the peer frees it, until it is
+    /// closed here.
+    pub mappings: usize,
 }
 
 impl Default for CudaIpcConfig {
     fn default() -> Self {
-        Self {
-            slot_size: 8 << 20,
-            slots: 4,
-        }
+        Self { mappings: 8 }
     }
 }
 
-/// One GPU's outbox.
-#[derive(Debug)]
-struct Outbox {
-    mem: DeviceMem,
-    events: Vec<Event>,
-    slot_size: usize,
-    /// What a receiver needs to map it (sent once per channel).
-    info: OutboxInfo,
-    free: Mutex<Free>,
-}
+/// The most allocations a context remembers the IPC handle of; past it, the memory is
+/// forgotten and handles are asked for again.
+const MAX_EXPORTS: usize = 4096;
 
-#[derive(Debug, Default)]
-struct Free {
-    slots: VecDeque<u32>,
-    waiters: VecDeque<oneshot::Sender<u32>>,
-}
-
-impl Outbox {
-    fn new(device: u32, config: CudaIpcConfig) -> Result<Self, CudaError> {
-        let len = config.slot_size * config.slots as usize;
-        let mem = DeviceMem::new(device, len)?;
-        let events = (0..config.slots)
-            .map(|_| Event::new(device, true))
-            .collect::<Result<Vec<_>, _>>()?;
-        let id = {
-            use std::hash::BuildHasher;
-            std::collections::hash_map::RandomState::new().hash_one((
-                std::process::id(),
-                device,
-                std::time::SystemTime::now(),
-            ))
-        };
-        let info = OutboxInfo {
-            id,
-            slot_size: config.slot_size as u64,
-            mem: mem.ipc_handle()?,
-            events: events
-                .iter()
-                .map(Event::ipc_handle)
-                .collect::<Result<_, _>>()?,
-        };
-        Ok(Self {
-            mem,
-            events,
-            slot_size: config.slot_size,
-            info,
-            free: Mutex::new(Free {
-                slots: (0..config.slots).collect(),
-                waiters: VecDeque::new(),
-            }),
-        })
-    }
-
-    /// A free slot, first come first served.
-    fn acquire(self: &Arc<Self>) -> Acquire {
-        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
-        let (tx, rx) = oneshot::channel();
-        match free.slots.pop_front() {
-            Some(slot) => {
-                let _ = tx.send(slot);
-            }
-            None => free.waiters.push_back(tx),
-        }
-        Acquire {
-            rx,
-            outbox: self.clone(),
-        }
-    }
-
-    fn release(&self, slot: u32) {
-        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut slot = slot;
-        while let Some(w) = free.waiters.pop_front() {
-            match w.send(slot) {
-                Ok(()) => return,
-                Err(back) => slot = back,
-            }
-        }
-        free.slots.push_back(slot);
-    }
-}
-
-/// A slot being waited for; dropped before use, it goes back to the outbox.
-struct Acquire {
-    rx: oneshot::Receiver<u32>,
-    outbox: Arc<Outbox>,
-}
-
-impl Future for Acquire {
-    type Output = Option<u32>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<u32>> {
-        self.rx.poll_unpin(cx).map(Result::ok)
-    }
-}
-
-impl Drop for Acquire {
-    fn drop(&mut self) {
-        self.rx.close();
-        if let Ok(Some(slot)) = self.rx.try_recv() {
-            self.outbox.release(slot);
-        }
-    }
-}
-
-/// An outbox, as its owner declares it to a peer: enough to map it.
-#[derive(Clone, Debug, Eq, PartialEq)]
-pub struct OutboxInfo {
-    /// Tells outboxes apart: a new id for the same GPU means the peer's context was
-    /// replaced, and an old mapping must go.
-    pub id: u64,
-    /// Bytes per slot; never 0.
-    pub slot_size: u64,
-    /// `cuIpcGetMemHandle` of the outbox's memory (`slots × slot_size` bytes).
-    pub mem: [u8; 64],
-    /// `cuIpcGetEventHandle` of each slot's event: 1 to [`MAX_SLOTS`] of them.
-    pub events: Vec<[u8; 64]>,
-}
-
-/// One chunk of a tensor, sender → receiver on connection 0 (docs/wire.md §9).
+/// One tensor, sender → receiver on connection 0 (docs/wire.md §9).
 ///
-/// Byte by byte, little-endian: `device u32 | slot u32 | len u64 | has_outbox u8`, then
-/// when `has_outbox` is 1 the [`OutboxInfo`]: `id u64 | slot_size u64 | slots u32 |
-/// mem handle [64] | event handle [64] × slots`. Nothing else may follow.
+/// Byte by byte, little-endian: a kind byte, then for `0` (exported) `buffer id u64 |
+/// offset u64 | len u64 | memory handle [64]`; `1` (unexportable) ends there. Nothing
+/// else may follow.
 #[derive(Clone, Debug, Eq, PartialEq)]
-pub struct ChunkDescriptor {
-    /// The sender's GPU (whose outbox holds the chunk).
-    pub device: u32,
-    /// The slot.
-    pub slot: u32,
-    /// The chunk's length in bytes.
-    pub len: u64,
-    /// The sender's outbox, the first time this channel uses it.
-    pub outbox: Option<OutboxInfo>,
+pub enum TensorDescriptor {
+    /// The sender's buffer, readable through the allocation's IPC handle.
+    Exported {
+        /// The driver's id of the sender's allocation (never reused by that process):
+        /// the key a receiver keeps its mapping under.
+        buffer_id: u64,
+        /// The buffer's start within the allocation.
+        offset: u64,
+        /// The buffer's length in bytes.
+        len: u64,
+        /// `cuIpcGetMemHandle` of the allocation.
+        handle: [u8; 64],
+    },
+    /// The sender's memory has no IPC handle; the matching receive fails.
+    Unexportable,
 }
 
-impl ChunkDescriptor {
-    /// Bytes before the outbox.
-    const HEAD: usize = 17;
-    /// An outbox's bytes before its event handles.
-    const OUTBOX_HEAD: usize = 8 + 8 + 4 + 64;
-    /// The longest valid encoding (an outbox of [`MAX_SLOTS`] slots): the limit a
-    /// receiver reads a frame under.
-    pub const MAX_LEN: u64 = (Self::HEAD + Self::OUTBOX_HEAD) as u64 + 64 * MAX_SLOTS as u64;
+impl TensorDescriptor {
+    const EXPORTED: u8 = 0;
+    const UNEXPORTABLE: u8 = 1;
+    /// The longest encoding: the limit a receiver reads a frame under.
+    pub const MAX_LEN: u64 = 1 + 24 + 64;
 
     /// The bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let outbox_len = self
-            .outbox
-            .as_ref()
-            .map_or(0, |o| Self::OUTBOX_HEAD + 64 * o.events.len());
-        let mut d = Vec::with_capacity(Self::HEAD + outbox_len);
-        d.extend_from_slice(&self.device.to_le_bytes());
-        d.extend_from_slice(&self.slot.to_le_bytes());
-        d.extend_from_slice(&self.len.to_le_bytes());
-        d.push(u8::from(self.outbox.is_some()));
-        if let Some(o) = &self.outbox {
-            d.extend_from_slice(&o.id.to_le_bytes());
-            d.extend_from_slice(&o.slot_size.to_le_bytes());
-            d.extend_from_slice(&(o.events.len() as u32).to_le_bytes());
-            d.extend_from_slice(&o.mem);
-            for e in &o.events {
-                d.extend_from_slice(e);
+        match self {
+            Self::Exported {
+                buffer_id,
+                offset,
+                len,
+                handle,
+            } => {
+                let mut d = Vec::with_capacity(Self::MAX_LEN as usize);
+                d.push(Self::EXPORTED);
+                d.extend_from_slice(&buffer_id.to_le_bytes());
+                d.extend_from_slice(&offset.to_le_bytes());
+                d.extend_from_slice(&len.to_le_bytes());
+                d.extend_from_slice(handle);
+                d
             }
+            Self::Unexportable => vec![Self::UNEXPORTABLE],
         }
-        d
     }
 
-    /// Parses a peer's descriptor. The slot count is checked against [`MAX_SLOTS`]
-    /// before anything is allocated.
+    /// Parses a peer's descriptor.
     ///
     /// # Errors
-    /// [`ChannelError::Protocol`]: truncated, trailing bytes, a flag other than 0 or 1,
-    /// an outbox of 0 or more than [`MAX_SLOTS`] slots, or of 0-byte slots.
+    /// [`ChannelError::Protocol`]: empty, an unknown kind, truncated, or trailing bytes.
     pub fn decode(d: &[u8]) -> Result<Self, ChannelError> {
-        let device = u32::from_le_bytes(le_bytes(d, 0)?);
-        let slot = u32::from_le_bytes(le_bytes(d, 4)?);
-        let len = u64::from_le_bytes(le_bytes(d, 8)?);
-        let (outbox, end) = match d.get(16) {
-            Some(0) => (None, Self::HEAD),
-            Some(1) => {
-                let o = &d[Self::HEAD..];
-                let id = u64::from_le_bytes(le_bytes(o, 0)?);
-                let slot_size = u64::from_le_bytes(le_bytes(o, 8)?);
-                let slots = u32::from_le_bytes(le_bytes(o, 16)?);
-                if slots == 0 || slots > MAX_SLOTS || slot_size == 0 {
-                    return Err(ChannelError::protocol(format!(
-                        "cuda_ipc: an outbox of {slots} slots of {slot_size} B"
-                    )));
-                }
-                let mem = le_bytes::<64>(o, 20)?;
-                let events = (0..slots as usize)
-                    .map(|i| le_bytes::<64>(o, Self::OUTBOX_HEAD + 64 * i))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let end = Self::HEAD + Self::OUTBOX_HEAD + 64 * slots as usize;
-                let info = OutboxInfo {
-                    id,
-                    slot_size,
-                    mem,
-                    events,
+        let (decoded, end) = match d.first() {
+            Some(&Self::EXPORTED) => {
+                let b = &d[1..];
+                let exported = Self::Exported {
+                    buffer_id: u64::from_le_bytes(le_bytes(b, 0)?),
+                    offset: u64::from_le_bytes(le_bytes(b, 8)?),
+                    len: u64::from_le_bytes(le_bytes(b, 16)?),
+                    handle: le_bytes::<64>(b, 24)?,
                 };
-                (Some(info), end)
+                (exported, Self::MAX_LEN as usize)
             }
-            _ => return Err(ChannelError::protocol("cuda_ipc: bad descriptor flag")),
+            Some(&Self::UNEXPORTABLE) => (Self::Unexportable, 1),
+            _ => return Err(ChannelError::protocol("cuda_ipc: bad descriptor kind")),
         };
         if d.len() != end {
             return Err(ChannelError::protocol(
                 "cuda_ipc: descriptor of the wrong size",
             ));
         }
-        Ok(Self {
-            device,
-            slot,
-            len,
-            outbox,
-        })
+        Ok(decoded)
     }
-}
-
-/// A peer's outbox mapped into one local GPU's context.
-#[derive(Debug)]
-struct Mapped {
-    mem: MappedMem,
-    events: Vec<Event>,
 }
 
 /// What a cuda_ipc descriptor says.
@@ -338,18 +196,34 @@ pub struct CudaIpcContext {
 #[derive(Debug)]
 struct Shared {
     config: CudaIpcConfig,
-    outboxes: Mutex<HashMap<u32, Arc<Outbox>>>,
+    /// IPC handles of this process's allocations, by the driver's allocation id.
+    exports: Mutex<HashMap<u64, [u8; 64]>>,
 }
 
 impl Shared {
-    fn outbox(&self, device: u32) -> Result<Arc<Outbox>, CudaError> {
-        let mut map = self.outboxes.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(o) = map.get(&device) {
-            return Ok(o.clone());
-        }
-        let o = Arc::new(Outbox::new(device, self.config)?);
-        map.insert(device, o.clone());
-        Ok(o)
+    /// What a peer needs to read `len` bytes at `addr` on `device`.
+    fn export(&self, device: u32, addr: u64, len: usize) -> Result<TensorDescriptor, CudaError> {
+        let alloc = driver::allocation(device, addr)?;
+        let handle = {
+            let mut exports = self.exports.lock().unwrap_or_else(PoisonError::into_inner);
+            match exports.get(&alloc.buffer_id) {
+                Some(h) => *h,
+                None => {
+                    let h = driver::export(device, alloc.base)?;
+                    if exports.len() >= MAX_EXPORTS {
+                        exports.clear();
+                    }
+                    exports.insert(alloc.buffer_id, h);
+                    h
+                }
+            }
+        };
+        Ok(TensorDescriptor::Exported {
+            buffer_id: alloc.buffer_id,
+            offset: addr - alloc.base,
+            len: len as u64,
+            handle,
+        })
     }
 }
 
@@ -363,11 +237,8 @@ impl CudaIpcContext {
     /// Probes the driver and describes every GPU.
     pub fn new(config: CudaIpcConfig) -> Self {
         let descriptors = (|| {
-            if config.slots == 0 || config.slots > MAX_SLOTS || config.slot_size == 0 {
-                return Err(format!(
-                    "{} slots of {} B (1..={MAX_SLOTS} slots of at least 1 B)",
-                    config.slots, config.slot_size
-                ));
+            if config.mappings == 0 {
+                return Err("0 mappings per channel (at least 1)".to_string());
             }
             let drv = driver::driver()?;
             for (i, d) in drv.devices.iter().enumerate() {
@@ -403,7 +274,7 @@ impl CudaIpcContext {
             descriptors,
             shared: Arc::new(Shared {
                 config,
-                outboxes: Mutex::default(),
+                exports: Mutex::default(),
             }),
             children: Arc::default(),
         }
@@ -461,9 +332,9 @@ impl ChannelContext for CudaIpcContext {
                 descriptors,
                 acks,
                 ops: Ops::default(),
-                acks_order: Order::default(),
-                announced: Mutex::default(),
-                remote: Mutex::default(),
+                ack_reads: Order::default(),
+                ack_writes: Order::default(),
+                mappings: Mutex::default(),
             });
             children.adopt(Arc::downgrade(&inner) as std::sync::Weak<dyn Close>);
             Ok(Box::new(CudaIpcChannel { inner }) as BoxChannel)
@@ -476,25 +347,27 @@ impl ChannelContext for CudaIpcContext {
     }
 }
 
-#[derive(Debug, Default)]
-struct Remote {
-    /// Outboxes the peer declared, by its GPU.
-    infos: HashMap<u32, OutboxInfo>,
-    /// Those mapped here, by (its GPU, our GPU).
-    mapped: HashMap<(u32, u32), Arc<Mapped>>,
+/// A peer's allocation mapped into one of our GPUs' contexts.
+#[derive(Debug)]
+struct Mapping {
+    buffer_id: u64,
+    device: u32,
+    mem: Arc<MappedMem>,
 }
 
 struct Inner {
     shared: Arc<Shared>,
-    /// Connection 0: chunk descriptors, sender → receiver.
+    /// Connection 0: tensor descriptors, sender → receiver.
     descriptors: BoxConnection,
-    /// Connection 1: one byte per chunk, receiver → sender.
+    /// Connection 1: one byte per tensor, receiver → sender (0: copied).
     acks: BoxConnection,
     ops: Ops,
-    acks_order: Order,
-    /// Our GPUs whose outbox this channel's peer knows.
-    announced: Mutex<HashSet<u32>>,
-    remote: Mutex<Remote>,
+    /// Sends read their acknowledgements in the order they wrote descriptors.
+    ack_reads: Order,
+    /// Receives write theirs in the order they read descriptors.
+    ack_writes: Order,
+    /// The peer's allocations mapped here, least recently used first.
+    mappings: Mutex<VecDeque<Mapping>>,
 }
 
 impl Close for Inner {
@@ -502,165 +375,148 @@ impl Close for Inner {
         if self.ops.mark_closed() {
             self.descriptors.close();
             self.acks.close();
+            // Unmapped once the copies still holding them are done.
+            self.mappings
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
         }
     }
 }
 
 impl Inner {
-    async fn send(&self, gpu: Gpu, turn: tp_transport::order::Turn) -> Result<(), ChannelError> {
+    async fn send(&self, gpu: Gpu, turn: Turn) -> Result<(), ChannelError> {
         let Gpu {
             device,
             addr,
             len,
             stream,
         } = gpu;
-        let outbox = self.shared.outbox(device)?;
-        let mut inflight = FuturesOrdered::new();
-        let mut off = 0;
-        while off < len {
-            let n = outbox.slot_size.min(len - off);
-            // A slot: while waiting, this send's own acknowledgements free slots too.
-            let slot = loop {
-                let acquire = outbox.acquire();
-                if inflight.is_empty() {
-                    break acquire.await;
-                }
-                match select(acquire, inflight.next()).await {
-                    Either::Left((slot, _)) => break slot,
-                    Either::Right((done, _)) => {
-                        if let Some(r) = done {
-                            r?;
-                        }
-                    }
-                }
-            }
-            .ok_or(ChannelError::Closed)?;
-            // Back to the outbox when this send ends, however it ends: the outbox serves
-            // every channel of the context, so a slot lost here would starve them.
-            let held = SlotGuard {
-                outbox: outbox.clone(),
-                slot,
-            };
-            let event = &outbox.events[slot as usize];
-            let slot_addr = outbox.mem.addr + u64::from(slot) * outbox.slot_size as u64;
-            event.wait_on(device, stream)?;
-            driver::copy_async(device, slot_addr, addr + off as u64, n, stream)?;
-            event.record(stream)?;
-            let first = self
-                .announced
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(device);
-            let frame = ChunkDescriptor {
-                device,
-                slot,
-                len: n as u64,
-                outbox: first.then(|| outbox.info.clone()),
-            }
+        if len == 0 {
+            return Ok(());
+        }
+        let exported = self.shared.export(device, addr, len);
+        // The receiver reads outside our stream: the producer's work must be done.
+        driver::finished(device, stream)?.await?;
+        let frame = exported
+            .as_ref()
+            .map_or(TensorDescriptor::Unexportable, Clone::clone)
             .encode();
-            let ack_turn = self.acks_order.turn();
-            self.descriptors.write_frame(&frame).await?;
-            inflight.push_back(async move {
-                ack_turn.ready().await;
-                let mut ack = [0u8; 1];
-                let r = self.acks.read_exact(&mut ack).await;
-                drop(ack_turn);
-                drop(held);
-                match (r, ack) {
-                    (Ok(()), [0]) => Ok(()),
-                    (Ok(()), [b]) => Err(ChannelError::protocol(format!(
-                        "cuda_ipc: the receiver failed a chunk ({b})"
-                    ))),
-                    (Err(e), _) => Err(e.into()),
-                }
-            });
-            off += n;
-        }
-        // Every descriptor is out: the next send may write its own.
+        let ack_turn = self.ack_reads.turn();
+        self.descriptors.write_frame(&frame).await?;
+        // The next send may write its descriptor.
         drop(turn);
-        while let Some(r) = inflight.next().await {
-            r?;
+        exported?;
+        ack_turn.ready().await;
+        let mut ack = [0u8; 1];
+        let r = self.acks.read_exact(&mut ack).await;
+        drop(ack_turn);
+        match (r, ack) {
+            (Ok(()), [0]) => Ok(()),
+            (Ok(()), [b]) => Err(ChannelError::protocol(format!(
+                "cuda_ipc: the receiver could not copy the tensor ({b})"
+            ))),
+            (Err(e), _) => Err(e.into()),
         }
-        Ok(())
     }
 
-    /// The peer's outbox of its GPU `remote` mapped into our GPU `local`.
-    fn mapped(&self, remote: u32, local: u32) -> Result<(Arc<Mapped>, OutboxInfo), ChannelError> {
-        let mut r = self.remote.lock().unwrap_or_else(PoisonError::into_inner);
-        let info =
-            r.infos.get(&remote).cloned().ok_or_else(|| {
-                ChannelError::protocol("cuda_ipc: a chunk from an undeclared outbox")
-            })?;
-        if let Some(m) = r.mapped.get(&(remote, local)) {
-            return Ok((m.clone(), info));
-        }
-        let mem = MappedMem::open(local, &info.mem)?;
-        let events = info
-            .events
+    /// The peer's allocation `buffer_id` mapped into our GPU `device`.
+    fn mapped(
+        &self,
+        buffer_id: u64,
+        device: u32,
+        handle: &[u8; 64],
+    ) -> Result<Arc<MappedMem>, ChannelError> {
+        let mut maps = self.mappings.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(i) = maps
             .iter()
-            .map(|h| Event::open_ipc(local, h))
-            .collect::<Result<Vec<_>, _>>()?;
-        let m = Arc::new(Mapped { mem, events });
-        r.mapped.insert((remote, local), m.clone());
-        Ok((m, info))
-    }
-
-    async fn recv(&self, gpu: Gpu) -> Result<(), ChannelError> {
-        let Gpu {
-            device,
-            addr,
-            len,
-            stream,
-        } = gpu;
-        let mut off = 0usize;
-        while off < len {
-            let frame = self
-                .descriptors
-                .read_frame(ChunkDescriptor::MAX_LEN)
-                .await?;
-            let d = ChunkDescriptor::decode(&frame)?;
-            if let Some(info) = d.outbox {
-                let mut r = self.remote.lock().unwrap_or_else(PoisonError::into_inner);
-                // A new outbox for that GPU (the peer's context was replaced): forget
-                // the old mapping.
-                if r.infos.get(&d.device).is_some_and(|old| old.id != info.id) {
-                    r.mapped.retain(|(remote, _), _| *remote != d.device);
-                }
-                r.infos.insert(d.device, info);
-            }
-            let (mapped, info) = self.mapped(d.device, device)?;
-            // Within usize: the chunk is at most what is left of the buffer.
-            let expected = info.slot_size.min((len - off) as u64) as usize;
-            if d.slot as usize >= info.events.len() || d.len != expected as u64 {
-                return Err(ChannelError::protocol(format!(
-                    "cuda_ipc: chunk of {} B in slot {} where {expected} B in one of {} slots \
-                     was due",
-                    d.len,
-                    d.slot,
-                    info.events.len()
-                )));
-            }
-            let event = &mapped.events[d.slot as usize];
-            let src = mapped.mem.addr + u64::from(d.slot) * info.slot_size;
-            event.wait_on(device, stream)?;
-            driver::copy_async(device, addr + off as u64, src, expected, stream)?;
-            event.record(stream)?;
-            self.acks.write(&[&[0]]).await?;
-            off += expected;
+            .position(|m| m.buffer_id == buffer_id && m.device == device)
+        {
+            let m = maps.remove(i).unwrap_or_else(|| unreachable!());
+            let mem = m.mem.clone();
+            maps.push_back(m);
+            return Ok(mem);
         }
-        Ok(())
+        let mem = Arc::new(MappedMem::open(device, handle)?);
+        while maps.len() >= self.shared.config.mappings {
+            maps.pop_front();
+        }
+        maps.push_back(Mapping {
+            buffer_id,
+            device,
+            mem: mem.clone(),
+        });
+        Ok(mem)
     }
-}
 
-/// A slot taken from an outbox, given back on drop.
-struct SlotGuard {
-    outbox: Arc<Outbox>,
-    slot: u32,
-}
+    /// Reads the next descriptor and enqueues the copy it describes into `gpu`;
+    /// returns what must live until the copy is done.
+    async fn copy_in(&self, gpu: Gpu) -> Result<Arc<MappedMem>, ChannelError> {
+        let frame = self
+            .descriptors
+            .read_frame(TensorDescriptor::MAX_LEN)
+            .await?;
+        let (buffer_id, offset, n, handle) = match TensorDescriptor::decode(&frame)? {
+            TensorDescriptor::Exported {
+                buffer_id,
+                offset,
+                len,
+                handle,
+            } => (buffer_id, offset, len, handle),
+            TensorDescriptor::Unexportable => {
+                return Err(ChannelError::device(
+                    "cuda_ipc",
+                    "the sender's memory has no IPC handle (see its log)",
+                ));
+            }
+        };
+        if n != gpu.len as u64 {
+            return Err(ChannelError::protocol(format!(
+                "cuda_ipc: a tensor of {n} B where {} B were due",
+                gpu.len
+            )));
+        }
+        let mem = self.mapped(buffer_id, gpu.device, &handle)?;
+        if offset
+            .checked_add(n)
+            .is_none_or(|end| end > mem.size as u64)
+        {
+            return Err(ChannelError::protocol(format!(
+                "cuda_ipc: {n} B at offset {offset} of a {} B allocation",
+                mem.size
+            )));
+        }
+        driver::copy_async(gpu.device, gpu.addr, mem.addr + offset, gpu.len, gpu.stream)?;
+        Ok(mem)
+    }
 
-impl Drop for SlotGuard {
-    fn drop(&mut self) {
-        self.outbox.release(self.slot);
+    async fn recv(&self, gpu: Gpu, turn: Turn) -> Result<(), ChannelError> {
+        if gpu.len == 0 {
+            return Ok(());
+        }
+        let copied = match self.copy_in(gpu).await {
+            Ok(mem) => driver::finished(gpu.device, gpu.stream)
+                .map_err(ChannelError::from)
+                .map(|done| (mem, done)),
+            Err(e) => Err(e),
+        };
+        let ack_turn = self.ack_writes.turn();
+        // The next receive may read its descriptor while this copy runs.
+        drop(turn);
+        let r = match copied {
+            Ok((mem, done)) => {
+                let r = done.await.map_err(ChannelError::from);
+                drop(mem);
+                r
+            }
+            Err(e) => Err(e),
+        };
+        ack_turn.ready().await;
+        let acked = self.acks.write(&[&[u8::from(r.is_err())]]).await;
+        drop(ack_turn);
+        // This receive's own error first: the acknowledgement only tells the sender.
+        r?;
+        acked.map_err(Into::into)
     }
 }
 
@@ -715,13 +571,12 @@ impl Channel for CudaIpcChannel {
                 r => return (buf, r.map(drop)),
             }
             let r = match on_gpu(recv_gpu("cuda_ipc", &*buf)) {
-                Ok(gpu) => inner.recv(gpu).await,
+                Ok(gpu) => inner.recv(gpu, turn).await,
                 Err(e) => Err(e),
             };
             if r.is_err() {
                 inner.close();
             }
-            drop(turn);
             (buf, r)
         }
         .boxed()
@@ -771,45 +626,33 @@ mod tests {
 
     #[test]
     fn descriptors_round_trip_and_bad_ones_are_refused() {
-        let info = OutboxInfo {
-            id: 7,
-            slot_size: 1 << 20,
-            mem: [1; 64],
-            events: vec![[2; 64], [3; 64]],
-        };
-        let with = ChunkDescriptor {
-            device: 1,
-            slot: 1,
+        let exported = TensorDescriptor::Exported {
+            buffer_id: 7,
+            offset: 4096,
             len: 100,
-            outbox: Some(info.clone()),
+            handle: [3; 64],
         };
-        let full = with.encode();
-        assert_eq!(full.len(), 17 + 84 + 128);
-        assert_eq!(ChunkDescriptor::decode(&full).unwrap(), with);
-        let plain = ChunkDescriptor {
-            device: 0,
-            slot: 3,
-            len: 5,
-            outbox: None,
-        };
-        assert_eq!(ChunkDescriptor::decode(&plain.encode()).unwrap(), plain);
-        // Truncated, padded, a bad flag, too many slots: protocol errors.
-        let err = |d: &[u8]| matches!(ChunkDescriptor::decode(d), Err(ChannelError::Protocol(_)));
-        assert!(err(&full[..full.len() - 1]));
-        assert!(err(&[&full[..], &[0]].concat()));
-        let mut bad = plain.encode();
-        bad[16] = 9;
+        let bytes = exported.encode();
+        assert_eq!(bytes.len() as u64, TensorDescriptor::MAX_LEN);
+        assert_eq!(bytes[0], 0);
+        assert_eq!(bytes[1..9], 7u64.to_le_bytes());
+        assert_eq!(bytes[9..17], 4096u64.to_le_bytes());
+        assert_eq!(bytes[17..25], 100u64.to_le_bytes());
+        assert_eq!(TensorDescriptor::decode(&bytes).unwrap(), exported);
+        let failed = TensorDescriptor::Unexportable.encode();
+        assert_eq!(failed, [1]);
+        assert_eq!(
+            TensorDescriptor::decode(&failed).unwrap(),
+            TensorDescriptor::Unexportable
+        );
+        // Empty, truncated, padded, an unknown kind: protocol errors.
+        let err = |d: &[u8]| matches!(TensorDescriptor::decode(d), Err(ChannelError::Protocol(_)));
+        assert!(err(&[]));
+        assert!(err(&bytes[..bytes.len() - 1]));
+        assert!(err(&[&bytes[..], &[0]].concat()));
+        assert!(err(&[1, 0]));
+        let mut bad = bytes;
+        bad[0] = 2;
         assert!(err(&bad));
-        let mut many = full;
-        many[17 + 16..17 + 20].copy_from_slice(&(MAX_SLOTS + 1).to_le_bytes());
-        assert!(err(&many));
-        let max = ChunkDescriptor {
-            outbox: Some(OutboxInfo {
-                events: vec![[0; 64]; MAX_SLOTS as usize],
-                ..info
-            }),
-            ..with
-        };
-        assert_eq!(max.encode().len() as u64, ChunkDescriptor::MAX_LEN);
     }
 }

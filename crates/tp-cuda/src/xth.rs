@@ -53,7 +53,7 @@ impl Fetch for EventCopy {
     fn publish(&self, buf: Box<dyn SendBuf>) -> (Vec<u8>, Ticket) {
         let len = buf.byte_len() as u64;
         let start = match send_cuda(&*buf) {
-            Some(b) => Event::new(b.device_index(), false)
+            Some(b) => Event::new(b.device_index())
                 .and_then(|e| e.record(b.stream()).map(|()| e))
                 .map_err(|e| e.to_string()),
             None => Err("the buffer is not a CudaBuffer".to_string()),
@@ -115,7 +115,7 @@ fn copy_ordered(
         dst.len(),
         dst.stream(),
     )?;
-    let stop = Event::new(dst.device_index(), false)?;
+    let stop = Event::new(dst.device_index())?;
     stop.record(dst.stream())?;
     stop.wait_on(src.device_index(), src.stream())
 }
