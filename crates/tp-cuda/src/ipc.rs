@@ -40,6 +40,14 @@
 //! buffer, the range against the mapped allocation's size as the local driver reports
 //! it, and the driver validates handles.
 //!
+//! # Sharing one GPU between processes
+//! Two processes on one GPU have a context each, and without NVIDIA's MPS the GPU
+//! switches between them by time slices: on an H200 that put ~150–190 µs into every
+//! transfer, whatever its size (64 MiB moved at 0.18 of a device-to-device copy). With
+//! the MPS control daemon running (`nvidia-cuda-mps-control -d`) the same ping-pong
+//! reached 0.75 (BENCHMARKS.md, tp-cuda). Run it where processes exchange tensors on a
+//! shared GPU.
+//!
 //! Descriptor: `cuda_ipc:<boot id>:<pid>:<GPU uuid>:<uuids of the GPUs it can reach
 //! peer to peer>`. Two GPUs can talk when the boot id is the same, the processes
 //! differ (a process cannot open its own IPC handles), and the GPUs are the same or
