@@ -276,8 +276,8 @@ cuda_conformance!(cuda_gdr_gpu_to_gpu, cuda_gdr, At::Gpu(0), At::Gpu(0), 1);
 cuda_conformance!(cuda_gdr_across_gpus, cuda_gdr, At::Gpu(1), At::Gpu(0), 2);
 
 /// cuda_ipc cannot work inside one process: the descriptors say so
-/// (`CannotCommunicateInSameProcess`). (Its transfers need two processes; that test is
-/// not written yet.)
+/// (`CannotCommunicateInSameProcess`). Its transfers are tested across two processes by
+/// `cuda_ipc_between_two_processes`.
 #[test]
 fn cuda_ipc_refuses_its_own_process() {
     let Some(_) = gpus("cuda_ipc_refuses_its_own_process") else {
@@ -303,4 +303,175 @@ fn cuda_basic_refuses_cpu_to_cpu() {
         .unwrap()
         .1;
     assert!(!ctx.can_communicate_with_remote(&cpu, &cpu));
+}
+
+/// Set in the peer process of `cuda_ipc_between_two_processes`: the address to connect to.
+const IPC_PEER: &str = "TP_CUDA_IPC_PEER";
+
+/// The tensors `cuda_ipc_between_two_processes` sends, in order; the peer echoes each
+/// into a fresh buffer: one whose producer is still running when it is sent, one byte,
+/// zero, one that starts inside its allocation, a large one of no particular size, and
+/// 20 of 256 KiB for many in flight.
+fn ipc_lens() -> Vec<usize> {
+    let mut lens = vec![1 << 20, 1, 0, 4096, (64 << 20) + 4097];
+    lens.extend([256 << 10; 20]);
+    lens
+}
+
+/// The peer: connects twice (numbering the connections), then echoes every tensor.
+async fn ipc_peer(addr: String) {
+    let tcp = tp_transport::tcp::TcpTransport::new();
+    let mut conns = Vec::new();
+    for i in 0..2u64 {
+        let c = tp_transport::Transport::connect(&tcp, &addr).await.unwrap();
+        c.write(&[&i.to_le_bytes()]).await.unwrap();
+        conns.push(c);
+    }
+    let ctx = tp_cuda::ipc::CudaIpcContext::default();
+    let ch = ctx
+        .create_channel(conns, tp_channel::Endpoint::Connect)
+        .await
+        .unwrap();
+    let stream = OwnedStream::new(0).unwrap();
+    for len in ipc_lens() {
+        let (got, r) = ch.recv(target(At::Gpu(0), len, stream.raw())).await;
+        r.unwrap();
+        let any: Box<dyn Any> = got;
+        let echo: Box<dyn SendBuf> = any.downcast::<CudaBuffer>().unwrap();
+        let (_, r) = ch.send(echo).await;
+        r.unwrap();
+    }
+}
+
+/// cuda_ipc's transfers, across two processes (this test binary runs itself again as
+/// the peer, which echoes every tensor): every byte of each echo, tensors that start
+/// inside their allocations on both ends (the bytes around them untouched), many in
+/// flight, zero-length and large ones, and a sender whose stream is still busy
+/// producing the tensor when it is sent.
+#[test]
+fn cuda_ipc_between_two_processes() {
+    if let Ok(addr) = std::env::var(IPC_PEER) {
+        run(Executor::BlockOn, ipc_peer(addr));
+        return;
+    }
+    if gpus("cuda_ipc_between_two_processes").is_none() {
+        return;
+    }
+    let tcp = tp_transport::tcp::TcpTransport::new();
+    let listener = tp_transport::Transport::listen(&tcp, "127.0.0.1:0").unwrap();
+    let addr = listener.address().to_string();
+    let mut peer = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "conformance::cuda_channel::cuda_ipc_between_two_processes",
+            "--exact",
+            "--nocapture",
+        ])
+        .env(IPC_PEER, &addr)
+        .spawn()
+        .unwrap();
+    run(Executor::BlockOn, async move {
+        let mut conns: Vec<Option<_>> = vec![None, None];
+        for _ in 0..2 {
+            let c = listener.accept().await.unwrap();
+            let mut i = [0u8; 8];
+            c.read_exact(&mut i).await.unwrap();
+            conns[u64::from_le_bytes(i) as usize] = Some(c);
+        }
+        let ctx = tp_cuda::ipc::CudaIpcContext::default();
+        let ch = ctx
+            .create_channel(
+                conns.into_iter().map(Option::unwrap).collect(),
+                tp_channel::Endpoint::Listen,
+            )
+            .await
+            .unwrap();
+        ipc_echoes(&ch).await;
+    });
+    assert!(peer.wait().unwrap().success(), "the peer process failed");
+}
+
+/// A GPU buffer of `len` bytes that starts 128 bytes into an allocation whose other
+/// bytes hold `guard`.
+fn interior(len: usize, fill: &[u8], guard: u8, stream: RawStream) -> CudaBuffer {
+    let whole = [vec![guard; 128], fill.to_vec(), vec![guard; 64]].concat();
+    let mut base = CudaBuffer::alloc(0, whole.len(), stream).unwrap();
+    base.copy_from_host(&whole).unwrap();
+    // SAFETY: `len` bytes from offset 128 lie inside `base`, which the buffer owns.
+    unsafe { CudaBuffer::from_raw(base.addr() + 128, len, 0, stream, Some(Box::new(base))) }
+        .unwrap()
+}
+
+async fn ipc_echoes(ch: &BoxChannel) {
+    let stream = OwnedStream::new(0).unwrap();
+    let lens = ipc_lens();
+    let mut data: Vec<Vec<u8>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| pattern(n, i as u8))
+        .collect();
+    data[0] = vec![0x42; lens[0]];
+    // Every source but the first, filled now (copy_from_host waits for the stream).
+    let mut bufs: Vec<Box<dyn SendBuf>> = data
+        .iter()
+        .enumerate()
+        .skip(1)
+        .map(|(i, d)| match i {
+            3 => Box::new(interior(d.len(), d, 0xEE, stream.raw())) as Box<dyn SendBuf>,
+            _ => source(At::Gpu(0), d, stream.raw()),
+        })
+        .collect();
+    // The first one's producer is still running when it is sent: fills of a large
+    // scratch buffer queued ahead of the fill that writes it.
+    let mut first = CudaBuffer::alloc(0, lens[0], stream.raw()).unwrap();
+    first.fill_async(0).unwrap();
+    let mut scratch = CudaBuffer::alloc(0, 256 << 20, stream.raw()).unwrap();
+    stream.synchronize().unwrap();
+    for _ in 0..20 {
+        scratch.fill_async(1).unwrap();
+    }
+    first.fill_async(0x42).unwrap();
+    bufs.insert(0, Box::new(first));
+    let sends: Vec<_> = bufs.into_iter().map(|b| ch.send(b)).collect();
+    let recvs: Vec<_> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let buf: Box<dyn RecvBuf> = if i == 3 {
+                Box::new(interior(n, &vec![0; n], 0xDD, stream.raw()))
+            } else {
+                target(At::Gpu(0), n, stream.raw())
+            };
+            ch.recv(buf)
+        })
+        .collect();
+    let (sent, got) = join(join_all(sends), join_all(recvs)).await;
+    for (i, ((_, rs), (buf, rr))) in sent.into_iter().zip(got).enumerate() {
+        rs.unwrap_or_else(|e| panic!("send {i}: {e}"));
+        rr.unwrap_or_else(|e| panic!("recv {i}: {e}"));
+        let any: Box<dyn Any> = buf;
+        let b = any.downcast::<CudaBuffer>().unwrap();
+        assert!(
+            b.to_host().unwrap() == data[i],
+            "tensor {i} ({} B)",
+            data[i].len()
+        );
+        if i == 3 {
+            // SAFETY: the allocation `b` lies in: 128 bytes before it, 64 after.
+            let around = unsafe {
+                CudaBuffer::from_raw(b.addr() - 128, 128 + b.len() + 64, 0, stream.raw(), None)
+            }
+            .unwrap()
+            .to_host()
+            .unwrap();
+            assert!(
+                around[..128].iter().all(|&x| x == 0xDD),
+                "before it: untouched"
+            );
+            assert!(
+                around[128 + b.len()..].iter().all(|&x| x == 0xDD),
+                "after it: untouched"
+            );
+        }
+    }
+    drop(scratch);
 }
