@@ -430,7 +430,7 @@ const POLL_NAP_MAX: Duration = Duration::from_micros(250);
 /// An event is recorded on the stream now and queried until it completes: back to
 /// back (yielding to the executor's other tasks between queries) for
 /// [`POLL_SPIN`], then with naps that grow to [`POLL_NAP_MAX`]. Waiting through the
-/// driver's stream callback instead took 90–430 µs for a 1 MiB copy of about 20 µs on
+/// driver's stream callback instead took a median of 143 µs for a 1 MiB copy of about 20 µs on
 /// an H200 (BENCHMARKS.md, tp-cuda), and a callback holds up the stream's later work
 /// until it returns.
 pub(crate) fn finished(
@@ -720,14 +720,13 @@ pub(crate) fn allocation(device: u32, addr: u64) -> Result<Allocation, CudaError
 pub(crate) fn allocation_of(device: u32, addr: u64) -> Result<Allocation, CudaError> {
     let alloc = allocation(device, addr)?;
     on_device(device, || {
-        let base = alloc.base;
         let on: c_uint = 1;
         // SAFETY: the sync-memops attribute takes an unsigned int; `on` outlives the call.
         let r = unsafe {
             sys::cuPointerSetAttribute(
                 (&raw const on).cast::<c_void>(),
                 sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_SYNC_MEMOPS,
-                base,
+                alloc.base,
             )
         };
         check("cuPointerSetAttribute(SYNC_MEMOPS)", r)?;

@@ -479,10 +479,10 @@ impl Inner {
             }
         };
         if n != gpu.len as u64 {
-            return Err(ChannelError::protocol(format!(
-                "cuda_ipc: a tensor of {n} B where {} B were due",
-                gpu.len
-            )));
+            return Err(ChannelError::LengthMismatch {
+                expected: gpu.len as u64,
+                announced: n,
+            });
         }
         let mem = self.mapped(buffer_id, gpu.device, &handle)?;
         if offset
@@ -504,19 +504,16 @@ impl Inner {
         }
         let copied = match self.copy_in(gpu).await {
             Ok(mem) => driver::finished(gpu.device, gpu.stream)
-                .map_err(ChannelError::from)
-                .map(|done| (mem, done)),
+                .map(|done| (mem, done))
+                .map_err(ChannelError::from),
             Err(e) => Err(e),
         };
         let ack_turn = self.ack_writes.turn();
         // The next receive may read its descriptor while this copy runs.
         drop(turn);
         let r = match copied {
-            Ok((mem, done)) => {
-                let r = done.await.map_err(ChannelError::from);
-                drop(mem);
-                r
-            }
+            // The mapping stays open until the copy out of it is done.
+            Ok((_mem, done)) => done.await.map_err(ChannelError::from),
             Err(e) => Err(e),
         };
         ack_turn.ready().await;
