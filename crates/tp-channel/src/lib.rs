@@ -50,6 +50,8 @@ mod handoff;
 pub mod mpt;
 mod ops;
 mod park;
+#[allow(unsafe_code)]
+mod split;
 mod system;
 #[cfg(feature = "xth")]
 pub mod xth;

@@ -9,7 +9,7 @@
 //! The descriptor `xth:<boot id>:<pid namespace>:<pid>` matches only inside one process.
 //! The copy runs on the task that drives the receive.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, PoisonError};
 
 use crate::handoff::{Fetch, HandoffContext, le_bytes};
 use crate::park::{Ticket, park, with_parked};
@@ -58,37 +58,30 @@ impl Fetch for Memcpy {
 }
 
 /// Copies from this size up are split across threads.
-const PARALLEL_FROM: usize = 4 << 20;
+const PARALLEL_FROM: usize = 2 << 20;
+/// The piece of a large copy one thread takes at a time.
+const PIECE: usize = 256 << 10;
 
-/// `dst.copy_from_slice(src)`, split across up to four threads for large tensors: one
-/// thread's `memcpy` of page-aligned buffers runs at a fraction of the machine's
-/// bandwidth here (4K aliasing between source and destination; BENCHMARKS.md), and the
-/// sender's thread is idle meanwhile.
+/// `dst.copy_from_slice(src)`, split for large tensors into pieces that this thread
+/// and up to three of the process's copy helpers take in turn (`split`): one thread's
+/// `memcpy` of page-aligned buffers runs at a fraction of the machine's bandwidth here
+/// (4K aliasing between source and destination; BENCHMARKS.md), and the sender's
+/// thread is idle meanwhile.
 fn copy(dst: &mut [u8], src: &[u8]) {
-    // Asked once: `available_parallelism` reads cgroup files, far too slow per tensor.
-    static THREADS: OnceLock<usize> = OnceLock::new();
     if dst.len() < PARALLEL_FROM || dst.len() != src.len() {
         dst.copy_from_slice(src);
         return;
     }
-    let threads = *THREADS.get_or_init(|| {
-        std::thread::available_parallelism()
-            .map_or(1, std::num::NonZero::get)
-            .min(4)
-    });
-    if threads < 2 {
-        dst.copy_from_slice(src);
-        return;
-    }
-    let part = dst.len().div_ceil(threads).next_multiple_of(4096);
-    std::thread::scope(|s| {
-        let mut pairs = dst.chunks_mut(part).zip(src.chunks(part));
-        let first = pairs.next();
-        for (d, s_) in pairs {
-            s.spawn(move || d.copy_from_slice(s_));
-        }
-        if let Some((d, s_)) = first {
-            d.copy_from_slice(s_);
+    let pieces: Vec<Mutex<Option<&mut [u8]>>> =
+        dst.chunks_mut(PIECE).map(|p| Mutex::new(Some(p))).collect();
+    crate::split::for_each(pieces.len(), 4, &|i| {
+        let piece = pieces
+            .get(i)
+            .and_then(|p| p.lock().unwrap_or_else(PoisonError::into_inner).take());
+        if let Some(d) = piece
+            && let Some(s) = src.get(i * PIECE..).and_then(|s| s.get(..d.len()))
+        {
+            d.copy_from_slice(s);
         }
     });
 }

@@ -2,7 +2,8 @@
 //!
 //! The sender sends `{pid, address, length}` of its buffer; the receiver pulls the
 //! bytes with `process_vm_readv` straight into its own buffer (in chunks under the
-//! kernel's per-call limit, and across threads for large tensors) and acknowledges;
+//! kernel's per-call limit, and from [`CmaConfig::parallel_from`] in pieces shared with
+//! helper threads) and acknowledges;
 //! the sender keeps its buffer until then (the protocol is in `handoff`).
 //!
 //! **Viability is probed, not assumed** ([`CmaContext::new`]):
@@ -25,8 +26,13 @@
 #[allow(unsafe_code)]
 mod sys;
 
+use std::sync::{Mutex, PoisonError};
+
 use crate::handoff::{Fetch, HandoffContext, le_bytes};
 use crate::{ChannelError, RecvBuf, SendBuf};
+
+/// The piece of a large pull one thread takes at a time.
+const PIECE: usize = 256 << 10;
 
 /// Settings of a cma context.
 #[derive(Clone, Copy, Debug)]
@@ -34,9 +40,13 @@ pub struct CmaConfig {
     /// Under Yama ptrace scope 1, allow any process of ours to read our memory
     /// (`PR_SET_PTRACER_ANY`, process-wide), as the original does. Default `true`.
     pub set_ptracer: bool,
-    /// Tensors at least this large are pulled by several threads at once. Default 8 MiB.
+    /// Tensors at least this large are pulled by several threads at once, in pieces of
+    /// 256 KiB that the receiving thread and the process's copy helpers (kept alive
+    /// between pulls) take in turn. Default 2 MiB (below it, a second thread's help
+    /// did not pay for itself in a ping-pong on 2 vCPUs).
     pub parallel_from: usize,
-    /// How many threads pull one large tensor. Default: available parallelism, at most 4.
+    /// How many threads at most pull one large tensor, the receiving one included.
+    /// Default: available parallelism, at most 4.
     pub threads: usize,
 }
 
@@ -44,7 +54,7 @@ impl Default for CmaConfig {
     fn default() -> Self {
         Self {
             set_ptracer: true,
-            parallel_from: 8 << 20,
+            parallel_from: 2 << 20,
             threads: std::thread::available_parallelism()
                 .map_or(1, std::num::NonZero::get)
                 .min(4),
@@ -244,28 +254,30 @@ fn pull(pid: i32, addr: u64, dst: &mut [u8]) -> Result<(), ChannelError> {
     Ok(())
 }
 
-/// Splits a large pull across `threads` scoped threads (this one included).
+/// Splits a large pull into pieces that this thread and up to `threads - 1` of the
+/// process's copy helpers take in turn (`split`): never slower than pulling alone,
+/// faster when a helper is awake.
 fn pull_parallel(pid: i32, addr: u64, dst: &mut [u8], threads: usize) -> Result<(), ChannelError> {
-    let part = dst.len().div_ceil(threads).next_multiple_of(4096);
-    std::thread::scope(|s| {
-        let mut parts = dst.chunks_mut(part).enumerate();
-        let first = parts.next();
-        let handles: Vec<_> = parts
-            .map(|(i, chunk)| {
-                s.spawn(move || pull(pid, addr.wrapping_add((i * part) as u64), chunk))
-            })
-            .collect();
-        let mut result = first.map_or(Ok(()), |(_, chunk)| pull(pid, addr, chunk));
-        for h in handles {
-            let r = h
-                .join()
-                .unwrap_or_else(|_| Err(ChannelError::protocol("a pulling thread panicked")));
-            if result.is_ok() {
-                result = r;
-            }
+    let pieces: Vec<Mutex<Option<&mut [u8]>>> =
+        dst.chunks_mut(PIECE).map(|p| Mutex::new(Some(p))).collect();
+    let failed: Mutex<Option<ChannelError>> = Mutex::new(None);
+    crate::split::for_each(pieces.len(), threads, &|i| {
+        let piece = pieces
+            .get(i)
+            .and_then(|p| p.lock().unwrap_or_else(PoisonError::into_inner).take());
+        if let Some(piece) = piece
+            && let Err(e) = pull(pid, addr.wrapping_add((i * PIECE) as u64), piece)
+        {
+            failed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_or_insert(e);
         }
-        result
-    })
+    });
+    failed
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner)
+        .map_or(Ok(()), Err)
 }
 
 #[cfg(test)]
