@@ -99,7 +99,8 @@ struct Pool {
     /// Tasks in `queue`, read without the lock by lingering helpers.
     queued: AtomicUsize,
     wake: Condvar,
-    helpers: usize,
+    /// Helper threads that started.
+    helpers: AtomicUsize,
 }
 
 impl Pool {
@@ -115,14 +116,19 @@ impl Pool {
                 queue: Mutex::default(),
                 queued: AtomicUsize::new(0),
                 wake: Condvar::new(),
-                helpers,
+                helpers: AtomicUsize::new(0),
             }));
             for i in 0..helpers {
                 let spawned = std::thread::Builder::new()
                     .name(format!("tp-split-{i}"))
                     .spawn(move || pool.serve());
-                if let Err(e) = spawned {
-                    tracing::warn!(error = %e, "tp-channel: cannot start a copy helper thread");
+                match spawned {
+                    Ok(_) => {
+                        pool.helpers.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "tp-channel: cannot start a copy helper thread");
+                    }
                 }
             }
             pool
@@ -163,6 +169,7 @@ pub(crate) fn for_each(n: usize, threads: usize, work: &(dyn Fn(usize) + Sync)) 
     let pool = Pool::get();
     let helpers = pool
         .helpers
+        .load(Ordering::Relaxed)
         .min(threads.saturating_sub(1))
         .min(n.saturating_sub(1));
     if helpers == 0 {
@@ -187,6 +194,11 @@ pub(crate) fn for_each(n: usize, threads: usize, work: &(dyn Fn(usize) + Sync)) 
     });
     {
         let mut q = pool.lock();
+        // Tasks already closed are no help to anyone: a queue with no helper left to
+        // take from it (after a fork, say) stays bounded by the tasks in progress.
+        let before = q.len();
+        q.retain(|t| t.state.load(Ordering::Acquire) & 1 == 0);
+        pool.queued.fetch_sub(before - q.len(), Ordering::AcqRel);
         for _ in 0..helpers {
             q.push_back(task.clone());
         }
