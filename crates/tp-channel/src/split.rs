@@ -8,8 +8,8 @@
 //! too. Pieces are *claimed*, not assigned: a helper that wakes late (a sleeping
 //! thread's wake-up takes 3–45 µs on a VM) finds fewer pieces left or none, so the
 //! copy is never slower than the caller doing it all alone, only faster when help
-//! comes in time. A helper that finished a piece looks for the next task for a few
-//! microseconds before it sleeps, so back-to-back copies find it awake.
+//! comes in time. A helper that finished a task looks for the next one for 50 µs
+//! before it sleeps, so back-to-back copies find it awake.
 //!
 //! The work borrows the caller's buffers; the one `unsafe` below lets a helper call it
 //! without a `'static` bound, and the close protocol ([`Task::state`]) is what makes
