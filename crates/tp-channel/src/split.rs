@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,7 @@ struct Task {
     /// Bit 0: closed (no helper may enter); the rest: twice the helpers inside.
     state: AtomicUsize,
     /// A helper's piece panicked; the caller re-raises.
-    panicked: AtomicUsize,
+    panicked: AtomicBool,
 }
 
 impl Task {
@@ -70,7 +70,7 @@ impl Task {
             }
         }
         if catch_unwind(AssertUnwindSafe(|| self.drain())).is_err() {
-            self.panicked.store(1, Ordering::Relaxed);
+            self.panicked.store(true, Ordering::Relaxed);
             // No more pieces for anyone: the caller re-raises once all are out.
             self.next.store(usize::MAX / 2, Ordering::Relaxed);
         }
@@ -190,7 +190,7 @@ pub(crate) fn for_each(n: usize, threads: usize, work: &(dyn Fn(usize) + Sync)) 
         n,
         next: AtomicUsize::new(0),
         state: AtomicUsize::new(0),
-        panicked: AtomicUsize::new(0),
+        panicked: AtomicBool::new(false),
     });
     {
         let mut q = pool.lock();
@@ -211,9 +211,29 @@ pub(crate) fn for_each(n: usize, threads: usize, work: &(dyn Fn(usize) + Sync)) 
         let _close = CloseOnDrop(&task);
         task.drain();
     }
-    if task.panicked.load(Ordering::Relaxed) != 0 {
+    if task.panicked.load(Ordering::Relaxed) {
         panic!("a piece of a split copy panicked on a helper thread");
     }
+}
+
+/// Runs `work(offset, piece)` for every `piece`-byte piece of `dst` (the last may be
+/// shorter) through [`for_each`]: each piece handed out once, mutably.
+pub(crate) fn for_each_piece(
+    dst: &mut [u8],
+    piece: usize,
+    threads: usize,
+    work: &(dyn Fn(usize, &mut [u8]) + Sync),
+) {
+    let pieces: Vec<Mutex<Option<&mut [u8]>>> =
+        dst.chunks_mut(piece).map(|p| Mutex::new(Some(p))).collect();
+    for_each(pieces.len(), threads, &|i| {
+        let taken = pieces
+            .get(i)
+            .and_then(|p| p.lock().unwrap_or_else(PoisonError::into_inner).take());
+        if let Some(p) = taken {
+            work(i * piece, p);
+        }
+    });
 }
 
 #[cfg(test)]
@@ -233,14 +253,17 @@ mod tests {
 
     #[test]
     fn pieces_write_disjoint_parts_of_a_borrowed_buffer() {
-        let mut buf = vec![0u8; if cfg!(miri) { 64 << 10 } else { 1 << 20 }];
-        let pieces: Vec<Mutex<Option<&mut [u8]>>> =
-            buf.chunks_mut(4096).map(|c| Mutex::new(Some(c))).collect();
-        for_each(pieces.len(), 4, &|i| {
-            let piece = pieces[i].lock().unwrap().take().unwrap();
-            piece.fill(i as u8);
+        let mut buf = vec![
+            0u8;
+            if cfg!(miri) {
+                (64 << 10) + 100
+            } else {
+                (1 << 20) + 100
+            }
+        ];
+        for_each_piece(&mut buf, 4096, 4, &|off, piece| {
+            piece.fill((off / 4096) as u8)
         });
-        drop(pieces);
         for (i, c) in buf.chunks(4096).enumerate() {
             assert!(c.iter().all(|&b| b == i as u8));
         }

@@ -9,8 +9,6 @@
 //! The descriptor `xth:<boot id>:<pid namespace>:<pid>` matches only inside one process.
 //! The copy runs on the task that drives the receive.
 
-use std::sync::{Mutex, PoisonError};
-
 use crate::handoff::{Fetch, HandoffContext, le_bytes};
 use crate::park::{Ticket, park, with_parked};
 use crate::{ChannelError, RecvBuf, SendBuf};
@@ -72,15 +70,8 @@ fn copy(dst: &mut [u8], src: &[u8]) {
         dst.copy_from_slice(src);
         return;
     }
-    let pieces: Vec<Mutex<Option<&mut [u8]>>> =
-        dst.chunks_mut(PIECE).map(|p| Mutex::new(Some(p))).collect();
-    crate::split::for_each(pieces.len(), 4, &|i| {
-        let piece = pieces
-            .get(i)
-            .and_then(|p| p.lock().unwrap_or_else(PoisonError::into_inner).take());
-        if let Some(d) = piece
-            && let Some(s) = src.get(i * PIECE..).and_then(|s| s.get(..d.len()))
-        {
+    crate::split::for_each_piece(dst, PIECE, 4, &|off, d| {
+        if let Some(s) = src.get(off..off + d.len()) {
             d.copy_from_slice(s);
         }
     });

@@ -348,10 +348,7 @@ impl Event {
     pub(crate) fn query(&self) -> Result<bool, CudaError> {
         on_device(self.device, || {
             // SAFETY: the event is alive (owned by self).
-            match unsafe { sys::cuEventQuery(self.get()) } {
-                sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
-                r => check("cuEventQuery", r).map(|()| true),
-            }
+            done("cuEventQuery", unsafe { sys::cuEventQuery(self.get()) })
         })
     }
 
@@ -430,9 +427,9 @@ const POLL_NAP_MAX: Duration = Duration::from_micros(250);
 /// An event is recorded on the stream now and queried until it completes: back to
 /// back (yielding to the executor's other tasks between queries) for
 /// [`POLL_SPIN`], then with naps that grow to [`POLL_NAP_MAX`]. Waiting through the
-/// driver's stream callback instead took a median of 143 µs for a 1 MiB copy of about 20 µs on
-/// an H200 (BENCHMARKS.md, tp-cuda), and a callback holds up the stream's later work
-/// until it returns.
+/// driver's stream callback instead took a median of 143 µs for a 1 MiB copy of about
+/// 20 µs on an H200 (BENCHMARKS.md, tp-cuda), and a callback holds up the stream's
+/// later work until it returns.
 pub(crate) fn finished(
     device: u32,
     stream: RawStream,
@@ -453,7 +450,7 @@ pub(crate) fn finished(
         let mut nap = POLL_NAP_MIN;
         while !event.query()? {
             if start.elapsed() < POLL_SPIN {
-                yield_once().await;
+                tp_transport::spin::yield_once().await;
             } else {
                 async_io::Timer::after(nap).await;
                 nap = (nap * 2).min(POLL_NAP_MAX);
@@ -468,26 +465,17 @@ pub(crate) fn finished(
 fn stream_idle(device: u32, stream: RawStream) -> Result<bool, CudaError> {
     on_device(device, || {
         // SAFETY: `stream` is a live stream of this context.
-        match unsafe { sys::cuStreamQuery(stream.get()) } {
-            sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
-            r => check("cuStreamQuery", r).map(|()| true),
-        }
+        done("cuStreamQuery", unsafe { sys::cuStreamQuery(stream.get()) })
     })
 }
 
-/// Returns `Pending` once (waking itself at once), so the executor runs its other
-/// tasks before this one goes on.
-async fn yield_once() {
-    let mut yielded = false;
-    std::future::poll_fn(|cx| {
-        if yielded {
-            return std::task::Poll::Ready(());
-        }
-        yielded = true;
-        cx.waker().wake_by_ref();
-        std::task::Poll::Pending
-    })
-    .await;
+/// A query's answer: `Ok(false)` for "not yet", `Ok(true)` for done, else the error
+/// (which includes a failure of the work queried).
+fn done(op: &'static str, r: sys::CUresult) -> Result<bool, CudaError> {
+    match r {
+        sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+        r => check(op, r).map(|()| true),
+    }
 }
 
 /// Page-locked host memory, which the GPU's copy engines reach directly.

@@ -27,6 +27,22 @@ pub fn without_spinning<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Returns `Pending` once (waking itself at once), so the executor runs its other
+/// tasks before this one goes on: the pause between two checks of a spinning wait (the
+/// shm transport's ring, tp-cuda's event queries).
+pub async fn yield_once() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await;
+}
+
 /// False inside [`without_spinning`].
 pub(crate) fn allowed() -> bool {
     !SUPPRESSED.with(Cell::get)

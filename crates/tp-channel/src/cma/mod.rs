@@ -258,16 +258,9 @@ fn pull(pid: i32, addr: u64, dst: &mut [u8]) -> Result<(), ChannelError> {
 /// process's copy helpers take in turn (`split`): never slower than pulling alone,
 /// faster when a helper is awake.
 fn pull_parallel(pid: i32, addr: u64, dst: &mut [u8], threads: usize) -> Result<(), ChannelError> {
-    let pieces: Vec<Mutex<Option<&mut [u8]>>> =
-        dst.chunks_mut(PIECE).map(|p| Mutex::new(Some(p))).collect();
     let failed: Mutex<Option<ChannelError>> = Mutex::new(None);
-    crate::split::for_each(pieces.len(), threads, &|i| {
-        let piece = pieces
-            .get(i)
-            .and_then(|p| p.lock().unwrap_or_else(PoisonError::into_inner).take());
-        if let Some(piece) = piece
-            && let Err(e) = pull(pid, addr.wrapping_add((i * PIECE) as u64), piece)
-        {
+    crate::split::for_each_piece(dst, PIECE, threads, &|off, piece| {
+        if let Err(e) = pull(pid, addr.wrapping_add(off as u64), piece) {
             failed
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)

@@ -276,21 +276,6 @@ const SPIN_BURST: Duration = Duration::from_micros(4);
 /// a clock read costs as much as several).
 const SPIN_CHECKS_PER_CLOCK: u32 = 16;
 
-/// Returns `Pending` once (waking itself at once), so the executor runs its other
-/// tasks before this one goes on.
-async fn yield_once() {
-    let mut yielded = false;
-    poll_fn(|cx| {
-        if yielded {
-            return Poll::Ready(());
-        }
-        yielded = true;
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    })
-    .await;
-}
-
 /// The rings, eventfds and socket of one connection.
 struct ShmIo {
     sock: Async<UnixStream>,
@@ -359,7 +344,7 @@ impl ShmIo {
             if ready() {
                 return true;
             }
-            yield_once().await;
+            crate::spin::yield_once().await;
         }
         let start = Instant::now();
         let burst = SPIN_BURST.min(self.spin);
@@ -379,7 +364,7 @@ impl ShmIo {
             if start.elapsed() >= self.spin {
                 return false;
             }
-            yield_once().await;
+            crate::spin::yield_once().await;
         }
     }
 
