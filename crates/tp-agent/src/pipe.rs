@@ -271,7 +271,8 @@ type HeldTensor = (Option<Box<dyn SendBuf>>, Option<Device>, Vec<u8>);
 
 struct WriteSlot {
     metadata: Vec<u8>,
-    payloads: Vec<(Arc<Vec<u8>>, Vec<u8>)>,
+    /// Each payload's bytes (out while a write holds them) and metadata.
+    payloads: Vec<(Vec<u8>, Vec<u8>)>,
     tensors: Vec<HeldTensor>,
     done: Option<oneshot::Sender<(Message, Result<(), PipeError>)>>,
 }
@@ -282,13 +283,43 @@ struct ReadSlot {
     done: Option<oneshot::Sender<(Allocation, Result<(), PipeError>)>>,
 }
 
+/// Hashes the ids this process numbers itself (operations, connections, channels): a
+/// multiply spreads them over the table, with none of SipHash's cost. No peer chooses
+/// these ids, so there is nothing to flood.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(self.0.rotate_left(8) ^ u64::from(b));
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(n.into());
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing: the high bits, which the table's control bytes use, vary.
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A map keyed by one of this process's own ids.
+type IdMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;
+
 struct Core {
     pipe: WirePipe,
-    conns: HashMap<ConnId, ConnHandle>,
-    channels: HashMap<ChannelId, ChanSlot>,
-    writes: HashMap<OpId, WriteSlot>,
-    reads: HashMap<OpId, ReadSlot>,
-    descriptors: HashMap<OpId, oneshot::Sender<Result<Incoming, PipeError>>>,
+    conns: IdMap<ConnId, ConnHandle>,
+    channels: IdMap<ChannelId, ChanSlot>,
+    writes: IdMap<OpId, WriteSlot>,
+    reads: IdMap<OpId, ReadSlot>,
+    descriptors: IdMap<OpId, oneshot::Sender<Result<Incoming, PipeError>>>,
     /// The deadline a timer task waits for, and the handle that ends it.
     timer: Option<(Instant, futures::future::AbortHandle)>,
     closed: Option<PipeError>,
@@ -334,11 +365,11 @@ impl Shared {
         Arc::new(Self {
             core: Mutex::new(Core {
                 pipe,
-                conns: HashMap::new(),
-                channels: HashMap::new(),
-                writes: HashMap::new(),
-                reads: HashMap::new(),
-                descriptors: HashMap::new(),
+                conns: IdMap::default(),
+                channels: IdMap::default(),
+                writes: IdMap::default(),
+                reads: IdMap::default(),
+                descriptors: IdMap::default(),
                 timer: None,
                 closed: None,
             }),
@@ -476,23 +507,20 @@ impl Shared {
                     }
                 }
                 WriteAct::Payload { op, index } => {
-                    let data = self
-                        .lock()
-                        .writes
-                        .get(&op)
-                        .and_then(|w| w.payloads.get(index))
-                        .map(|(d, _)| d.clone());
+                    let data = take_payload(&mut self.lock(), op, index);
                     let r = match (failed, conn, &data) {
                         (false, Some(c), Some(d)) => c.write(&[d]).await.map_err(|e| kind_of(&e)),
                         _ => Err(IoErrorKind::Other),
                     };
-                    drop(data);
                     if r.is_err() {
                         failed = true;
                     }
-                    self.input(|p| {
-                        let _ = p.handle_payload_done(op, r);
-                    });
+                    let mut core = self.lock();
+                    if let Some(d) = data {
+                        put_payload(&mut core, op, index, d);
+                    }
+                    let _ = core.pipe.handle_payload_done(op, r);
+                    self.pump(&mut core);
                 }
                 WriteAct::Close => {
                     if let Some(c) = conn {
@@ -718,48 +746,52 @@ impl Shared {
         frame: Option<Vec<u8>>,
         payloads: Vec<(OpId, usize)>,
     ) {
-        let data: Option<Vec<(OpId, Arc<Vec<u8>>)>> = payloads
-            .iter()
-            .map(|&(op, index)| Some((op, core.writes.get(&op)?.payloads.get(index)?.0.clone())))
-            .collect();
-        match (inline_conn(core, conn, Side::Write), data) {
-            (Some(c), Some(data)) => {
-                let framed = frame.is_some();
-                let io = async move {
-                    let mut bufs: Vec<&[u8]> = Vec::with_capacity(1 + data.len());
-                    bufs.extend(frame.as_deref());
-                    bufs.extend(data.iter().map(|(_, d)| d.as_slice()));
-                    let r = c.write(&bufs).await.map_err(|e| kind_of(&e));
-                    drop(bufs);
-                    (data, r)
-                };
-                self.inline(
-                    core,
-                    conn,
-                    Side::Write,
-                    io.boxed(),
-                    move |core, (data, r)| {
-                        if let (true, Err(kind)) = (framed, r) {
-                            core.pipe.handle_connection_error(conn, kind);
-                        }
-                        for (op, d) in data {
-                            // Our share goes first: when this completes the write, the
-                            // payload goes back to the user without a copy.
-                            drop(d);
-                            let _ = core.pipe.handle_payload_done(op, r);
-                        }
-                    },
-                );
+        let Some(c) = inline_conn(core, conn, Side::Write) else {
+            if let Some(frame) = frame {
+                send_to(core, conn, WriteAct::Frame(frame));
             }
-            _ => {
-                if let Some(frame) = frame {
-                    send_to(core, conn, WriteAct::Frame(frame));
-                }
-                for (op, index) in payloads {
-                    send_to(core, conn, WriteAct::Payload { op, index });
+            for (op, index) in payloads {
+                send_to(core, conn, WriteAct::Payload { op, index });
+            }
+            return;
+        };
+        // The payloads' bytes travel with the write and come back to their slots when it
+        // finishes, before the state machine hears of it: a completed message goes back
+        // to the user whole, without a copy. A payload without a slot fails on its own.
+        let mut data = Vec::with_capacity(payloads.len());
+        for (op, index) in payloads {
+            match take_payload(core, op, index) {
+                Some(d) => data.push((op, index, d)),
+                None => {
+                    let _ = core.pipe.handle_payload_done(op, Err(IoErrorKind::Other));
                 }
             }
         }
+        let framed = frame.is_some();
+        let io = async move {
+            let r = {
+                let mut bufs: Vec<&[u8]> = Vec::with_capacity(1 + data.len());
+                bufs.extend(frame.as_deref());
+                bufs.extend(data.iter().map(|(_, _, d)| d.as_slice()));
+                c.write(&bufs).await.map_err(|e| kind_of(&e))
+            };
+            (data, r)
+        };
+        self.inline(
+            core,
+            conn,
+            Side::Write,
+            io.boxed(),
+            move |core, (data, r)| {
+                if let (true, Err(kind)) = (framed, r) {
+                    core.pipe.handle_connection_error(conn, kind);
+                }
+                for (op, index, d) in data {
+                    put_payload(core, op, index, d);
+                    let _ = core.pipe.handle_payload_done(op, r);
+                }
+            },
+        );
     }
 
     /// Starts `io` on connection `conn` right here, where the state machine asked for
@@ -1003,10 +1035,7 @@ impl Shared {
                         payloads: slot
                             .payloads
                             .into_iter()
-                            .map(|(data, metadata)| Payload {
-                                data: Arc::try_unwrap(data).unwrap_or_else(|d| (*d).clone()),
-                                metadata,
-                            })
+                            .map(|(data, metadata)| Payload { data, metadata })
                             .collect(),
                         tensors: slot
                             .tensors
@@ -1063,6 +1092,23 @@ impl Drop for Done<'_> {
     }
 }
 
+/// Takes payload `index` of write `op` out of its slot, for a write to hold.
+fn take_payload(core: &mut Core, op: OpId, index: usize) -> Option<Vec<u8>> {
+    let slot = core.writes.get_mut(&op)?.payloads.get_mut(index)?;
+    Some(std::mem::take(&mut slot.0))
+}
+
+/// Puts back what [`take_payload`] took, once the write is done with it.
+fn put_payload(core: &mut Core, op: OpId, index: usize, data: Vec<u8>) {
+    if let Some(slot) = core
+        .writes
+        .get_mut(&op)
+        .and_then(|w| w.payloads.get_mut(index))
+    {
+        slot.0 = data;
+    }
+}
+
 fn send_to(core: &mut Core, conn: ConnId, act: WriteAct) {
     match core.conns.get(&conn) {
         Some(h) => {
@@ -1099,15 +1145,20 @@ pub(crate) async fn read_first_frame(
 }
 
 async fn read_frame(conn: &BoxConnection, limits: &Limits) -> Result<Vec<u8>, IoErrorKind> {
-    let mut frame = vec![0u8; HEADER_LEN];
-    conn.read_exact(&mut frame).await.map_err(|e| kind_of(&e))?;
+    let mut header = [0u8; HEADER_LEN];
+    conn.read_exact(&mut header)
+        .await
+        .map_err(|e| kind_of(&e))?;
     // A bad header goes to the state machine as it is, which fails the pipe with the
     // reason.
-    let Ok(header) = FrameHeader::parse(&frame, limits) else {
-        return Ok(frame);
+    let Ok(parsed) = FrameHeader::parse(&header, limits) else {
+        return Ok(header.to_vec());
     };
-    let body = usize::try_from(header.body_len).map_err(|_| IoErrorKind::Other)?;
-    frame.resize(HEADER_LEN + body, 0);
+    // The header passed the limits: the body's length is bounded, allocate it once.
+    let body = usize::try_from(parsed.body_len).map_err(|_| IoErrorKind::Other)?;
+    let mut frame = Vec::with_capacity(HEADER_LEN.saturating_add(body));
+    frame.extend_from_slice(&header);
+    frame.resize(HEADER_LEN.saturating_add(body), 0);
     conn.read_exact(frame.get_mut(HEADER_LEN..).unwrap_or_default())
         .await
         .map_err(|e| kind_of(&e))?;
@@ -1198,7 +1249,7 @@ impl Pipe {
                 payloads: msg
                     .payloads
                     .into_iter()
-                    .map(|p| (Arc::new(p.data), p.metadata))
+                    .map(|p| (p.data, p.metadata))
                     .collect(),
                 tensors: msg
                     .tensors
@@ -1243,14 +1294,6 @@ impl Pipe {
         incoming: Incoming,
         alloc: Allocation,
     ) -> BoxFuture<'static, (Allocation, Result<(), OpError>)> {
-        let payload_shapes: Vec<Shape> = alloc
-            .payloads
-            .iter()
-            .map(|p| Shape {
-                len: p.len(),
-                device: Device::CPU,
-            })
-            .collect();
         let tensor_shapes: Vec<Shape> = alloc
             .tensors
             .iter()
@@ -1260,28 +1303,21 @@ impl Pipe {
             })
             .collect();
         let mut core = self.shared.lock();
+        // Checked first: a refused allocation goes back to the caller untouched. The
+        // state machine only queues its reads here; they start in `pump`, below, once
+        // the buffers are in their slot.
+        if let Err(e) = core.pipe.read(incoming.op, &alloc.payloads, &tensor_shapes) {
+            return async move { (alloc, Err(OpError::Command(e))) }.boxed();
+        }
         let (tx, rx) = oneshot::channel();
-        // The slot goes in first: the state machine may ask for its bytes at once.
         core.reads.insert(
             incoming.op,
             ReadSlot {
-                payloads: Vec::new(),
-                tensors: Vec::new(),
+                payloads: alloc.payloads.into_iter().map(Some).collect(),
+                tensors: alloc.tensors.into_iter().map(Some).collect(),
                 done: Some(tx),
             },
         );
-        if let Some(slot) = core.reads.get_mut(&incoming.op) {
-            slot.payloads = alloc.payloads.into_iter().map(Some).collect();
-            slot.tensors = alloc.tensors.into_iter().map(Some).collect();
-        }
-        if let Err(e) = core.pipe.read(incoming.op, &payload_shapes, &tensor_shapes) {
-            let slot = core.reads.remove(&incoming.op);
-            let alloc = slot.map_or_else(Allocation::default, |s| Allocation {
-                payloads: s.payloads.into_iter().flatten().collect(),
-                tensors: s.tensors.into_iter().flatten().collect(),
-            });
-            return async move { (alloc, Err(OpError::Command(e))) }.boxed();
-        }
         self.shared.pump(&mut core);
         drop(core);
         async move {

@@ -219,10 +219,10 @@ fn len_u64(n: usize) -> u64 {
 ///
 /// # Errors
 /// The first mismatch found, in field order.
-pub fn validate<B: Buffer>(
+pub fn validate<P: Buffer, T: Buffer>(
     desc: &DescriptorRepr<'_>,
-    payloads: &[B],
-    tensors: &[B],
+    payloads: &[P],
+    tensors: &[T],
 ) -> Result<(), AllocationError> {
     if payloads.len() != desc.payloads.len() {
         return Err(AllocationError::PayloadCount {

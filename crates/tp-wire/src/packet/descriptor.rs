@@ -228,31 +228,51 @@ impl Descriptor {
     /// Calls `f` with the borrowed view of this descriptor (the element slices it needs
     /// live only for the call).
     pub fn with_repr<R>(&self, f: impl FnOnce(&DescriptorRepr<'_>) -> R) -> R {
-        let payloads: Vec<PayloadDesc<'_>> = self
-            .payloads
-            .iter()
-            .map(|p| PayloadDesc {
+        fn payload(p: &Payload) -> PayloadDesc<'_> {
+            PayloadDesc {
                 length: p.length,
                 metadata: &p.metadata,
-            })
-            .collect();
-        let tensors: Vec<TensorDesc<'_>> = self
-            .tensors
-            .iter()
-            .map(|t| TensorDesc {
+            }
+        }
+        fn tensor(t: &Tensor) -> TensorDesc<'_> {
+            TensorDesc {
                 length: t.length,
                 source_device: t.source_device,
                 target_device: t.target_device,
                 metadata: &t.metadata,
+            }
+        }
+        let repr = |payloads: &[PayloadDesc<'_>], tensors: &[TensorDesc<'_>]| {
+            f(&DescriptorRepr {
+                metadata: &self.metadata,
+                payloads: Seq::Slice(payloads),
+                tensors: Seq::Slice(tensors),
             })
-            .collect();
-        f(&DescriptorRepr {
-            metadata: &self.metadata,
-            payloads: Seq::Slice(&payloads),
-            tensors: Seq::Slice(&tensors),
-        })
+        };
+        // A message with a few payloads and tensors (the common, small one) builds its
+        // views on the stack: encoding and checking it allocates nothing.
+        let mut few_payloads = heapless::Vec::<PayloadDesc<'_>, INLINE_VIEWS>::new();
+        let mut few_tensors = heapless::Vec::<TensorDesc<'_>, INLINE_VIEWS>::new();
+        let fits = self
+            .payloads
+            .iter()
+            .all(|p| few_payloads.push(payload(p)).is_ok())
+            && self
+                .tensors
+                .iter()
+                .all(|t| few_tensors.push(tensor(t)).is_ok());
+        if fits {
+            return repr(&few_payloads, &few_tensors);
+        }
+        let payloads: Vec<PayloadDesc<'_>> = self.payloads.iter().map(payload).collect();
+        let tensors: Vec<TensorDesc<'_>> = self.tensors.iter().map(tensor).collect();
+        repr(&payloads, &tensors)
     }
 }
+
+/// How many payload (and tensor) views [`Descriptor::with_repr`] keeps on the stack.
+#[cfg(feature = "alloc")]
+const INLINE_VIEWS: usize = 4;
 
 #[cfg(feature = "alloc")]
 impl DescriptorRepr<'_> {

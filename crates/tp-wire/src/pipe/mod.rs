@@ -491,11 +491,11 @@ impl Pipe {
     /// # Errors
     /// A [`CommandError`] when `op` is not the next message awaiting its buffers or the
     /// buffers do not fit the descriptor. Nothing changes then; the call may be retried.
-    pub fn read<B: Buffer>(
+    pub fn read<P: Buffer, T: Buffer>(
         &mut self,
         op: OpId,
-        payloads: &[B],
-        tensors: &[B],
+        payloads: &[P],
+        tensors: &[T],
     ) -> Result<(), CommandError> {
         let pos = self
             .reads
