@@ -15,14 +15,19 @@
 //! - When a channel has all its connections, their tasks hand the connections over
 //!   once every pipe write queued on them was issued, and the channel is created on
 //!   them; channel operations wait for that, then run in the order asked.
-//! - User operations complete through one-shot channels: [`Pipe::write`] hands the
-//!   message back with the result; [`Pipe::read_descriptor`] gives the descriptor;
-//!   [`Pipe::read`] fills and hands back an [`Allocation`].
+//! - User operations complete through their results' slots in the pipe's core (no
+//!   channel or boxed future per operation): [`Pipe::write`] hands the message back
+//!   with the result; [`Pipe::read_descriptor`] gives the descriptor; [`Pipe::read`]
+//!   fills and hands back an [`Allocation`]. The tasks waiting for them are woken once
+//!   the core's lock is released.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Poll, Waker};
 
 use futures::channel::{mpsc, oneshot};
 use futures::future::{BoxFuture, join, join_all};
@@ -274,13 +279,11 @@ struct WriteSlot {
     /// Each payload's bytes (out while a write holds them) and metadata.
     payloads: Vec<(Vec<u8>, Vec<u8>)>,
     tensors: Vec<HeldTensor>,
-    done: Option<oneshot::Sender<(Message, Result<(), PipeError>)>>,
 }
 
 struct ReadSlot {
     payloads: Vec<Option<Vec<u8>>>,
     tensors: Vec<Option<Box<dyn RecvBuf>>>,
-    done: Option<oneshot::Sender<(Allocation, Result<(), PipeError>)>>,
 }
 
 /// Hashes the ids this process numbers itself (operations, connections, channels): a
@@ -319,7 +322,10 @@ struct Core {
     channels: IdMap<ChannelId, ChanSlot>,
     writes: IdMap<OpId, WriteSlot>,
     reads: IdMap<OpId, ReadSlot>,
-    descriptors: IdMap<OpId, oneshot::Sender<Result<Incoming, PipeError>>>,
+    /// Where each user operation's result waits for its future, by kind.
+    write_results: IdMap<OpId, Completion<WriteResult>>,
+    read_results: IdMap<OpId, Completion<ReadResult>>,
+    descriptor_results: IdMap<OpId, Completion<DescriptorResult>>,
     /// The deadline a timer task waits for, and the handle that ends it.
     timer: Option<(Instant, futures::future::AbortHandle)>,
     closed: Option<PipeError>,
@@ -369,7 +375,9 @@ impl Shared {
                 channels: IdMap::default(),
                 writes: IdMap::default(),
                 reads: IdMap::default(),
-                descriptors: IdMap::default(),
+                write_results: IdMap::default(),
+                read_results: IdMap::default(),
+                descriptor_results: IdMap::default(),
                 timer: None,
                 closed: None,
             }),
@@ -404,8 +412,10 @@ impl Shared {
         self.pump(&mut core);
     }
 
-    fn lock(&self) -> MutexGuard<'_, Core> {
-        self.core.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> CoreGuard<'_> {
+        CoreGuard(Some(
+            self.core.lock().unwrap_or_else(PoisonError::into_inner),
+        ))
     }
 
     fn now(&self) -> Instant {
@@ -812,8 +822,8 @@ impl Shared {
             io.poll_unpin(&mut std::task::Context::from_waker(&waker))
         });
         match polled {
-            std::task::Poll::Ready(v) => finish(core, v),
-            std::task::Poll::Pending => {
+            Poll::Ready(v) => finish(core, v),
+            Poll::Pending => {
                 let me = self.clone();
                 let rest = async move {
                     let v = io.await;
@@ -1005,12 +1015,13 @@ impl Shared {
                 tracing::debug!(transport, "pipe established");
             }
             Event::DescriptorReady { op, result } => {
-                if let Some(tx) = core.descriptors.remove(&op) {
-                    let _ = tx.send(result.map(|descriptor| Incoming { descriptor, op }));
-                }
+                let result = result
+                    .map(|descriptor| Incoming { descriptor, op })
+                    .map_err(OpError::Pipe);
+                complete(&mut core.descriptor_results, op, result);
             }
             Event::ReadDone { op, result } => {
-                if let Some(mut slot) = core.reads.remove(&op) {
+                if let Some(slot) = core.reads.remove(&op) {
                     let alloc = Allocation {
                         payloads: slot
                             .payloads
@@ -1023,9 +1034,11 @@ impl Shared {
                             .map(|t| t.unwrap_or_else(|| Box::new(Vec::new())))
                             .collect(),
                     };
-                    if let Some(tx) = slot.done.take() {
-                        let _ = tx.send((alloc, result));
-                    }
+                    complete(
+                        &mut core.read_results,
+                        op,
+                        (alloc, result.map_err(OpError::Pipe)),
+                    );
                 }
             }
             Event::WriteDone { op, result } => {
@@ -1047,9 +1060,11 @@ impl Shared {
                             })
                             .collect(),
                     };
-                    if let Some(tx) = slot.done.take() {
-                        let _ = tx.send((msg, result));
-                    }
+                    complete(
+                        &mut core.write_results,
+                        op,
+                        (msg, result.map_err(OpError::Pipe)),
+                    );
                 }
             }
             Event::Closed { error } => {
@@ -1165,6 +1180,173 @@ async fn read_frame(conn: &BoxConnection, limits: &Limits) -> Result<Vec<u8>, Io
     Ok(frame)
 }
 
+/// What [`Pipe::write`] completes with: the message, handed back, and the outcome.
+pub type WriteResult = (Message, Result<(), OpError>);
+/// What [`Pipe::read`] completes with: the buffers, handed back, and the outcome.
+pub type ReadResult = (Allocation, Result<(), OpError>);
+/// What [`Pipe::read_descriptor`] completes with.
+pub type DescriptorResult = Result<Incoming, OpError>;
+
+/// A user operation's result, kept in the pipe's core until its future takes it: no
+/// channel and no boxed future per operation.
+struct Completion<T> {
+    result: Option<T>,
+    /// The task to wake when `result` arrives.
+    waker: Option<Waker>,
+}
+
+impl<T> Default for Completion<T> {
+    fn default() -> Self {
+        Self {
+            result: None,
+            waker: None,
+        }
+    }
+}
+
+/// Records `op`'s result and wakes its future — after the core's lock is released (see
+/// [`CoreGuard`]). A future that was dropped left no entry: the result is dropped.
+fn complete<T>(table: &mut IdMap<OpId, Completion<T>>, op: OpId, result: T) {
+    if let Some(c) = table.get_mut(&op) {
+        c.result = Some(result);
+        if let Some(w) = c.waker.take() {
+            DEFERRED_WAKES.with(|d| d.borrow_mut().push(w));
+        }
+    }
+}
+
+thread_local! {
+    /// Wakers of completed operations, woken when the core's lock is released: a waker
+    /// may run its task's poll right away, and that poll takes the lock.
+    static DEFERRED_WAKES: std::cell::RefCell<Vec<Waker>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The locked core; wakes the futures completed under it once unlocked.
+struct CoreGuard<'a>(Option<MutexGuard<'a, Core>>);
+
+impl std::ops::Deref for CoreGuard<'_> {
+    type Target = Core;
+
+    fn deref(&self) -> &Core {
+        // Only `Drop` empties it.
+        self.0.as_deref().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl std::ops::DerefMut for CoreGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Core {
+        self.0.as_deref_mut().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl Drop for CoreGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.0.take());
+        // One at a time, the list borrowed only to pop: a woken task may run here and
+        // complete operations of its own. The list keeps its capacity: no allocation
+        // once warm.
+        while let Some(w) = DEFERRED_WAKES.with(|d| d.borrow_mut().pop()) {
+            w.wake();
+        }
+    }
+}
+
+/// Which table of the core holds a kind of operation's results.
+trait OpKind: Sized + Send + Unpin + 'static {
+    fn table(core: &mut Core) -> &mut IdMap<OpId, Completion<Self>>;
+}
+
+impl OpKind for WriteResult {
+    fn table(core: &mut Core) -> &mut IdMap<OpId, Completion<Self>> {
+        &mut core.write_results
+    }
+}
+
+impl OpKind for ReadResult {
+    fn table(core: &mut Core) -> &mut IdMap<OpId, Completion<Self>> {
+        &mut core.read_results
+    }
+}
+
+impl OpKind for DescriptorResult {
+    fn table(core: &mut Core) -> &mut IdMap<OpId, Completion<Self>> {
+        &mut core.descriptor_results
+    }
+}
+
+/// The future of a user operation: its result when the core has it.
+enum OpFuture<T: OpKind> {
+    /// Refused before it started.
+    Ready(Option<T>),
+    /// Waiting in the core; dropping it withdraws the entry.
+    Waiting {
+        shared: Arc<Shared>,
+        op: OpId,
+    },
+    Done,
+}
+
+impl<T: OpKind> OpFuture<T> {
+    fn ready(result: T) -> Self {
+        Self::Ready(Some(result))
+    }
+
+    fn waiting(shared: &Arc<Shared>, op: OpId) -> Self {
+        Self::Waiting {
+            shared: shared.clone(),
+            op,
+        }
+    }
+}
+
+impl<T: OpKind> Future for OpFuture<T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<T> {
+        let this = self.get_mut();
+        let result = match this {
+            Self::Ready(r) => r.take(),
+            Self::Waiting { shared, op } => {
+                let mut core = shared.lock();
+                let table = T::table(&mut core);
+                match table.get_mut(op) {
+                    Some(Completion {
+                        result: None,
+                        waker,
+                    }) => {
+                        if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                            *waker = Some(cx.waker().clone());
+                        }
+                        return Poll::Pending;
+                    }
+                    Some(Completion { result, .. }) => {
+                        let r = result.take();
+                        table.remove(op);
+                        r
+                    }
+                    None => None,
+                }
+            }
+            Self::Done => None,
+        };
+        *this = Self::Done;
+        // Every entry is made before its operation can complete and leaves only here
+        // or on drop, so `None` means polled again after completing: a caller's bug.
+        match result {
+            Some(r) => Poll::Ready(r),
+            None => panic!("a pipe operation's future was polled after it completed"),
+        }
+    }
+}
+
+impl<T: OpKind> Drop for OpFuture<T> {
+    fn drop(&mut self) {
+        if let Self::Waiting { shared, op } = self {
+            T::table(&mut shared.lock()).remove(op);
+        }
+    }
+}
+
 /// Why a pipe operation failed.
 #[non_exhaustive]
 #[derive(Clone, Debug, Eq, PartialEq)]
@@ -1214,7 +1396,10 @@ impl Pipe {
 
     /// Writes a message. Completes once every payload was written and every tensor
     /// sent (or the pipe failed), after every earlier write; hands the message back.
-    pub fn write(&self, msg: Message) -> BoxFuture<'static, (Message, Result<(), OpError>)> {
+    pub fn write(
+        &self,
+        msg: Message,
+    ) -> impl Future<Output = WriteResult> + Send + Unpin + 'static {
         let desc = Descriptor {
             metadata: msg.metadata.clone(),
             payloads: msg
@@ -1239,9 +1424,9 @@ impl Pipe {
         let mut core = self.shared.lock();
         let op = match core.pipe.write(desc) {
             Ok(op) => op,
-            Err(e) => return async move { (msg, Err(OpError::Command(e))) }.boxed(),
+            Err(e) => return OpFuture::ready((msg, Err(OpError::Command(e)))),
         };
-        let (tx, rx) = oneshot::channel();
+        core.write_results.insert(op, Completion::default());
         core.writes.insert(
             op,
             WriteSlot {
@@ -1256,35 +1441,27 @@ impl Pipe {
                     .into_iter()
                     .map(|t| (Some(t.data), t.target_device, t.metadata))
                     .collect(),
-                done: Some(tx),
             },
         );
         self.shared.pump(&mut core);
         drop(core);
-        async move {
-            rx.await.map_or_else(
-                |_| (Message::default(), Err(OpError::Pipe(PipeError::Closed))),
-                |(m, r)| (m, r.map_err(OpError::Pipe)),
-            )
-        }
-        .boxed()
+        OpFuture::waiting(&self.shared, op)
     }
 
     /// Waits for the next message's descriptor (reads complete in order).
-    pub fn read_descriptor(&self) -> BoxFuture<'static, Result<Incoming, OpError>> {
+    ///
+    /// Every message must be read: a descriptor whose future is dropped, or an
+    /// [`Incoming`] dropped without [`Pipe::read`], leaves its message first in line,
+    /// and later reads wait for it until the pipe closes.
+    pub fn read_descriptor(
+        &self,
+    ) -> impl Future<Output = DescriptorResult> + Send + Unpin + 'static {
         let mut core = self.shared.lock();
         let op = core.pipe.read_descriptor();
-        let (tx, rx) = oneshot::channel();
-        core.descriptors.insert(op, tx);
+        core.descriptor_results.insert(op, Completion::default());
         self.shared.pump(&mut core);
         drop(core);
-        async move {
-            match rx.await {
-                Ok(r) => r.map_err(OpError::Pipe),
-                Err(_) => Err(OpError::Pipe(PipeError::Closed)),
-            }
-        }
-        .boxed()
+        OpFuture::waiting(&self.shared, op)
     }
 
     /// Reads the message `incoming` describes into `alloc` (one buffer per payload and
@@ -1293,7 +1470,7 @@ impl Pipe {
         &self,
         incoming: Incoming,
         alloc: Allocation,
-    ) -> BoxFuture<'static, (Allocation, Result<(), OpError>)> {
+    ) -> impl Future<Output = ReadResult> + Send + Unpin + 'static {
         let tensor_shapes: Vec<Shape> = alloc
             .tensors
             .iter()
@@ -1307,26 +1484,19 @@ impl Pipe {
         // state machine only queues its reads here; they start in `pump`, below, once
         // the buffers are in their slot.
         if let Err(e) = core.pipe.read(incoming.op, &alloc.payloads, &tensor_shapes) {
-            return async move { (alloc, Err(OpError::Command(e))) }.boxed();
+            return OpFuture::ready((alloc, Err(OpError::Command(e))));
         }
-        let (tx, rx) = oneshot::channel();
+        core.read_results.insert(incoming.op, Completion::default());
         core.reads.insert(
             incoming.op,
             ReadSlot {
                 payloads: alloc.payloads.into_iter().map(Some).collect(),
                 tensors: alloc.tensors.into_iter().map(Some).collect(),
-                done: Some(tx),
             },
         );
         self.shared.pump(&mut core);
         drop(core);
-        async move {
-            rx.await.map_or_else(
-                |_| (Allocation::default(), Err(OpError::Pipe(PipeError::Closed))),
-                |(a, r)| (a, r.map_err(OpError::Pipe)),
-            )
-        }
-        .boxed()
+        OpFuture::waiting(&self.shared, incoming.op)
     }
 
     /// Closes the pipe: says goodbye, fails pending operations with

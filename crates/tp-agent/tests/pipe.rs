@@ -445,3 +445,104 @@ fn the_original_pipe_shapes_arrive_with_exact_descriptors() {
         assert_eq!(client.transport().as_deref(), Some("shm"));
     });
 }
+
+/// A future polled from inside its own waker, as some executors do: the pipe must wake
+/// it after it lets go of its lock, or that poll would deadlock.
+#[test]
+fn a_waker_that_polls_at_once_does_not_deadlock() {
+    use std::future::Future;
+    use std::sync::Mutex;
+    use std::task::{Context as TaskContext, Poll, Wake, Waker};
+
+    type Read = std::pin::Pin<Box<dyn Future<Output = Vec<u8>> + Send>>;
+    struct PollOnWake {
+        fut: Mutex<Option<Read>>,
+        done: Mutex<Option<std::sync::mpsc::Sender<Vec<u8>>>>,
+    }
+    impl PollOnWake {
+        fn poll_now(self: &Arc<Self>) {
+            let waker = Waker::from(self.clone());
+            let mut slot = self.fut.lock().unwrap();
+            if let Some(f) = slot.as_mut()
+                && let Poll::Ready(v) = f.as_mut().poll(&mut TaskContext::from_waker(&waker))
+            {
+                *slot = None;
+                if let Some(tx) = self.done.lock().unwrap().take() {
+                    let _ = tx.send(v);
+                }
+            }
+        }
+    }
+    impl Wake for PollOnWake {
+        fn wake(self: Arc<Self>) {
+            self.poll_now();
+        }
+    }
+
+    within(60, || {
+        let (_server_ctx, client_ctx, listener, url) = contexts(&["shm://"]);
+        let client = client_ctx.connect(&url).unwrap();
+        let server = Arc::new(block_on(listener.accept()).unwrap());
+        for seed in 0..20u8 {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let reader = server.clone();
+            let task = Arc::new(PollOnWake {
+                fut: Mutex::new(Some(Box::pin(async move {
+                    let inc = reader.read_descriptor().await.unwrap();
+                    let alloc = Allocation::for_descriptor(&inc.descriptor);
+                    let (alloc, r) = reader.read(inc, alloc).await;
+                    r.unwrap();
+                    alloc.payloads.concat()
+                }))),
+                done: Mutex::new(Some(tx)),
+            });
+            task.poll_now();
+            let (_, w) = block_on(client.write(message(seed, &[5], &[])));
+            w.unwrap();
+            let got = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("woken and done");
+            assert_eq!(
+                got,
+                (0..5u8).map(|i| i.wrapping_add(seed)).collect::<Vec<_>>()
+            );
+        }
+    });
+}
+
+/// An operation's future may be dropped before it completes: the operation still runs
+/// in order, and later operations complete as usual.
+#[test]
+fn a_dropped_future_leaves_later_operations_intact() {
+    within(60, || {
+        let (_server_ctx, client_ctx, listener, url) = contexts(&["tcp://127.0.0.1:0"]);
+        block_on(async {
+            let client = client_ctx.connect(&url).unwrap();
+            let server = listener.accept().await.unwrap();
+            // Dropped at once: the first message still goes out, ahead of the second.
+            // (A tensor's send may complete only once the peer takes it: read alongside.)
+            drop(client.write(message(1, &[4], &[100])));
+            let reads = async {
+                for seed in 1..=2u8 {
+                    let inc = server.read_descriptor().await.unwrap();
+                    assert_eq!(inc.descriptor.metadata, vec![seed; 3]);
+                    let alloc = Allocation::for_descriptor(&inc.descriptor);
+                    let (alloc, r) = server.read(inc, alloc).await;
+                    r.unwrap();
+                    check(seed, &alloc, &[4], &[100]);
+                }
+            };
+            let ((_, w), ()) = join(client.write(message(2, &[4], &[100])), reads).await;
+            w.unwrap();
+            // A read dropped while its payload may still be under way: the next
+            // message still arrives whole.
+            let (_, w) = client.write(message(3, &[70_000], &[])).await;
+            w.unwrap();
+            let inc = server.read_descriptor().await.unwrap();
+            let alloc = Allocation::for_descriptor(&inc.descriptor);
+            drop(server.read(inc, alloc));
+            let got = deliver(&client, &server, message(5, &[3], &[7])).await;
+            check(5, &got, &[3], &[7]);
+        });
+    });
+}

@@ -540,7 +540,7 @@ mod tests {
         );
         let mut c = [0u8; 1];
         assert_eq!(
-            validate(&d, &[&mut c[..]], &[]),
+            validate::<_, &mut [u8]>(&d, &[&mut c[..]], &[]),
             Err(AllocationError::PayloadCount {
                 expected: 0,
                 actual: 1
