@@ -65,5 +65,8 @@ mod runtime;
 
 pub use context::{Context, ContextBuilder, ContextError, ListenError};
 pub use listener::Listener;
-pub use pipe::{Allocation, Incoming, Message, OpError, Payload, Pipe, Tensor};
+pub use pipe::{
+    Allocation, DescriptorResult, Incoming, Message, OpError, Payload, Pipe, ReadResult, Tensor,
+    WriteResult,
+};
 pub use runtime::Spawned;

@@ -1209,8 +1209,11 @@ impl<T> Default for Completion<T> {
 fn complete<T>(table: &mut IdMap<OpId, Completion<T>>, op: OpId, result: T) {
     if let Some(c) = table.get_mut(&op) {
         c.result = Some(result);
-        if let Some(w) = c.waker.take() {
-            DEFERRED_WAKES.with(|d| d.borrow_mut().push(w));
+        let mut waker = c.waker.take();
+        // Deferred, unless this thread's locals are being torn down: then wake now.
+        let _ = DEFERRED_WAKES.try_with(|d| d.borrow_mut().extend(waker.take()));
+        if let Some(w) = waker {
+            w.wake();
         }
     }
 }
@@ -1245,7 +1248,11 @@ impl Drop for CoreGuard<'_> {
         // One at a time, the list borrowed only to pop: a woken task may run here and
         // complete operations of its own. The list keeps its capacity: no allocation
         // once warm.
-        while let Some(w) = DEFERRED_WAKES.with(|d| d.borrow_mut().pop()) {
+        while let Some(w) = DEFERRED_WAKES
+            .try_with(|d| d.borrow_mut().pop())
+            .ok()
+            .flatten()
+        {
             w.wake();
         }
     }
