@@ -683,6 +683,14 @@ mod tests {
     }
 
     #[test]
+    #[cfg(all(
+        feature = "tcp",
+        feature = "shm",
+        feature = "xth",
+        feature = "cma",
+        feature = "mpt",
+        feature = "basic"
+    ))]
     fn defaults_rank_by_pytorchs_priorities() {
         let ctx = Context::new("w0");
         let t: Vec<_> = ctx
@@ -737,6 +745,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "mpt")]
     fn a_backend_that_is_not_viable_is_skipped_with_its_reason() {
         let bad = tp_channel::mpt::MptContext::new(tp_channel::mpt::MptConfig {
             lanes: 0,
