@@ -21,6 +21,12 @@
 //! through its I/O leaves the stream at an unknown position, so the connection closes and
 //! later operations fail with [`TransportError::Broken`].
 //!
+//! Beside the futures, [`Connection::try_write`] and [`Connection::try_read_exact`] do an
+//! operation *now* if it needs no waiting — nothing ahead of it, and the bytes fit or are
+//! there — or do nothing at all. A caller that polls a future just to see whether it is
+//! done at once (a pipe does, for every small message) saves the boxed future. shm
+//! implements them; the other transports always answer "not now".
+//!
 //! # Frames
 //!
 //! Besides raw exact-length reads and writes, a connection reads and writes
@@ -122,6 +128,24 @@ pub trait Connection: fmt::Debug + Send + Sync {
 
     /// Fills `buf` entirely with the next bytes of the stream, after all earlier reads.
     fn read_exact<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// Writes every buffer now, as [`Connection::write`] would, if that needs no
+    /// waiting: no earlier write is pending and the bytes fit. Otherwise writes nothing
+    /// and returns `false` — also when the connection has failed; [`Connection::write`]
+    /// then does the write, or reports the error. A `true` is a write issued and
+    /// completed in one call, with nothing allocated. The default never writes.
+    fn try_write(&self, bufs: &[&[u8]]) -> bool {
+        let _ = bufs;
+        false
+    }
+
+    /// Fills `buf` now, as [`Connection::read_exact`] would, if that needs no waiting:
+    /// no earlier read is pending and the bytes are there. Otherwise reads nothing and
+    /// returns `false` (see [`Connection::try_write`]). The default never reads.
+    fn try_read_exact(&self, buf: &mut [u8]) -> bool {
+        let _ = buf;
+        false
+    }
 
     /// Reads one length-prefixed frame of at most `limit` bytes.
     ///

@@ -33,6 +33,15 @@ impl Order {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Runs `f` now if no operation holds or awaits a turn, with the queue held so no
+    /// turn can be taken meanwhile, and returns what `f` returns; returns `false`
+    /// without running it otherwise. For operations that finish without waiting: they
+    /// need no turn of their own when nothing is ahead of them.
+    pub fn try_now(&self, f: impl FnOnce() -> bool) -> bool {
+        let s = self.lock();
+        s.serving == s.next && f()
+    }
+
     /// Takes the next turn.
     pub fn turn(&self) -> Turn {
         let mut s = self.lock();
@@ -110,5 +119,13 @@ mod tests {
         assert!(c.poll_ready(&mut cx).is_pending());
         drop(a);
         assert!(c.poll_ready(&mut cx).is_ready());
+        assert!(!order.try_now(|| true), "a turn is being served");
+        drop(c);
+        assert!(order.try_now(|| true), "nothing ahead");
+        assert!(!order.try_now(|| false), "f's answer is passed on");
+        let d = order.turn();
+        assert!(!order.try_now(|| panic!("not run while a turn is out")));
+        drop(d);
+        assert!(order.try_now(|| true));
     }
 }

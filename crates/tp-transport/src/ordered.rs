@@ -32,6 +32,21 @@ pub(crate) trait Stream: Send + Sync + 'static {
         bufs: &'a [&'a [u8]],
     ) -> impl Future<Output = Result<(), TransportError>> + Send + 'a;
 
+    /// Fills `buf` now if the stream already holds that many bytes; otherwise reads
+    /// nothing and returns `false` (errors too: the async path reports them). The
+    /// default never reads.
+    fn try_read_into(&self, buf: &mut [u8]) -> bool {
+        let _ = buf;
+        false
+    }
+
+    /// Writes every buffer now if they all fit without waiting; otherwise writes
+    /// nothing and returns `false`. The default never writes.
+    fn try_write_from(&self, bufs: &[&[u8]]) -> bool {
+        let _ = bufs;
+        false
+    }
+
     /// Stops the stream so pending reads and writes return promptly. Idempotent.
     fn shutdown(&self);
 }
@@ -127,6 +142,14 @@ impl<S: Stream + std::fmt::Debug> Connection for Ordered<S> {
         self.op(turn, self.stream.read_into(buf)).boxed()
     }
 
+    fn try_write(&self, bufs: &[&[u8]]) -> bool {
+        self.check().is_ok() && self.writes.try_now(|| self.stream.try_write_from(bufs))
+    }
+
+    fn try_read_exact(&self, buf: &mut [u8]) -> bool {
+        self.check().is_ok() && self.reads.try_now(|| self.stream.try_read_into(buf))
+    }
+
     fn read_frame(&self, limit: u64) -> BoxFuture<'_, Result<Vec<u8>, TransportError>> {
         let turn = self.reads.turn();
         let io = async move {
@@ -189,6 +212,14 @@ macro_rules! ordered_connection {
                 buf: &'a mut [u8],
             ) -> futures::future::BoxFuture<'a, Result<(), $crate::TransportError>> {
                 self.inner.read_exact(buf)
+            }
+
+            fn try_write(&self, bufs: &[&[u8]]) -> bool {
+                self.inner.try_write(bufs)
+            }
+
+            fn try_read_exact(&self, buf: &mut [u8]) -> bool {
+                self.inner.try_read_exact(buf)
             }
 
             fn read_frame(

@@ -316,6 +316,70 @@ pub(super) async fn abandoned_read_breaks_the_connection(
     );
 }
 
+/// `try_write` and `try_read_exact` either do the whole operation at once, in its place
+/// in the stream, or nothing; they never pass an operation still pending.
+pub(super) async fn now_or_nothing_ops_keep_the_stream_in_order(
+    t: Arc<dyn Transport>,
+    addr: &'static str,
+) {
+    // The transports that have a path for operations that need no waiting.
+    let fast = t.name() == "shm";
+    let (c, s) = pair(&t, addr).await;
+    let wrote = c.try_write(&[b"ab", b"c"]);
+    assert_eq!(wrote, fast);
+    if !wrote {
+        c.write(&[b"ab", b"c"]).await.unwrap();
+    }
+    c.write(&[b"de"]).await.unwrap();
+    // shm: all five bytes are in the ring once the writes are done.
+    let mut three = [0u8; 3];
+    let got = s.try_read_exact(&mut three);
+    assert_eq!(got, fast);
+    if !got {
+        s.read_exact(&mut three).await.unwrap();
+    }
+    assert_eq!(&three, b"abc");
+    assert!(!s.try_read_exact(&mut [0u8; 10]), "more than is there");
+    // A read left waiting for its third byte: a read now must not pass it.
+    let mut def = [0u8; 3];
+    let mut pending = s.read_exact(&mut def);
+    let poll_once = |f: &mut futures::future::BoxFuture<'_, _>| {
+        let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+        f.as_mut().poll(&mut cx).is_pending()
+    };
+    assert!(poll_once(&mut pending));
+    let mut one = [0u8; 1];
+    assert!(!s.try_read_exact(&mut one), "a read is pending");
+    c.write(&[b"fg"]).await.unwrap();
+    pending.await.unwrap();
+    assert_eq!(&def, b"def");
+    let got = s.try_read_exact(&mut one);
+    assert_eq!(got, fast);
+    if !got {
+        s.read_exact(&mut one).await.unwrap();
+    }
+    assert_eq!(&one, b"g");
+    // A write waiting for space (more than shm's ring holds): a write now must not pass.
+    let big = pattern(4 << 20, 5);
+    let bufs: [&[u8]; 1] = [&big];
+    let mut waiting = c.write(&bufs);
+    let _ = poll_once(&mut waiting);
+    assert!(!c.try_write(&[b"x"]), "a write is pending");
+    let mut got_big = vec![0u8; big.len()];
+    let (w, r) = join(waiting, s.read_exact(&mut got_big)).await;
+    w.unwrap();
+    r.unwrap();
+    assert!(got_big == big);
+    // Closed: nothing now, and the async path says why.
+    c.close();
+    assert!(!c.try_write(&[b"x"]));
+    assert!(!c.try_read_exact(&mut one));
+    assert_eq!(
+        c.write(&[b"x"]).await.unwrap_err().kind(),
+        ErrorKind::Closed
+    );
+}
+
 macro_rules! conformance {
     ($backend:ident, $make:expr, $addr:expr) => {
         mod $backend {
@@ -328,7 +392,8 @@ macro_rules! conformance {
                 frames_round_trip, close_fails_pending_ops_exactly_once, peer_close_is_eof,
                 listener_close_fails_pending_accepts, context_close_closes_everything,
                 connect_to_nothing_fails, many_concurrent_connections,
-                oversized_frame_is_cut_off_and_others_go_on, abandoned_read_breaks_the_connection);
+                oversized_frame_is_cut_off_and_others_go_on, abandoned_read_breaks_the_connection,
+                now_or_nothing_ops_keep_the_stream_in_order);
         }
     };
     (@cases $addr:expr; $($case:ident),*) => {

@@ -472,6 +472,40 @@ impl Stream for ShmIo {
         Ok(())
     }
 
+    fn try_read_into(&self, buf: &mut [u8]) -> bool {
+        let wake = {
+            let mut inbox = lock(&self.inbox);
+            if !inbox.read_exact_now(buf) {
+                return false;
+            }
+            inbox.wake_producer()
+        };
+        if wake {
+            signal(&self.peer_space_ready);
+        }
+        true
+    }
+
+    fn try_write_from(&self, bufs: &[&[u8]]) -> bool {
+        // Larger writes go in published pieces (see `write_from`), so the reader's copy
+        // overlaps the writer's.
+        let total = bufs.iter().fold(0usize, |t, b| t.saturating_add(b.len()));
+        if total > PUBLISH_CHUNK {
+            return false;
+        }
+        let wake = {
+            let mut outbox = lock(&self.outbox);
+            if outbox.peer_closed() || !outbox.write_all(bufs) {
+                return false;
+            }
+            outbox.wake_consumer()
+        };
+        if wake {
+            signal(&self.peer_data_ready);
+        }
+        true
+    }
+
     fn shutdown(&self) {
         lock(&self.outbox).close();
         lock(&self.inbox).close();

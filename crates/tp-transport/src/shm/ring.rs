@@ -377,15 +377,44 @@ impl Producer {
         if n == 0 {
             return 0;
         }
-        let head = self.head;
-        // SAFETY: [head, head + n) is free space owned by the producer: n <= writable, and
-        // copy_in masks offsets into the data area whatever the markers hold.
-        unsafe { self.view.copy_in(head, src.get(..n).unwrap_or_default()) };
-        self.head = head.wrapping_add(n as u64);
-        // SYNC POINT: pairs with the Acquire load of `head` in Consumer::readable: the
-        // bytes copied above are visible before the new head.
-        self.view.header().head.store(self.head, Ordering::Release);
+        self.append(src.get(..n).unwrap_or_default());
+        self.publish();
         n
+    }
+
+    /// Copies every buffer of `srcs`, one after the other, and publishes them together —
+    /// if they all fit now. Otherwise writes nothing and returns `false`. Call
+    /// [`Producer::wake_consumer`] after a `true`.
+    pub fn write_all(&mut self, srcs: &[&[u8]]) -> bool {
+        let Some(total) = srcs.iter().try_fold(0usize, |t, s| t.checked_add(s.len())) else {
+            return false;
+        };
+        if self.space(total) < total {
+            return false;
+        }
+        for src in srcs {
+            self.append(src);
+        }
+        self.publish();
+        true
+    }
+
+    /// Copies `src` behind the bytes written so far, unpublished. `src` must fit: the
+    /// caller checked it against [`Producer::space`] (with what it appended before).
+    fn append(&mut self, src: &[u8]) {
+        let head = self.head;
+        // SAFETY: [head, head + src.len()) is free space owned by the producer (the
+        // caller's check against `space`), and copy_in masks offsets into the data area
+        // whatever the markers hold.
+        unsafe { self.view.copy_in(head, src) };
+        self.head = head.wrapping_add(src.len() as u64);
+    }
+
+    /// Makes everything appended visible to the consumer.
+    fn publish(&self) {
+        // SYNC POINT: pairs with the Acquire load of `head` in Consumer::readable: the
+        // bytes copied before are visible before the new head.
+        self.view.header().head.store(self.head, Ordering::Release);
     }
 
     /// After a write: returns `true` if the consumer is parked and must be woken. Clears
@@ -447,21 +476,37 @@ impl Consumer {
     /// the bytes read. Call [`Consumer::wake_producer`] afterwards.
     pub fn read(&mut self, dst: &mut [u8]) -> usize {
         let n = dst.len().min(self.readable());
-        if n == 0 {
-            return 0;
+        if n > 0 {
+            self.take(dst.get_mut(..n).unwrap_or_default());
         }
+        n
+    }
+
+    /// Fills all of `dst` if that many bytes are readable now; otherwise reads nothing
+    /// and returns `false`. Call [`Consumer::wake_producer`] after a `true`.
+    pub fn read_exact_now(&mut self, dst: &mut [u8]) -> bool {
+        if dst.is_empty() {
+            return true;
+        }
+        if self.readable() < dst.len() {
+            return false;
+        }
+        self.take(dst);
+        true
+    }
+
+    /// Copies the next `dst.len()` bytes out and frees them. The caller checked that
+    /// they are readable.
+    fn take(&mut self, dst: &mut [u8]) {
         let tail = self.tail;
-        // SAFETY: [tail, tail + n) holds published bytes owned by the consumer: n <= readable
-        // <= capacity, and copy_out masks offsets into the data area.
-        unsafe {
-            self.view
-                .copy_out(tail, dst.get_mut(..n).unwrap_or_default())
-        };
-        self.tail = tail.wrapping_add(n as u64);
+        // SAFETY: [tail, tail + dst.len()) holds published bytes owned by the consumer
+        // (the caller's check: dst.len() <= readable <= capacity), and copy_out masks
+        // offsets into the data area.
+        unsafe { self.view.copy_out(tail, dst) };
+        self.tail = tail.wrapping_add(dst.len() as u64);
         // SYNC POINT: pairs with the Acquire load of `tail` in Producer::writable: we are
         // done reading these bytes before the producer may overwrite them.
         self.view.header().tail.store(self.tail, Ordering::Release);
-        n
     }
 
     /// After a read: returns `true` if the producer is parked and must be woken.
@@ -688,5 +733,91 @@ mod tests {
                 assert_eq!(got, TOTAL);
             });
         });
+    }
+
+    #[test]
+    fn all_or_nothing_writes_and_reads_move_everything_or_nothing() {
+        let mut r = region::<{ HEADER_LEN + 64 }>();
+        // SAFETY: as above.
+        let (mut p, mut c) = unsafe { create(base(&mut r), HEADER_LEN + 64, 64) }.unwrap();
+        assert!(p.write_all(&[&[1u8; 30], &[2u8; 30]]));
+        assert!(
+            !p.write_all(&[&[3u8; 3], &[4u8; 2]]),
+            "5 bytes do not fit in 4"
+        );
+        assert_eq!(c.readable(), 60, "a refused write leaves no trace");
+        let mut out = [0u8; 61];
+        assert!(!c.read_exact_now(&mut out), "61 bytes are not there");
+        assert_eq!(c.readable(), 60, "a refused read takes nothing");
+        assert!(c.read_exact_now(&mut out[..60]));
+        assert_eq!(&out[..30], &[1u8; 30]);
+        assert_eq!(&out[30..60], &[2u8; 30]);
+        // Across the end of the data area.
+        assert!(p.write_all(&[b"abc", b"", &[9u8; 40]]));
+        assert!(c.read_exact_now(&mut out[..43]));
+        assert_eq!(&out[..3], b"abc");
+        assert_eq!(&out[3..43], &[9u8; 40]);
+        assert!(c.read_exact_now(&mut []));
+        assert!(p.write_all(&[]));
+        // A hostile head never makes a read take more than the ring holds.
+        c.view.header().head.store(u64::MAX - 3, Ordering::Relaxed);
+        assert!(!c.read_exact_now(&mut [0u8; 65]));
+    }
+
+    proptest::proptest! {
+        /// Any mix of partial and all-or-nothing writes and reads streams the same bytes
+        /// as a plain queue would. (Too slow for miri; the test above covers the same
+        /// unsafe copies there.)
+        #[test]
+        #[cfg_attr(miri, ignore)]
+        fn every_kind_of_read_and_write_keeps_the_byte_stream(
+            ops in proptest::collection::vec((0u8..4, 0usize..80, 0usize..3), 1..200)
+        ) {
+            let mut r = region::<{ HEADER_LEN + 64 }>();
+            // SAFETY: as above.
+            let (mut p, mut c) = unsafe { create(base(&mut r), HEADER_LEN + 64, 64) }.unwrap();
+            let mut model = std::collections::VecDeque::new();
+            let mut next = 0u8;
+            let mut fresh = |n: usize| -> Vec<u8> {
+                (0..n).map(|_| { next = next.wrapping_add(1); next }).collect()
+            };
+            for (kind, len, pieces) in ops {
+                match kind {
+                    0 => {
+                        let data = fresh(len);
+                        let n = p.write(&data);
+                        proptest::prop_assert_eq!(n, len.min(64 - model.len()));
+                        model.extend(&data[..n]);
+                    }
+                    1 => {
+                        let parts: Vec<Vec<u8>> = (0..=pieces).map(|_| fresh(len / (pieces + 1))).collect();
+                        let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+                        let total: usize = parts.iter().map(Vec::len).sum();
+                        let fits = total <= 64 - model.len();
+                        proptest::prop_assert_eq!(p.write_all(&refs), fits);
+                        if fits {
+                            parts.iter().for_each(|d| model.extend(d));
+                        }
+                    }
+                    2 => {
+                        let mut out = vec![0u8; len];
+                        let n = c.read(&mut out);
+                        proptest::prop_assert_eq!(n, len.min(model.len()));
+                        let want: Vec<u8> = model.drain(..n).collect();
+                        proptest::prop_assert_eq!(&out[..n], &want[..]);
+                    }
+                    _ => {
+                        let mut out = vec![0u8; len];
+                        let there = len <= model.len();
+                        proptest::prop_assert_eq!(c.read_exact_now(&mut out), there);
+                        if there {
+                            let want: Vec<u8> = model.drain(..len).collect();
+                            proptest::prop_assert_eq!(out, want);
+                        }
+                    }
+                }
+                proptest::prop_assert_eq!(c.readable(), model.len());
+            }
+        }
     }
 }
