@@ -683,65 +683,112 @@ impl Shared {
                 conn, op, index, ..
             } => self.send(core, conn, None, vec![(op, index)]),
             Io::Close { conn } => send_to(core, conn, WriteAct::Close),
-            Io::RecvFrame { conn } => {
-                if let Some(c) = inline_conn(core, conn, Side::Read) {
-                    let limits = self.limits;
-                    let io = async move { read_frame(&c, &limits).await }.boxed();
-                    self.inline(core, conn, Side::Read, io, move |core, r| match r {
-                        Ok(frame) => core.pipe.handle_frame(conn, &frame),
-                        Err(kind) => core.pipe.handle_connection_error(conn, kind),
-                    });
-                } else if let Some(h) = core.conns.get(&conn) {
-                    let _ = h.queue_read(ReadAct::Frame);
-                }
-            }
+            Io::RecvFrame { conn } => self.recv_frame(core, conn),
             Io::RecvPayload {
                 conn,
                 op,
                 index,
                 len,
-            } => {
-                let buf = match inline_conn(core, conn, Side::Read) {
-                    Some(c) => core
-                        .reads
-                        .get_mut(&op)
-                        .and_then(|r| r.payloads.get_mut(index))
-                        .and_then(Option::take)
-                        .map(|b| (c, b)),
-                    None => None,
+            } => self.recv_payload(core, conn, op, index, len),
+        }
+    }
+
+    /// Reads a frame: now if its bytes are there; else inline, if nothing is queued on
+    /// the connection's reading side; else on the connection's task.
+    fn recv_frame(self: &Arc<Self>, core: &mut Core, conn: ConnId) {
+        let finish = move |core: &mut Core, r: Result<Vec<u8>, IoErrorKind>| match r {
+            Ok(frame) => core.pipe.handle_frame(conn, &frame),
+            Err(kind) => core.pipe.handle_connection_error(conn, kind),
+        };
+        match read_frame_now(&core.conns, conn, &self.limits) {
+            Now::Done(r) => finish(core, r),
+            Now::Partly(mut frame) => {
+                // The header was there, the body is not yet: the body is the next read
+                // on this connection, ahead of anything issued later.
+                let Some(c) = inline_conn(core, conn, Side::Read) else {
+                    return finish(core, Err(IoErrorKind::Other));
                 };
-                if let Some((c, mut b)) = buf {
-                    let io = async move {
-                        let r = if b.len() as u64 == len {
-                            c.read_exact(&mut b).await.map_err(|e| kind_of(&e))
-                        } else {
-                            Err(IoErrorKind::Other)
-                        };
-                        (b, r)
-                    }
-                    .boxed();
-                    self.inline(core, conn, Side::Read, io, move |core, (b, r)| {
-                        if let Some(slot) = core
-                            .reads
-                            .get_mut(&op)
-                            .and_then(|s| s.payloads.get_mut(index))
-                        {
-                            *slot = Some(b);
-                        }
-                        if let Err(kind) = r {
-                            core.pipe.handle_connection_error(conn, kind);
-                        }
-                        let _ = core.pipe.handle_payload_done(op, r);
-                    });
-                } else {
-                    let queued = core
-                        .conns
-                        .get(&conn)
-                        .map(|h| h.queue_read(ReadAct::Payload { op, index, len }));
-                    if !matches!(queued, Some(Ok(()))) {
-                        let _ = core.pipe.handle_payload_done(op, Err(IoErrorKind::Other));
-                    }
+                let io = async move {
+                    c.read_exact(frame.get_mut(HEADER_LEN..).unwrap_or_default())
+                        .await
+                        .map(|()| frame)
+                        .map_err(|e| kind_of(&e))
+                };
+                self.inline(core, conn, Side::Read, io.boxed(), finish);
+            }
+            Now::Nothing => {
+                if let Some(c) = inline_conn(core, conn, Side::Read) {
+                    let limits = self.limits;
+                    let io = async move { read_frame(&c, &limits).await }.boxed();
+                    self.inline(core, conn, Side::Read, io, finish);
+                } else if let Some(h) = core.conns.get(&conn) {
+                    let _ = h.queue_read(ReadAct::Frame);
                 }
+            }
+        }
+    }
+
+    /// Reads payload `index` of read `op` into its buffer: now if the bytes are there;
+    /// else inline or on the connection's task, as [`Shared::recv_frame`] does.
+    fn recv_payload(
+        self: &Arc<Self>,
+        core: &mut Core,
+        conn: ConnId,
+        op: OpId,
+        index: usize,
+        len: u64,
+    ) {
+        if let Some(c) = idle_conn(&core.conns, conn, Side::Read)
+            && let Some(b) = core
+                .reads
+                .get_mut(&op)
+                .and_then(|r| r.payloads.get_mut(index))
+                .and_then(Option::as_mut)
+            && b.len() as u64 == len
+            && c.try_read_exact(b)
+        {
+            let _ = core.pipe.handle_payload_done(op, Ok(()));
+            return;
+        }
+        let buf = match inline_conn(core, conn, Side::Read) {
+            Some(c) => core
+                .reads
+                .get_mut(&op)
+                .and_then(|r| r.payloads.get_mut(index))
+                .and_then(Option::take)
+                .map(|b| (c, b)),
+            None => None,
+        };
+        if let Some((c, mut b)) = buf {
+            let io = async move {
+                let r = if b.len() as u64 == len {
+                    c.read_exact(&mut b).await.map_err(|e| kind_of(&e))
+                } else {
+                    Err(IoErrorKind::Other)
+                };
+                (b, r)
+            }
+            .boxed();
+            self.inline(core, conn, Side::Read, io, move |core, (b, r)| {
+                if let Some(slot) = core
+                    .reads
+                    .get_mut(&op)
+                    .and_then(|s| s.payloads.get_mut(index))
+                {
+                    *slot = Some(b);
+                }
+                if let Err(kind) = r {
+                    core.pipe.handle_connection_error(conn, kind);
+                }
+                let _ = core.pipe.handle_payload_done(op, r);
+            });
+        } else {
+            let queued = core
+                .conns
+                .get(&conn)
+                .map(|h| h.queue_read(ReadAct::Payload { op, index, len }));
+            if !matches!(queued, Some(Ok(()))) {
+                let _ = core.pipe.handle_payload_done(op, Err(IoErrorKind::Other));
             }
         }
     }
@@ -756,6 +803,12 @@ impl Shared {
         frame: Option<Vec<u8>>,
         payloads: Vec<(OpId, usize)>,
     ) {
+        if try_send_now(core, conn, frame.as_deref(), &payloads) {
+            for (op, _) in payloads {
+                let _ = core.pipe.handle_payload_done(op, Ok(()));
+            }
+            return;
+        }
         let Some(c) = inline_conn(core, conn, Side::Write) else {
             if let Some(frame) = frame {
                 send_to(core, conn, WriteAct::Frame(frame));
@@ -1090,12 +1143,48 @@ impl Shared {
 /// The connection to start an operation on inline, if it exists and nothing is queued
 /// on that side of it.
 fn inline_conn(core: &Core, id: ConnId, side: Side) -> Option<Arc<BoxConnection>> {
-    let h = core.conns.get(&id)?;
+    idle_conn(&core.conns, id, side).cloned()
+}
+
+/// [`inline_conn`], borrowed: for an operation done now, within the call.
+fn idle_conn(
+    conns: &IdMap<ConnId, ConnHandle>,
+    id: ConnId,
+    side: Side,
+) -> Option<&Arc<BoxConnection>> {
+    let h = conns.get(&id)?;
     if h.busy(side).load(Ordering::Acquire) == 0 {
-        h.conn.clone()
+        h.conn.as_ref()
     } else {
         None
     }
+}
+
+/// Writes `frame` and the payloads `(op, index)` that follow it on connection `id` now,
+/// as one write, if the connection takes them without waiting (see
+/// [`tp_transport::Connection::try_write`]); returns `false`, having written nothing,
+/// otherwise.
+fn try_send_now(core: &Core, id: ConnId, frame: Option<&[u8]>, payloads: &[(OpId, usize)]) -> bool {
+    let Some(c) = idle_conn(&core.conns, id, Side::Write) else {
+        return false;
+    };
+    // A frame and a few payloads, gathered on the stack; more go the other way.
+    let mut bufs: [&[u8]; 8] = [&[]; 8];
+    let mut n = 0;
+    let datas = payloads.iter().map(|&(op, index)| {
+        core.writes
+            .get(&op)
+            .and_then(|w| w.payloads.get(index))
+            .map(|(data, _)| data.as_slice())
+    });
+    for buf in frame.into_iter().map(Some).chain(datas) {
+        match (buf, bufs.get_mut(n)) {
+            (Some(buf), Some(slot)) => *slot = buf,
+            _ => return false,
+        }
+        n += 1;
+    }
+    c.try_write(bufs.get(..n).unwrap_or_default())
 }
 
 /// Counts a queued read done when dropped.
@@ -1164,20 +1253,62 @@ async fn read_frame(conn: &BoxConnection, limits: &Limits) -> Result<Vec<u8>, Io
     conn.read_exact(&mut header)
         .await
         .map_err(|e| kind_of(&e))?;
-    // A bad header goes to the state machine as it is, which fails the pipe with the
-    // reason.
-    let Ok(parsed) = FrameHeader::parse(&header, limits) else {
+    let mut frame = frame_for(&header, limits)?;
+    conn.read_exact(frame.get_mut(HEADER_LEN..).unwrap_or_default())
+        .await
+        .map_err(|e| kind_of(&e))?;
+    Ok(frame)
+}
+
+/// The frame `header` announces, header included, its body zeroed to be read into.
+///
+/// A header the limits refuse comes back alone, with no body to read: the state machine
+/// fails the pipe with the reason.
+fn frame_for(header: &[u8; HEADER_LEN], limits: &Limits) -> Result<Vec<u8>, IoErrorKind> {
+    let Ok(parsed) = FrameHeader::parse(header, limits) else {
         return Ok(header.to_vec());
     };
     // The header passed the limits: the body's length is bounded, allocate it once.
     let body = usize::try_from(parsed.body_len).map_err(|_| IoErrorKind::Other)?;
     let mut frame = Vec::with_capacity(HEADER_LEN.saturating_add(body));
-    frame.extend_from_slice(&header);
+    frame.extend_from_slice(header);
     frame.resize(HEADER_LEN.saturating_add(body), 0);
-    conn.read_exact(frame.get_mut(HEADER_LEN..).unwrap_or_default())
-        .await
-        .map_err(|e| kind_of(&e))?;
     Ok(frame)
+}
+
+/// How much of an operation tried now got done.
+enum Now<T, P> {
+    /// All of it, with this outcome.
+    Done(T),
+    /// A first part; the rest must wait.
+    Partly(P),
+    /// None of it.
+    Nothing,
+}
+
+/// Reads a frame from connection `id` now, as far as its bytes are there (see
+/// [`tp_transport::Connection::try_read_exact`]).
+fn read_frame_now(
+    conns: &IdMap<ConnId, ConnHandle>,
+    id: ConnId,
+    limits: &Limits,
+) -> Now<Result<Vec<u8>, IoErrorKind>, Vec<u8>> {
+    let Some(c) = idle_conn(conns, id, Side::Read) else {
+        return Now::Nothing;
+    };
+    let mut header = [0u8; HEADER_LEN];
+    if !c.try_read_exact(&mut header) {
+        return Now::Nothing;
+    }
+    let mut frame = match frame_for(&header, limits) {
+        Ok(frame) => frame,
+        Err(kind) => return Now::Done(Err(kind)),
+    };
+    if c.try_read_exact(frame.get_mut(HEADER_LEN..).unwrap_or_default()) {
+        Now::Done(Ok(frame))
+    } else {
+        Now::Partly(frame)
+    }
 }
 
 /// What [`Pipe::write`] completes with: the message, handed back, and the outcome.
@@ -1535,6 +1666,14 @@ impl tp_transport::Connection for SharedConn {
 
     fn read_exact<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, Result<(), TransportError>> {
         self.0.read_exact(buf)
+    }
+
+    fn try_write(&self, bufs: &[&[u8]]) -> bool {
+        self.0.try_write(bufs)
+    }
+
+    fn try_read_exact(&self, buf: &mut [u8]) -> bool {
+        self.0.try_read_exact(buf)
     }
 
     fn read_frame(&self, limit: u64) -> BoxFuture<'_, Result<Vec<u8>, TransportError>> {
