@@ -32,6 +32,10 @@ pub(crate) trait Stream: Send + Sync + 'static {
         bufs: &'a [&'a [u8]],
     ) -> impl Future<Output = Result<(), TransportError>> + Send + 'a;
 
+    /// Whether [`Stream::try_read_into`] and [`Stream::try_write_from`] can ever say
+    /// yes; when not, `Ordered` does not take its queue's lock to ask.
+    const NOW: bool = false;
+
     /// Fills `buf` now if the stream already holds that many bytes; otherwise reads
     /// nothing and returns `false` (errors too: the async path reports them). The
     /// default never reads.
@@ -143,11 +147,11 @@ impl<S: Stream + std::fmt::Debug> Connection for Ordered<S> {
     }
 
     fn try_write(&self, bufs: &[&[u8]]) -> bool {
-        self.check().is_ok() && self.writes.try_now(|| self.stream.try_write_from(bufs))
+        S::NOW && self.check().is_ok() && self.writes.try_now(|| self.stream.try_write_from(bufs))
     }
 
     fn try_read_exact(&self, buf: &mut [u8]) -> bool {
-        self.check().is_ok() && self.reads.try_now(|| self.stream.try_read_into(buf))
+        S::NOW && self.check().is_ok() && self.reads.try_now(|| self.stream.try_read_into(buf))
     }
 
     fn read_frame(&self, limit: u64) -> BoxFuture<'_, Result<Vec<u8>, TransportError>> {

@@ -472,6 +472,8 @@ impl Stream for ShmIo {
         Ok(())
     }
 
+    const NOW: bool = true;
+
     fn try_read_into(&self, buf: &mut [u8]) -> bool {
         let wake = {
             let mut inbox = lock(&self.inbox);
