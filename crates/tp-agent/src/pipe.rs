@@ -329,7 +329,12 @@ struct Core {
     /// The deadline a timer task waits for, and the handle that ends it.
     timer: Option<(Instant, futures::future::AbortHandle)>,
     closed: Option<PipeError>,
+    /// The buffer of the last frame read now, kept for the next one (if small).
+    spare_frame: Vec<u8>,
 }
+
+/// The largest frame buffer kept for reuse; a larger one is freed after its frame.
+const SPARE_FRAME_MAX: usize = 64 << 10;
 
 pub(crate) struct Shared {
     core: Mutex<Core>,
@@ -380,6 +385,7 @@ impl Shared {
                 descriptor_results: IdMap::default(),
                 timer: None,
                 closed: None,
+                spare_frame: Vec::new(),
             }),
             pool: ctx.pool().clone(),
             limits: ctx.pipe_config().limits,
@@ -700,8 +706,15 @@ impl Shared {
             Ok(frame) => core.pipe.handle_frame(conn, &frame),
             Err(kind) => core.pipe.handle_connection_error(conn, kind),
         };
-        match read_frame_now(&core.conns, conn, &self.limits) {
-            Now::Done(r) => finish(core, r),
+        let spare = std::mem::take(&mut core.spare_frame);
+        match read_frame_now(&core.conns, conn, &self.limits, spare) {
+            Now::Done(Ok(frame)) => {
+                core.pipe.handle_frame(conn, &frame);
+                if frame.capacity() <= SPARE_FRAME_MAX {
+                    core.spare_frame = frame;
+                }
+            }
+            Now::Done(Err(kind)) => core.pipe.handle_connection_error(conn, kind),
             Now::Partly(mut frame) => {
                 // The header was there, the body is not yet: the body is the next read
                 // on this connection, ahead of anything issued later.
@@ -716,7 +729,8 @@ impl Shared {
                 };
                 self.inline(core, conn, Side::Read, io.boxed(), finish);
             }
-            Now::Nothing => {
+            Now::Nothing(spare) => {
+                core.spare_frame = spare;
                 if let Some(c) = inline_conn(core, conn, Side::Read) {
                     let limits = self.limits;
                     let io = async move { read_frame(&c, &limits).await }.boxed();
@@ -1253,27 +1267,35 @@ async fn read_frame(conn: &BoxConnection, limits: &Limits) -> Result<Vec<u8>, Io
     conn.read_exact(&mut header)
         .await
         .map_err(|e| kind_of(&e))?;
-    let mut frame = frame_for(&header, limits)?;
+    let mut frame = frame_for(&header, limits, Vec::new())?;
     conn.read_exact(frame.get_mut(HEADER_LEN..).unwrap_or_default())
         .await
         .map_err(|e| kind_of(&e))?;
     Ok(frame)
 }
 
-/// The frame `header` announces, header included, its body zeroed to be read into.
+/// The frame `header` announces, header included, its body zeroed to be read into; in
+/// `buf`, whatever it held, if its room suffices.
 ///
 /// A header the limits refuse comes back alone, with no body to read: the state machine
 /// fails the pipe with the reason.
-fn frame_for(header: &[u8; HEADER_LEN], limits: &Limits) -> Result<Vec<u8>, IoErrorKind> {
+fn frame_for(
+    header: &[u8; HEADER_LEN],
+    limits: &Limits,
+    mut buf: Vec<u8>,
+) -> Result<Vec<u8>, IoErrorKind> {
+    buf.clear();
     let Ok(parsed) = FrameHeader::parse(header, limits) else {
-        return Ok(header.to_vec());
+        buf.extend_from_slice(header);
+        return Ok(buf);
     };
     // The header passed the limits: the body's length is bounded, allocate it once.
     let body = usize::try_from(parsed.body_len).map_err(|_| IoErrorKind::Other)?;
-    let mut frame = Vec::with_capacity(HEADER_LEN.saturating_add(body));
-    frame.extend_from_slice(header);
-    frame.resize(HEADER_LEN.saturating_add(body), 0);
-    Ok(frame)
+    let len = HEADER_LEN.saturating_add(body);
+    buf.reserve_exact(len);
+    buf.extend_from_slice(header);
+    buf.resize(len, 0);
+    Ok(buf)
 }
 
 /// How much of an operation tried now got done.
@@ -1282,25 +1304,26 @@ enum Now<T, P> {
     Done(T),
     /// A first part; the rest must wait.
     Partly(P),
-    /// None of it.
-    Nothing,
+    /// None of it; what was lent to it comes back.
+    Nothing(P),
 }
 
 /// Reads a frame from connection `id` now, as far as its bytes are there (see
-/// [`tp_transport::Connection::try_read_exact`]).
+/// [`tp_transport::Connection::try_read_exact`]), into `buf`'s room.
 fn read_frame_now(
     conns: &IdMap<ConnId, ConnHandle>,
     id: ConnId,
     limits: &Limits,
+    buf: Vec<u8>,
 ) -> Now<Result<Vec<u8>, IoErrorKind>, Vec<u8>> {
     let Some(c) = idle_conn(conns, id, Side::Read) else {
-        return Now::Nothing;
+        return Now::Nothing(buf);
     };
     let mut header = [0u8; HEADER_LEN];
     if !c.try_read_exact(&mut header) {
-        return Now::Nothing;
+        return Now::Nothing(buf);
     }
-    let mut frame = match frame_for(&header, limits) {
+    let mut frame = match frame_for(&header, limits, buf) {
         Ok(frame) => frame,
         Err(kind) => return Now::Done(Err(kind)),
     };
@@ -1429,7 +1452,15 @@ impl<T: OpKind> OpFuture<T> {
         Self::Ready(Some(result))
     }
 
-    fn waiting(shared: &Arc<Shared>, op: OpId) -> Self {
+    /// The future of operation `op`, whose entry is in the core: already complete if
+    /// the pump that issued it finished it (a small message over shm, a descriptor
+    /// already there), so the first poll needs no lock; else waiting.
+    fn after_pump(shared: &Arc<Shared>, core: &mut Core, op: OpId) -> Self {
+        let table = T::table(core);
+        if let Some(result) = table.get_mut(&op).and_then(|c| c.result.take()) {
+            table.remove(&op);
+            return Self::ready(result);
+        }
         Self::Waiting {
             shared: shared.clone(),
             op,
@@ -1582,8 +1613,7 @@ impl Pipe {
             },
         );
         self.shared.pump(&mut core);
-        drop(core);
-        OpFuture::waiting(&self.shared, op)
+        OpFuture::after_pump(&self.shared, &mut core, op)
     }
 
     /// Waits for the next message's descriptor (reads complete in order).
@@ -1598,8 +1628,7 @@ impl Pipe {
         let op = core.pipe.read_descriptor();
         core.descriptor_results.insert(op, Completion::default());
         self.shared.pump(&mut core);
-        drop(core);
-        OpFuture::waiting(&self.shared, op)
+        OpFuture::after_pump(&self.shared, &mut core, op)
     }
 
     /// Reads the message `incoming` describes into `alloc` (one buffer per payload and
@@ -1633,8 +1662,7 @@ impl Pipe {
             },
         );
         self.shared.pump(&mut core);
-        drop(core);
-        OpFuture::waiting(&self.shared, incoming.op)
+        OpFuture::after_pump(&self.shared, &mut core, incoming.op)
     }
 
     /// Closes the pipe: says goodbye, fails pending operations with
