@@ -272,6 +272,9 @@ impl Acceptor for ShmAcceptor {
 /// its other tasks.
 const SPIN_BURST: Duration = Duration::from_micros(4);
 
+/// How long a wait spins before it offers its core to other threads between bursts.
+const SPIN_BEFORE_YIELDING: Duration = Duration::from_micros(20);
+
 /// Checks between two reads of the clock within a burst (a check is a few atomic loads;
 /// a clock read costs as much as several).
 const SPIN_CHECKS_PER_CLOCK: u32 = 16;
@@ -361,8 +364,14 @@ impl ShmIo {
                     break;
                 }
             }
-            if start.elapsed() >= self.spin {
+            let spun = start.elapsed();
+            if spun >= self.spin {
                 return false;
+            }
+            if spun >= SPIN_BEFORE_YIELDING {
+                // A long wait: the peer is busy (a large copy, say), and on a machine
+                // with few cores its helpers may be waiting for this one.
+                std::thread::yield_now();
             }
             crate::spin::yield_once().await;
         }
