@@ -645,7 +645,7 @@ impl Pipe {
             let conn = self.primary;
             self.fail(PipeError::Connection { conn, kind });
         }
-        self.advance();
+        self.complete();
         Ok(())
     }
 
@@ -666,7 +666,7 @@ impl Pipe {
         if let Err(kind) = result {
             self.fail(PipeError::Channel { channel, kind });
         }
-        self.advance();
+        self.complete();
         Ok(())
     }
 
@@ -1086,6 +1086,15 @@ impl Pipe {
             self.advance_writes();
             self.advance_reads();
         }
+        self.complete_writes();
+        self.complete_reads();
+    }
+
+    /// [`Pipe::advance`] after an input that only finished I/O (a payload or a tensor
+    /// done): that changes no operation's stage, only what it still waits for, so
+    /// nothing new can be issued — every input ends with `advance`, which issued all it
+    /// could then — and only completions are left to report.
+    fn complete(&mut self) {
         self.complete_writes();
         self.complete_reads();
     }
