@@ -566,7 +566,7 @@ impl Shared {
                     let Some(c) = conn.filter(|_| !failed) else {
                         continue;
                     };
-                    match read_frame(c, &self.limits).await {
+                    match read_frame(c, &self.limits, Vec::new()).await {
                         Ok(frame) => self.input(|p| p.handle_frame(id, &frame)),
                         Err(kind) => {
                             failed = true;
@@ -703,18 +703,18 @@ impl Shared {
     /// the connection's reading side; else on the connection's task.
     fn recv_frame(self: &Arc<Self>, core: &mut Core, conn: ConnId) {
         let finish = move |core: &mut Core, r: Result<Vec<u8>, IoErrorKind>| match r {
-            Ok(frame) => core.pipe.handle_frame(conn, &frame),
+            Ok(frame) => {
+                core.pipe.handle_frame(conn, &frame);
+                // Its buffer serves the next frame read here.
+                if frame.capacity() <= SPARE_FRAME_MAX && core.spare_frame.capacity() == 0 {
+                    core.spare_frame = frame;
+                }
+            }
             Err(kind) => core.pipe.handle_connection_error(conn, kind),
         };
         let spare = std::mem::take(&mut core.spare_frame);
         match read_frame_now(&core.conns, conn, &self.limits, spare) {
-            Now::Done(Ok(frame)) => {
-                core.pipe.handle_frame(conn, &frame);
-                if frame.capacity() <= SPARE_FRAME_MAX {
-                    core.spare_frame = frame;
-                }
-            }
-            Now::Done(Err(kind)) => core.pipe.handle_connection_error(conn, kind),
+            Now::Done(r) => finish(core, r),
             Now::Partly(mut frame) => {
                 // The header was there, the body is not yet: the body is the next read
                 // on this connection, ahead of anything issued later.
@@ -730,12 +730,12 @@ impl Shared {
                 self.inline(core, conn, Side::Read, io.boxed(), finish);
             }
             Now::Nothing(spare) => {
-                core.spare_frame = spare;
                 if let Some(c) = inline_conn(core, conn, Side::Read) {
                     let limits = self.limits;
-                    let io = async move { read_frame(&c, &limits).await }.boxed();
+                    let io = async move { read_frame(&c, &limits, spare).await }.boxed();
                     self.inline(core, conn, Side::Read, io, finish);
                 } else if let Some(h) = core.conns.get(&conn) {
+                    core.spare_frame = spare;
                     let _ = h.queue_read(ReadAct::Frame);
                 }
             }
@@ -1259,15 +1259,20 @@ pub(crate) async fn read_first_frame(
     conn: &BoxConnection,
     limits: &Limits,
 ) -> Result<Vec<u8>, IoErrorKind> {
-    read_frame(conn, limits).await
+    read_frame(conn, limits, Vec::new()).await
 }
 
-async fn read_frame(conn: &BoxConnection, limits: &Limits) -> Result<Vec<u8>, IoErrorKind> {
+/// [`read_first_frame`], into `buf`'s room.
+async fn read_frame(
+    conn: &BoxConnection,
+    limits: &Limits,
+    buf: Vec<u8>,
+) -> Result<Vec<u8>, IoErrorKind> {
     let mut header = [0u8; HEADER_LEN];
     conn.read_exact(&mut header)
         .await
         .map_err(|e| kind_of(&e))?;
-    let mut frame = frame_for(&header, limits, Vec::new())?;
+    let mut frame = frame_for(&header, limits, buf)?;
     conn.read_exact(frame.get_mut(HEADER_LEN..).unwrap_or_default())
         .await
         .map_err(|e| kind_of(&e))?;
