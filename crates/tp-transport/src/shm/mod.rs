@@ -73,7 +73,9 @@ pub struct ShmConfig {
     pub peer_check: PeerCheck,
     /// How long an operation spins before it parks on its eventfd. Default 200 µs: longer
     /// than a round trip of a few hundred KiB, so a busy connection rarely sleeps, while an
-    /// idle one spins once per wait and then sleeps.
+    /// idle one spins once per wait and then sleeps. After the first 20 µs the spin
+    /// offers its core to other threads (`sched_yield`) every 4 µs, so a long wait does
+    /// not hold a core that the peer's work could use.
     pub spin: Duration,
 }
 
@@ -332,7 +334,8 @@ impl ShmIo {
     }
 
     /// Spins until `ready` or the spin budget runs out. It checks in short bursts
-    /// ([`SPIN_BURST`]) and yields to the executor between them, so the spin holds up
+    /// ([`SPIN_BURST`]) and yields to the executor between them (and, after
+    /// [`SPIN_BEFORE_YIELDING`], to the OS scheduler too), so the spin holds up
     /// the other tasks of its thread (a pipe's write loop, another connection) for at
     /// most one burst: on an I/O thread shared by many connections a blocking spin would
     /// stall them all for the whole budget. Within a burst the check runs back to back,
