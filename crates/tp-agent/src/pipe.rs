@@ -1273,9 +1273,11 @@ async fn read_frame(
         .await
         .map_err(|e| kind_of(&e))?;
     let mut frame = frame_for(&header, limits, buf)?;
-    conn.read_exact(frame.get_mut(HEADER_LEN..).unwrap_or_default())
-        .await
-        .map_err(|e| kind_of(&e))?;
+    // The body usually came with the header: take it now, without a second future.
+    let body = frame.get_mut(HEADER_LEN..).unwrap_or_default();
+    if !conn.try_read_exact(body) {
+        conn.read_exact(body).await.map_err(|e| kind_of(&e))?;
+    }
     Ok(frame)
 }
 
