@@ -1086,8 +1086,7 @@ impl Pipe {
             self.advance_writes();
             self.advance_reads();
         }
-        self.complete_writes();
-        self.complete_reads();
+        self.complete();
     }
 
     /// [`Pipe::advance`] after an input that only finished I/O (a payload or a tensor
