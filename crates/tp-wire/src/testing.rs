@@ -504,7 +504,12 @@ impl Pair {
                     .link_of(side, conn)
                     .filter(|&l| !self.links[l].dirs[dir].closed)
                 {
-                    self.links[l].dirs[dir].wire.extend(frame);
+                    self.links[l].dirs[dir].wire.extend(&frame);
+                }
+                // Half the sent frames' buffers go back to be encoded into again, so
+                // every scenario runs with reused and with fresh frame buffers.
+                if self.rng.below(2) == 0 {
+                    self.peer(side).pipe.recycle_frame(frame);
                 }
             }
             Io::SendPayload {

@@ -291,6 +291,29 @@ fn owned_forms_round_trip_through_golden_bytes() {
 }
 
 #[test]
+fn frame_into_replaces_what_the_buffer_held_and_keeps_its_room() {
+    let doc = document_vectors();
+    let l = Limits::DEFAULT;
+    let d = parse_frame::<DescriptorRepr<'_>>(&doc["descriptor"], &l)
+        .unwrap()
+        .to_owned();
+    // A longer frame's leftovers, in a buffer with room to spare.
+    let mut buf = vec![0xAB; doc["descriptor"].len() + 100];
+    buf.reserve(1000);
+    let room = buf.as_ptr();
+    d.with_repr(|r| frame_into(r, &mut buf)).unwrap();
+    assert_eq!(buf, doc["descriptor"]);
+    assert_eq!(buf.as_ptr(), room, "the buffer's allocation is reused");
+    // Too short a buffer grows.
+    let mut small = vec![0xCD; 3];
+    let g = parse_frame::<GoodbyeRepr<'_>>(&doc["goodbye"], &l)
+        .unwrap()
+        .to_owned();
+    frame_into(&g.as_repr(), &mut small).unwrap();
+    assert_eq!(small, doc["goodbye"]);
+}
+
+#[test]
 fn descriptor_over_limits_rejected_before_allocation() {
     let doc = document_vectors();
     let tight = Limits {

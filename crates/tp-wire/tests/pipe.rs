@@ -808,3 +808,42 @@ fn a_failed_channel_operation_fails_its_own_message() {
         );
     }
 }
+
+#[test]
+fn a_recycled_frame_buffer_carries_the_next_descriptor() {
+    let mut p = pair(1, SCHEDULES[0].1);
+    let msg = message(7, 2, 0, |_| None);
+    let pipe = &mut p.peer(Side::Client).pipe;
+    let sent_frame = |pipe: &mut Pipe| {
+        drain_io(pipe)
+            .into_iter()
+            .find_map(|io| match io {
+                Io::Send { frame, .. } => Some(frame),
+                _ => None,
+            })
+            .expect("the descriptor's frame")
+    };
+
+    // A write takes whatever buffer the harness handed back during the handshake.
+    pipe.write(msg.descriptor()).unwrap();
+    let fresh = sent_frame(pipe);
+
+    let buf = Vec::with_capacity(4096);
+    let room = buf.as_ptr();
+    pipe.recycle_frame(buf);
+    // One buffer is kept: a second is let go.
+    pipe.recycle_frame(Vec::with_capacity(4096));
+    pipe.write(msg.descriptor()).unwrap();
+    let frame = sent_frame(pipe);
+    assert_eq!(frame.as_ptr(), room, "encoded into the recycled buffer");
+    assert_eq!(frame, fresh);
+
+    // A buffer over the kept size is let go; the next frame is a fresh one.
+    let big = Vec::with_capacity(1 << 20);
+    let big_room = big.as_ptr();
+    pipe.recycle_frame(big);
+    pipe.write(msg.descriptor()).unwrap();
+    let frame = sent_frame(pipe);
+    assert_ne!(frame.as_ptr(), big_room);
+    assert_eq!(frame, fresh);
+}

@@ -122,10 +122,33 @@ pub fn emit_frame<'a, P: Packet<'a>>(packet: &P, buf: &mut [u8]) -> Result<usize
 /// [`EncodeError::TooLong`] for a body over 4 GiB.
 #[cfg(feature = "alloc")]
 pub fn frame_to_vec<'a, P: Packet<'a>>(packet: &P) -> Result<alloc::vec::Vec<u8>, EncodeError> {
-    let mut v = alloc::vec![0u8; frame_len(packet)];
-    let n = emit_frame(packet, &mut v)?;
-    v.truncate(n);
+    let mut v = alloc::vec::Vec::new();
+    frame_into(packet, &mut v)?;
     Ok(v)
+}
+
+/// Encodes `packet` as a complete frame into `buf`, replacing what it held: its
+/// allocation is reused when large enough.
+///
+/// # Errors
+/// [`EncodeError::TooLong`] for a body over 4 GiB; `buf` is empty then.
+#[cfg(feature = "alloc")]
+pub fn frame_into<'a, P: Packet<'a>>(
+    packet: &P,
+    buf: &mut alloc::vec::Vec<u8>,
+) -> Result<(), EncodeError> {
+    buf.clear();
+    buf.resize(frame_len(packet), 0);
+    match emit_frame(packet, buf) {
+        Ok(n) => {
+            buf.truncate(n);
+            Ok(())
+        }
+        Err(e) => {
+            buf.clear();
+            Err(e)
+        }
+    }
 }
 
 /// Parses a complete frame that must carry a `P`.

@@ -66,9 +66,12 @@ use crate::packet::{
     Brochure, BrochureAnswer, BrochureAnswerRepr, BrochureRepr, ChannelOffer, Descriptor,
     DescriptorReply, DescriptorReplyRepr, DescriptorRepr, GoodbyeRepr, OwnedChannelOffer,
     OwnedChannelRegistration, OwnedTransportOffer, Packet, RegistrationId, RequestedConnection,
-    Seq, SpontaneousConnection, TransportOffer, frame_to_vec, parse_frame,
+    Seq, SpontaneousConnection, TransportOffer, frame_into, frame_to_vec, parse_frame,
 };
 use crate::time::Instant;
+
+/// The largest frame buffer [`Pipe::recycle_frame`] keeps.
+const SPARE_FRAME_MAX: usize = 64 << 10;
 
 /// Which end of the pipe this is.
 #[derive(Clone, Copy, Debug, Eq, Hash, PartialEq)]
@@ -180,6 +183,8 @@ pub struct Pipe {
     chan_ops: VecDeque<ChannelOp>,
     events: VecDeque<Event>,
     compatible: Rule,
+    /// A sent frame's buffer, handed back by the driver for the next descriptor.
+    spare_frame: Vec<u8>,
 }
 
 /// The channel compatibility rule of a pipe ([`Pipe::set_compatibility`]).
@@ -270,6 +275,7 @@ impl Pipe {
             chan_ops: VecDeque::new(),
             events: VecDeque::new(),
             compatible: Rule::default(),
+            spare_frame: Vec::new(),
         }
     }
 
@@ -409,6 +415,15 @@ impl Pipe {
         self.io.pop_front()
     }
 
+    /// Hands back the buffer of a frame from an [`Io::Send`] once it was written (or
+    /// dropped): the next message's descriptor is encoded into it instead of a new
+    /// allocation. Optional; a buffer over 64 KiB, or one while another is kept, is freed.
+    pub fn recycle_frame(&mut self, frame: Vec<u8>) {
+        if self.spare_frame.capacity() == 0 && frame.capacity() <= SPARE_FRAME_MAX {
+            self.spare_frame = frame;
+        }
+    }
+
     /// Returns the next channel action.
     #[must_use]
     pub fn poll_channel_op(&mut self) -> Option<ChannelOp> {
@@ -446,8 +461,8 @@ impl Pipe {
     /// breaks this pipe's [`Limits`](crate::Limits) — then nothing was queued and no
     /// event follows.
     pub fn write(&mut self, desc: Descriptor) -> Result<OpId, CommandError> {
-        let frame = desc
-            .with_repr(|r| frame_to_vec(r))
+        let mut frame = core::mem::take(&mut self.spare_frame);
+        desc.with_repr(|r| frame_into(r, &mut frame))
             .map_err(CommandError::Encode)?;
         // The peer checks the descriptor against its limits; check ours first so a
         // message that would be refused is refused here, before anything is sent.
