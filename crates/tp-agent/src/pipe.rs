@@ -331,6 +331,8 @@ struct Core {
     closed: Option<PipeError>,
     /// The buffer of the last frame read now, kept for the next one (if small).
     spare_frame: Vec<u8>,
+    /// The payloads that go out with a frame, gathered by [`Shared::pump`].
+    send_batch: Vec<(OpId, usize)>,
 }
 
 /// The largest frame buffer kept for reuse; a larger one is freed after its frame.
@@ -386,6 +388,7 @@ impl Shared {
                 timer: None,
                 closed: None,
                 spare_frame: Vec::new(),
+                send_batch: Vec::new(),
             }),
             pool: ctx.pool().clone(),
             limits: ctx.pipe_config().limits,
@@ -621,8 +624,9 @@ impl Shared {
                     continue;
                 };
                 // The payloads that follow a frame on its connection go out with it, as
-                // one write.
-                let mut payloads = Vec::new();
+                // one write. (The list's buffer is kept for the next frame.)
+                let mut payloads = std::mem::take(&mut core.send_batch);
+                payloads.clear();
                 loop {
                     match core.pipe.poll_io() {
                         Some(Io::SendPayload {
@@ -634,7 +638,8 @@ impl Shared {
                         }
                     }
                 }
-                self.send(core, conn, Some(frame), payloads);
+                self.send(core, conn, Some(frame), &payloads);
+                core.send_batch = payloads;
             }
             while let Some(op) = core.pipe.poll_channel_op() {
                 progressed = true;
@@ -684,10 +689,10 @@ impl Shared {
                 };
                 self.start_conn(core, conn, connect);
             }
-            Io::Send { conn, frame } => self.send(core, conn, Some(frame), Vec::new()),
+            Io::Send { conn, frame } => self.send(core, conn, Some(frame), &[]),
             Io::SendPayload {
                 conn, op, index, ..
-            } => self.send(core, conn, None, vec![(op, index)]),
+            } => self.send(core, conn, None, &[(op, index)]),
             Io::Close { conn } => send_to(core, conn, WriteAct::Close),
             Io::RecvFrame { conn } => self.recv_frame(core, conn),
             Io::RecvPayload {
@@ -815,10 +820,13 @@ impl Shared {
         core: &mut Core,
         conn: ConnId,
         frame: Option<Vec<u8>>,
-        payloads: Vec<(OpId, usize)>,
+        payloads: &[(OpId, usize)],
     ) {
-        if try_send_now(core, conn, frame.as_deref(), &payloads) {
-            for (op, _) in payloads {
+        if try_send_now(core, conn, frame.as_deref(), payloads) {
+            if let Some(frame) = frame {
+                core.pipe.recycle_frame(frame);
+            }
+            for &(op, _) in payloads {
                 let _ = core.pipe.handle_payload_done(op, Ok(()));
             }
             return;
@@ -827,7 +835,7 @@ impl Shared {
             if let Some(frame) = frame {
                 send_to(core, conn, WriteAct::Frame(frame));
             }
-            for (op, index) in payloads {
+            for &(op, index) in payloads {
                 send_to(core, conn, WriteAct::Payload { op, index });
             }
             return;
@@ -836,7 +844,7 @@ impl Shared {
         // finishes, before the state machine hears of it: a completed message goes back
         // to the user whole, without a copy. A payload without a slot fails on its own.
         let mut data = Vec::with_capacity(payloads.len());
-        for (op, index) in payloads {
+        for &(op, index) in payloads {
             match take_payload(core, op, index) {
                 Some(d) => data.push((op, index, d)),
                 None => {
@@ -844,7 +852,6 @@ impl Shared {
                 }
             }
         }
-        let framed = frame.is_some();
         let io = async move {
             let r = {
                 let mut bufs: Vec<&[u8]> = Vec::with_capacity(1 + data.len());
@@ -852,16 +859,19 @@ impl Shared {
                 bufs.extend(data.iter().map(|(_, _, d)| d.as_slice()));
                 c.write(&bufs).await.map_err(|e| kind_of(&e))
             };
-            (data, r)
+            (frame, data, r)
         };
         self.inline(
             core,
             conn,
             Side::Write,
             io.boxed(),
-            move |core, (data, r)| {
-                if let (true, Err(kind)) = (framed, r) {
-                    core.pipe.handle_connection_error(conn, kind);
+            move |core, (frame, data, r)| {
+                if let Some(frame) = frame {
+                    if let Err(kind) = r {
+                        core.pipe.handle_connection_error(conn, kind);
+                    }
+                    core.pipe.recycle_frame(frame);
                 }
                 for (op, index, d) in data {
                     put_payload(core, op, index, d);
