@@ -57,72 +57,70 @@ pub(crate) fn reuse(
     }
 }
 
-/// The buffers of a message that came back from a write, ready to be read into again.
-pub(crate) fn into_allocation(msg: Message) -> Allocation {
-    Allocation {
-        payloads: msg.payloads.into_iter().map(|p| p.data).collect(),
-        tensors: msg.tensors.into_iter().map(|t| into_recv(t.data)).collect(),
-    }
-}
-
 /// Reads every message and writes it back, until a message with [`BYE`] as metadata
 /// arrives or the pipe fails (the peer closed it). The buffers of one echo are read
-/// into again by the next when the shapes match.
+/// into again by the next when the shapes match, and the lists that carry them are
+/// kept too: an echo of a message shaped like the last allocates nothing.
 pub(crate) async fn echo(pipe: &Pipe) {
-    let mut spare = None;
+    let mut spare: Option<Allocation> = None;
+    // The reply's payload list and the devices its tensors go back to, kept for their
+    // room.
+    let mut payloads: Vec<Payload> = Vec::new();
+    let mut sources: Vec<Device> = Vec::new();
     loop {
         let Ok(incoming) = pipe.read_descriptor().await else {
             return;
         };
-        if incoming.descriptor.metadata == BYE {
+        let d = &incoming.descriptor;
+        if d.metadata == BYE {
             // Give the goodbye's writer a moment to see its write complete.
             async_io::Timer::after(Duration::from_millis(50)).await;
             return;
         }
-        let metadata = incoming.descriptor.metadata.clone();
-        let payload_meta: Vec<Vec<u8>> = incoming
-            .descriptor
-            .payloads
-            .iter()
-            .map(|p| p.metadata.clone())
-            .collect();
+        let metadata = d.metadata.clone();
+        payloads.clear();
+        payloads.extend(d.payloads.iter().map(|p| Payload {
+            data: Vec::new(),
+            metadata: p.metadata.clone(),
+        }));
         // Each tensor goes back to the device it came from.
-        let sources: Vec<Device> = incoming
-            .descriptor
-            .tensors
-            .iter()
-            .map(|t| t.source_device)
-            .collect();
-        let Ok(alloc) = reuse(spare.take(), &incoming.descriptor) else {
+        sources.clear();
+        sources.extend(d.tensors.iter().map(|t| t.source_device));
+        let Ok(alloc) = reuse(spare.take(), d) else {
             return;
         };
-        let (alloc, r) = pipe.read(incoming, alloc).await;
+        let (mut alloc, r) = pipe.read(incoming, alloc).await;
         if r.is_err() {
             return;
         }
+        for (p, data) in payloads.iter_mut().zip(alloc.payloads.drain(..)) {
+            p.data = data;
+        }
         let msg = Message {
             metadata,
-            payloads: alloc
-                .payloads
-                .into_iter()
-                .zip(payload_meta)
-                .map(|(data, metadata)| Payload { data, metadata })
-                .collect(),
+            payloads: std::mem::take(&mut payloads),
             tensors: alloc
                 .tensors
-                .into_iter()
-                .zip(sources)
-                .map(|(t, source)| Tensor {
+                .drain(..)
+                .zip(&sources)
+                .map(|(t, &source)| Tensor {
                     data: into_send(t),
                     target_device: Some(source),
                     metadata: Vec::new(),
                 })
                 .collect(),
         };
-        let (back, w) = pipe.write(msg).await;
+        let (mut back, w) = pipe.write(msg).await;
         if w.is_err() {
             return;
         }
-        spare = Some(into_allocation(back));
+        alloc
+            .payloads
+            .extend(back.payloads.drain(..).map(|p| p.data));
+        alloc
+            .tensors
+            .extend(back.tensors.drain(..).map(|t| into_recv(t.data)));
+        payloads = back.payloads;
+        spare = Some(alloc);
     }
 }
