@@ -562,6 +562,8 @@ impl Shared {
         busy: &AtomicUsize,
     ) {
         let mut failed = conn.is_none();
+        // The buffer frames are read into here, kept from one to the next.
+        let mut buf = Vec::new();
         while let Some(act) = acts.next().await {
             let _done = Done(busy);
             match act {
@@ -569,8 +571,13 @@ impl Shared {
                     let Some(c) = conn.filter(|_| !failed) else {
                         continue;
                     };
-                    match read_frame(c, &self.limits, Vec::new()).await {
-                        Ok(frame) => self.input(|p| p.handle_frame(id, &frame)),
+                    match read_frame(c, &self.limits, std::mem::take(&mut buf)).await {
+                        Ok(frame) => {
+                            self.input(|p| p.handle_frame(id, &frame));
+                            if frame.capacity() <= SPARE_FRAME_MAX {
+                                buf = frame;
+                            }
+                        }
                         Err(kind) => {
                             failed = true;
                             self.input(|p| p.handle_connection_error(id, kind));
@@ -735,13 +742,13 @@ impl Shared {
                 self.inline(core, conn, Side::Read, io.boxed(), finish);
             }
             Now::Nothing(spare) => {
-                if let Some(c) = inline_conn(core, conn, Side::Read) {
-                    let limits = self.limits;
-                    let io = async move { read_frame(&c, &limits, spare).await }.boxed();
-                    self.inline(core, conn, Side::Read, io, finish);
-                } else if let Some(h) = core.conns.get(&conn) {
-                    core.spare_frame = spare;
-                    let _ = h.queue_read(ReadAct::Frame);
+                // Not there yet: the connection's task waits for it (polling it here
+                // first would only look again, at the cost of two boxed futures).
+                core.spare_frame = spare;
+                if let Some(h) = core.conns.get(&conn)
+                    && h.queue_read(ReadAct::Frame).is_err()
+                {
+                    finish(core, Err(IoErrorKind::Other));
                 }
             }
         }
