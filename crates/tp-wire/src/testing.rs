@@ -317,8 +317,21 @@ impl Pair {
 
     /// Writes `msg` from `side`.
     pub fn write(&mut self, side: Side, msg: Message) -> Result<OpId, CommandError> {
+        let reuse = self.rng.below(2) == 0;
         let peer = self.peer(side);
-        let op = peer.pipe.write(msg.descriptor())?;
+        let fresh = msg.descriptor();
+        // Half the writes fill a descriptor the pipe recycled, as a driver may.
+        let desc = if reuse {
+            let mut d = peer.pipe.recycled_descriptor();
+            assert_eq!(d, Descriptor::default(), "a recycled descriptor is empty");
+            d.metadata.extend_from_slice(&fresh.metadata);
+            d.payloads.extend(fresh.payloads.iter().cloned());
+            d.tensors.extend(fresh.tensors.iter().cloned());
+            d
+        } else {
+            fresh
+        };
+        let op = peer.pipe.write(desc)?;
         peer.writes.insert(op, msg);
         self.flush();
         Ok(op)

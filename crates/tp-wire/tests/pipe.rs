@@ -847,3 +847,35 @@ fn a_recycled_frame_buffer_carries_the_next_descriptor() {
     assert_ne!(frame.as_ptr(), big_room);
     assert_eq!(frame, fresh);
 }
+
+#[test]
+fn completed_writes_and_finished_reads_hand_their_descriptors_on() {
+    let mut p = pair(1, SCHEDULES[0].1);
+    let msg = message(3, 4, 0, |_| None);
+    // Nothing completed yet: a recycled descriptor is a new, empty one.
+    assert_eq!(
+        p.peer(Side::Client).pipe.recycled_descriptor(),
+        Descriptor::default()
+    );
+    let w = p.write(Side::Client, msg.clone()).unwrap();
+    let (desc, r) = read_one(&mut p, Side::Server, &[]);
+    assert_delivered(&mut p, Side::Server, r, &desc, &msg);
+    assert!(write_results(&p.events(Side::Client)).contains(&(w, Ok(()))));
+
+    // The completed write's descriptor comes back empty, with its room; so does the
+    // reader's kept copy once the read took its buffers.
+    for side in [Side::Client, Side::Server] {
+        let d = p.peer(side).pipe.recycled_descriptor();
+        assert_eq!(d, Descriptor::default());
+        assert!(
+            d.payloads.capacity() >= 4,
+            "{side:?}: the lists keep their room"
+        );
+    }
+    // And a descriptor filled from one carries the next message as a fresh one would.
+    let next = message(4, 4, 0, |_| None);
+    let mut d = p.peer(Side::Client).pipe.recycled_descriptor();
+    d.metadata.extend_from_slice(&next.descriptor().metadata);
+    d.payloads.extend(next.descriptor().payloads);
+    assert_eq!(d, next.descriptor());
+}

@@ -73,6 +73,12 @@ use crate::time::Instant;
 /// The largest frame buffer [`Pipe::recycle_frame`] keeps.
 const SPARE_FRAME_MAX: usize = 64 << 10;
 
+/// How many emptied descriptors a pipe keeps for reuse, and the most payloads plus
+/// tensors, and metadata bytes, one may have room for to be kept.
+const SPARE_DESCS: usize = 2;
+const SPARE_DESC_ENTRIES: usize = 64;
+const SPARE_DESC_METADATA: usize = 4 << 10;
+
 /// Which end of the pipe this is.
 #[derive(Clone, Copy, Debug, Eq, Hash, PartialEq)]
 pub enum Side {
@@ -185,6 +191,9 @@ pub struct Pipe {
     compatible: Rule,
     /// A sent frame's buffer, handed back by the driver for the next descriptor.
     spare_frame: Vec<u8>,
+    /// Descriptors done with (a completed write's, a read's kept copy), emptied, whose
+    /// lists' room serves the next ones.
+    spare_descs: Vec<Descriptor>,
 }
 
 /// The channel compatibility rule of a pipe ([`Pipe::set_compatibility`]).
@@ -276,6 +285,7 @@ impl Pipe {
             events: VecDeque::new(),
             compatible: Rule::default(),
             spare_frame: Vec::new(),
+            spare_descs: Vec::new(),
         }
     }
 
@@ -421,6 +431,32 @@ impl Pipe {
     pub fn recycle_frame(&mut self, frame: Vec<u8>) {
         if self.spare_frame.capacity() == 0 && frame.capacity() <= SPARE_FRAME_MAX {
             self.spare_frame = frame;
+        }
+    }
+
+    /// An empty descriptor to fill for the next [`Pipe::write`]: one this pipe is done
+    /// with (a completed write's, say), so filling it allocates nothing when the
+    /// message is shaped like an earlier one. Optional; `Descriptor::default()` serves
+    /// as well.
+    pub fn recycled_descriptor(&mut self) -> Descriptor {
+        self.spare_descs.pop().unwrap_or_default()
+    }
+
+    /// Keeps `desc`, emptied, for [`Pipe::recycled_descriptor`] and this pipe's own
+    /// copies, unless enough are kept or its room is large.
+    fn keep_descriptor(&mut self, mut desc: Descriptor) {
+        if self.spare_descs.len() < SPARE_DESCS
+            && desc
+                .payloads
+                .capacity()
+                .saturating_add(desc.tensors.capacity())
+                <= SPARE_DESC_ENTRIES
+            && desc.metadata.capacity() <= SPARE_DESC_METADATA
+        {
+            desc.metadata.clear();
+            desc.payloads.clear();
+            desc.tensors.clear();
+            self.spare_descs.push(desc);
         }
     }
 
@@ -610,6 +646,7 @@ impl Pipe {
         if let Some(r) = self.reads.get_mut(pos) {
             r.stage = ReadStage::Reading { pending, failed };
         }
+        self.keep_descriptor(desc);
         self.advance();
         Ok(())
     }
@@ -1058,8 +1095,13 @@ impl Pipe {
             }
         }
         let desc = repr.to_owned();
+        // The copy kept until the buffers come reuses a spent descriptor's room.
+        let mut kept = self.recycled_descriptor();
+        kept.metadata.clone_from(&desc.metadata);
+        kept.payloads.clone_from(&desc.payloads);
+        kept.tensors.clone_from(&desc.tensors);
         if let Some(r) = self.reads.iter_mut().find(|r| r.id == op) {
-            r.stage = ReadStage::AwaitingRead(desc.clone());
+            r.stage = ReadStage::AwaitingRead(kept);
             self.events.push_back(Event::DescriptorReady {
                 op,
                 result: Ok(desc),
@@ -1220,7 +1262,9 @@ impl Pipe {
                 break;
             };
             let op = w.id;
-            self.writes.pop_front();
+            if let Some(w) = self.writes.pop_front() {
+                self.keep_descriptor(w.desc);
+            }
             self.events.push_back(Event::WriteDone { op, result });
         }
     }
