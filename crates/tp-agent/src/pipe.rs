@@ -1593,28 +1593,22 @@ impl Pipe {
         &self,
         msg: Message,
     ) -> impl Future<Output = WriteResult> + Send + Unpin + 'static {
-        let desc = Descriptor {
-            metadata: msg.metadata.clone(),
-            payloads: msg
-                .payloads
-                .iter()
-                .map(|p| WirePayload {
-                    length: p.data.len() as u64,
-                    metadata: p.metadata.clone(),
-                })
-                .collect(),
-            tensors: msg
-                .tensors
-                .iter()
-                .map(|t| WireTensor {
-                    length: t.data.byte_len() as u64,
-                    source_device: t.data.device(),
-                    target_device: t.target_device,
-                    metadata: t.metadata.clone(),
-                })
-                .collect(),
-        };
         let mut core = self.shared.lock();
+        // Filled in a descriptor the pipe is done with: no allocation for a message
+        // shaped like an earlier one.
+        let mut desc = core.pipe.recycled_descriptor();
+        desc.metadata.extend_from_slice(&msg.metadata);
+        desc.payloads
+            .extend(msg.payloads.iter().map(|p| WirePayload {
+                length: p.data.len() as u64,
+                metadata: p.metadata.clone(),
+            }));
+        desc.tensors.extend(msg.tensors.iter().map(|t| WireTensor {
+            length: t.data.byte_len() as u64,
+            source_device: t.data.device(),
+            target_device: t.target_device,
+            metadata: t.metadata.clone(),
+        }));
         let op = match core.pipe.write(desc) {
             Ok(op) => op,
             Err(e) => return OpFuture::ready((msg, Err(OpError::Command(e)))),
