@@ -18,6 +18,10 @@
 //!   [`Pipe::poll_io`] → [`Pipe::poll_channel_op`] → [`Pipe::poll_timeout`] →
 //!   [`Pipe::poll_event`].
 //!
+//! Two optional hand-backs let a steady stream of messages run without allocating:
+//! [`Pipe::recycle_frame`] takes back a sent frame's buffer, and
+//! [`Pipe::recycled_descriptor`] gives out a spent descriptor to fill for the next write.
+//!
 //! Time comes in as [`Instant`]; registration ids come from a seed the driver draws.
 //!
 //! # Guarantees
