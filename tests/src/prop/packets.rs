@@ -204,6 +204,21 @@ fn parse_any(frame: &[u8]) -> Result<Vec<u8>, DecodeError> {
 }
 
 proptest! {
+    /// Encoding into a buffer that held another frame gives the same bytes as into a
+    /// new one, and keeps the buffer's allocation when it has the room.
+    #[test]
+    fn frame_into_a_used_buffer_matches_a_fresh_one(old in any_frame(), d in descriptor()) {
+        let fresh = d.with_repr(|r| frame_to_vec(r)).unwrap();
+        let mut buf = old;
+        let roomy = buf.capacity() >= fresh.len();
+        let at = buf.as_ptr();
+        d.with_repr(|r| frame_into(r, &mut buf)).unwrap();
+        prop_assert_eq!(&buf, &fresh);
+        if roomy {
+            prop_assert_eq!(buf.as_ptr(), at);
+        }
+    }
+
     #[test]
     fn descriptor_roundtrip(d in descriptor()) {
         let bytes = d.with_repr(|r| frame_to_vec(r)).unwrap();
