@@ -323,9 +323,9 @@ struct Core {
     writes: IdMap<OpId, WriteSlot>,
     reads: IdMap<OpId, ReadSlot>,
     /// Where each user operation's result waits for its future, by kind.
-    write_results: IdMap<OpId, Completion<WriteResult>>,
-    read_results: IdMap<OpId, Completion<ReadResult>>,
-    descriptor_results: IdMap<OpId, Completion<DescriptorResult>>,
+    write_results: Results<WriteResult>,
+    read_results: Results<ReadResult>,
+    descriptor_results: Results<DescriptorResult>,
     /// The deadline a timer task waits for, and the handle that ends it.
     timer: Option<(Instant, futures::future::AbortHandle)>,
     closed: Option<PipeError>,
@@ -382,9 +382,9 @@ impl Shared {
                 channels: IdMap::default(),
                 writes: IdMap::default(),
                 reads: IdMap::default(),
-                write_results: IdMap::default(),
-                read_results: IdMap::default(),
-                descriptor_results: IdMap::default(),
+                write_results: Results::default(),
+                read_results: Results::default(),
+                descriptor_results: Results::default(),
                 timer: None,
                 closed: None,
                 spare_frame: Vec::new(),
@@ -1102,7 +1102,7 @@ impl Shared {
                 let result = result
                     .map(|descriptor| Incoming { descriptor, op })
                     .map_err(OpError::Pipe);
-                complete(&mut core.descriptor_results, op, result);
+                core.descriptor_results.complete(op, result);
             }
             Event::ReadDone { op, result } => {
                 if let Some(slot) = core.reads.remove(&op) {
@@ -1118,11 +1118,8 @@ impl Shared {
                             .map(|t| t.unwrap_or_else(|| Box::new(Vec::new())))
                             .collect(),
                     };
-                    complete(
-                        &mut core.read_results,
-                        op,
-                        (alloc, result.map_err(OpError::Pipe)),
-                    );
+                    core.read_results
+                        .complete(op, (alloc, result.map_err(OpError::Pipe)));
                 }
             }
             Event::WriteDone { op, result } => {
@@ -1144,11 +1141,8 @@ impl Shared {
                             })
                             .collect(),
                     };
-                    complete(
-                        &mut core.write_results,
-                        op,
-                        (msg, result.map_err(OpError::Pipe)),
-                    );
+                    core.write_results
+                        .complete(op, (msg, result.map_err(OpError::Pipe)));
                 }
             }
             Event::Closed { error } => {
@@ -1382,16 +1376,43 @@ impl<T> Default for Completion<T> {
     }
 }
 
-/// Records `op`'s result and wakes its future — after the core's lock is released (see
-/// [`CoreGuard`]). A future that was dropped left no entry: the result is dropped.
-fn complete<T>(table: &mut IdMap<OpId, Completion<T>>, op: OpId, result: T) {
-    if let Some(c) = table.get_mut(&op) {
-        c.result = Some(result);
-        let mut waker = c.waker.take();
-        // Deferred, unless this thread's locals are being torn down: then wake now.
-        let _ = DEFERRED_WAKES.try_with(|d| d.borrow_mut().extend(waker.take()));
-        if let Some(w) = waker {
-            w.wake();
+/// Where one kind of operation's results wait for their futures.
+struct Results<T> {
+    /// Operations whose futures wait, by id.
+    waiting: IdMap<OpId, Completion<T>>,
+    /// The operation whose command is running its pump: a result for it lands in
+    /// `issued`, and its future starts complete, never entering `waiting`.
+    issuing: Option<OpId>,
+    issued: Option<T>,
+}
+
+impl<T> Default for Results<T> {
+    fn default() -> Self {
+        Self {
+            waiting: IdMap::default(),
+            issuing: None,
+            issued: None,
+        }
+    }
+}
+
+impl<T> Results<T> {
+    /// Records `op`'s result and wakes its future — after the core's lock is released
+    /// (see [`CoreGuard`]). A future that was dropped left no entry: the result is
+    /// dropped.
+    fn complete(&mut self, op: OpId, result: T) {
+        if self.issuing == Some(op) {
+            self.issued = Some(result);
+            return;
+        }
+        if let Some(c) = self.waiting.get_mut(&op) {
+            c.result = Some(result);
+            let mut waker = c.waker.take();
+            // Deferred, unless this thread's locals are being torn down: then wake now.
+            let _ = DEFERRED_WAKES.try_with(|d| d.borrow_mut().extend(waker.take()));
+            if let Some(w) = waker {
+                w.wake();
+            }
         }
     }
 }
@@ -1436,25 +1457,29 @@ impl Drop for CoreGuard<'_> {
     }
 }
 
-/// Which table of the core holds a kind of operation's results.
+/// Which [`Results`] of the core hold a kind of operation's results.
 trait OpKind: Sized + Send + Unpin + 'static {
-    fn table(core: &mut Core) -> &mut IdMap<OpId, Completion<Self>>;
+    fn results(core: &mut Core) -> &mut Results<Self>;
+
+    fn table(core: &mut Core) -> &mut IdMap<OpId, Completion<Self>> {
+        &mut Self::results(core).waiting
+    }
 }
 
 impl OpKind for WriteResult {
-    fn table(core: &mut Core) -> &mut IdMap<OpId, Completion<Self>> {
+    fn results(core: &mut Core) -> &mut Results<Self> {
         &mut core.write_results
     }
 }
 
 impl OpKind for ReadResult {
-    fn table(core: &mut Core) -> &mut IdMap<OpId, Completion<Self>> {
+    fn results(core: &mut Core) -> &mut Results<Self> {
         &mut core.read_results
     }
 }
 
 impl OpKind for DescriptorResult {
-    fn table(core: &mut Core) -> &mut IdMap<OpId, Completion<Self>> {
+    fn results(core: &mut Core) -> &mut Results<Self> {
         &mut core.descriptor_results
     }
 }
@@ -1476,15 +1501,26 @@ impl<T: OpKind> OpFuture<T> {
         Self::Ready(Some(result))
     }
 
-    /// The future of operation `op`, whose entry is in the core: already complete if
-    /// the pump that issued it finished it (a small message over shm, a descriptor
-    /// already there), so the first poll needs no lock; else waiting.
+    /// Marks `op` as the operation being issued, before its command's pump: see
+    /// [`OpFuture::after_pump`].
+    fn issuing(core: &mut Core, op: OpId) {
+        let r = T::results(core);
+        r.issuing = Some(op);
+        r.issued = None;
+    }
+
+    /// The future of operation `op`, marked by [`OpFuture::issuing`] before the pump
+    /// that just ran: already complete if that pump finished it (a small message over
+    /// shm, a descriptor already there), so neither a table entry nor the first poll's
+    /// lock is needed; else waiting, with its entry made now — under the same lock, so
+    /// no result can come between.
     fn after_pump(shared: &Arc<Shared>, core: &mut Core, op: OpId) -> Self {
-        let table = T::table(core);
-        if let Some(result) = table.get_mut(&op).and_then(|c| c.result.take()) {
-            table.remove(&op);
+        let r = T::results(core);
+        r.issuing = None;
+        if let Some(result) = r.issued.take() {
             return Self::ready(result);
         }
+        r.waiting.insert(op, Completion::default());
         Self::Waiting {
             shared: shared.clone(),
             op,
@@ -1613,7 +1649,7 @@ impl Pipe {
             Ok(op) => op,
             Err(e) => return OpFuture::ready((msg, Err(OpError::Command(e)))),
         };
-        core.write_results.insert(op, Completion::default());
+        OpFuture::<WriteResult>::issuing(&mut core, op);
         core.writes.insert(
             op,
             WriteSlot {
@@ -1644,7 +1680,7 @@ impl Pipe {
     ) -> impl Future<Output = DescriptorResult> + Send + Unpin + 'static {
         let mut core = self.shared.lock();
         let op = core.pipe.read_descriptor();
-        core.descriptor_results.insert(op, Completion::default());
+        OpFuture::<DescriptorResult>::issuing(&mut core, op);
         self.shared.pump(&mut core);
         OpFuture::after_pump(&self.shared, &mut core, op)
     }
@@ -1671,7 +1707,7 @@ impl Pipe {
         if let Err(e) = core.pipe.read(incoming.op, &alloc.payloads, &tensor_shapes) {
             return OpFuture::ready((alloc, Err(OpError::Command(e))));
         }
-        core.read_results.insert(incoming.op, Completion::default());
+        OpFuture::<ReadResult>::issuing(&mut core, incoming.op);
         core.reads.insert(
             incoming.op,
             ReadSlot {
