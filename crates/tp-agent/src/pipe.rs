@@ -320,8 +320,8 @@ struct Core {
     pipe: WirePipe,
     conns: IdMap<ConnId, ConnHandle>,
     channels: IdMap<ChannelId, ChanSlot>,
-    writes: IdMap<OpId, WriteSlot>,
-    reads: IdMap<OpId, ReadSlot>,
+    writes: Slots<WriteSlot>,
+    reads: Slots<ReadSlot>,
     /// Where each user operation's result waits for its future, by kind.
     write_results: Results<WriteResult>,
     read_results: Results<ReadResult>,
@@ -380,8 +380,8 @@ impl Shared {
                 pipe,
                 conns: IdMap::default(),
                 channels: IdMap::default(),
-                writes: IdMap::default(),
-                reads: IdMap::default(),
+                writes: Slots::default(),
+                reads: Slots::default(),
                 write_results: Results::default(),
                 read_results: Results::default(),
                 descriptor_results: Results::default(),
@@ -1376,6 +1376,59 @@ impl<T> Default for Completion<T> {
     }
 }
 
+/// The buffers of one kind of operation while the pipe uses them, by operation. The
+/// operation being issued sits beside the map until its command's pump is over: one
+/// that pump finishes (a small message over shm) never enters the map.
+struct Slots<V> {
+    map: IdMap<OpId, V>,
+    issuing: Option<(OpId, V)>,
+}
+
+impl<V> Default for Slots<V> {
+    fn default() -> Self {
+        Self {
+            map: IdMap::default(),
+            issuing: None,
+        }
+    }
+}
+
+impl<V> Slots<V> {
+    /// Files `op`'s buffers as the operation being issued.
+    fn issue(&mut self, op: OpId, slot: V) {
+        self.settle();
+        self.issuing = Some((op, slot));
+    }
+
+    /// Moves the issued operation's buffers into the map, if still held.
+    fn settle(&mut self) {
+        if let Some((op, slot)) = self.issuing.take() {
+            self.map.insert(op, slot);
+        }
+    }
+
+    fn get(&self, op: &OpId) -> Option<&V> {
+        match &self.issuing {
+            Some((o, slot)) if o == op => Some(slot),
+            _ => self.map.get(op),
+        }
+    }
+
+    fn get_mut(&mut self, op: &OpId) -> Option<&mut V> {
+        match &mut self.issuing {
+            Some((o, slot)) if o == op => Some(slot),
+            _ => self.map.get_mut(op),
+        }
+    }
+
+    fn remove(&mut self, op: &OpId) -> Option<V> {
+        if matches!(&self.issuing, Some((o, _)) if o == op) {
+            return self.issuing.take().map(|(_, slot)| slot);
+        }
+        self.map.remove(op)
+    }
+}
+
 /// Where one kind of operation's results wait for their futures.
 struct Results<T> {
     /// Operations whose futures wait, by id.
@@ -1650,7 +1703,7 @@ impl Pipe {
             Err(e) => return OpFuture::ready((msg, Err(OpError::Command(e)))),
         };
         OpFuture::<WriteResult>::issuing(&mut core, op);
-        core.writes.insert(
+        core.writes.issue(
             op,
             WriteSlot {
                 metadata: msg.metadata,
@@ -1667,6 +1720,7 @@ impl Pipe {
             },
         );
         self.shared.pump(&mut core);
+        core.writes.settle();
         OpFuture::after_pump(&self.shared, &mut core, op)
     }
 
@@ -1708,7 +1762,7 @@ impl Pipe {
             return OpFuture::ready((alloc, Err(OpError::Command(e))));
         }
         OpFuture::<ReadResult>::issuing(&mut core, incoming.op);
-        core.reads.insert(
+        core.reads.issue(
             incoming.op,
             ReadSlot {
                 payloads: alloc.payloads.into_iter().map(Some).collect(),
@@ -1716,6 +1770,7 @@ impl Pipe {
             },
         );
         self.shared.pump(&mut core);
+        core.reads.settle();
         OpFuture::after_pump(&self.shared, &mut core, incoming.op)
     }
 
@@ -1768,5 +1823,51 @@ impl tp_transport::Connection for SharedConn {
 
     fn close(&self) {
         self.0.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_find_the_issued_operation_beside_the_map_and_settle_it() {
+        let mut s: Slots<&str> = Slots::default();
+        s.issue(OpId(1), "one");
+        assert_eq!(s.get(&OpId(1)), Some(&"one"));
+        assert!(s.map.is_empty(), "issued, not filed");
+        // Finished within its pump: it never enters the map.
+        assert_eq!(s.remove(&OpId(1)), Some("one"));
+        s.settle();
+        assert!(s.map.is_empty());
+
+        // Still pending after its pump: filed, and found there.
+        s.issue(OpId(2), "two");
+        *s.get_mut(&OpId(2)).unwrap() = "TWO";
+        s.settle();
+        assert_eq!(s.map.get(&OpId(2)), Some(&"TWO"));
+        // The next one issued does not disturb it.
+        s.issue(OpId(3), "three");
+        assert_eq!(s.get(&OpId(2)), Some(&"TWO"));
+        assert_eq!(s.remove(&OpId(2)), Some("TWO"));
+        assert_eq!(s.get(&OpId(3)), Some(&"three"));
+        assert_eq!(s.remove(&OpId(4)), None);
+    }
+
+    #[test]
+    fn a_result_for_the_issuing_operation_skips_the_table() {
+        let mut r: Results<u32> = Results {
+            issuing: Some(OpId(7)),
+            ..Results::default()
+        };
+        r.complete(OpId(7), 70);
+        assert_eq!(r.issued, Some(70));
+        assert!(r.waiting.is_empty());
+        // Another operation's result goes to its waiting entry; none: dropped.
+        r.waiting.insert(OpId(5), Completion::default());
+        r.complete(OpId(5), 50);
+        r.complete(OpId(6), 60);
+        assert_eq!(r.waiting.get(&OpId(5)).and_then(|c| c.result), Some(50));
+        assert_eq!(r.waiting.len(), 1);
     }
 }
