@@ -123,6 +123,13 @@ struct ChannelSlot {
     ready: bool,
 }
 
+/// The two kinds of operation.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+enum Kind {
+    Write,
+    Read,
+}
+
 #[derive(Debug, Eq, PartialEq)]
 enum WriteStage {
     Queued,
@@ -520,7 +527,7 @@ impl Pipe {
             io_failed: false,
             op_error: None,
         });
-        self.advance();
+        self.advance_one(Kind::Write);
         Ok(id)
     }
 
@@ -535,7 +542,7 @@ impl Pipe {
         if let Some(error) = self.error.clone() {
             self.fail_waiting_reads(&error);
         }
-        self.advance();
+        self.advance_one(Kind::Read);
         id
     }
 
@@ -651,7 +658,7 @@ impl Pipe {
             r.stage = ReadStage::Reading { pending, failed };
         }
         self.keep_descriptor(desc);
-        self.advance();
+        self.advance_one(Kind::Read);
         Ok(())
     }
 
@@ -696,12 +703,12 @@ impl Pipe {
         if result.is_err() {
             self.mark_failed(op);
         }
-        self.io_done(op)?;
+        let kind_of_op = self.io_done(op)?;
         if let Err(kind) = result {
             let conn = self.primary;
             self.fail(PipeError::Connection { conn, kind });
         }
-        self.complete();
+        self.complete_one(kind_of_op);
         Ok(())
     }
 
@@ -718,11 +725,11 @@ impl Pipe {
         if result.is_err() {
             self.mark_failed(op);
         }
-        self.io_done(op)?;
+        let kind_of_op = self.io_done(op)?;
         if let Err(kind) = result {
             self.fail(PipeError::Channel { channel, kind });
         }
-        self.complete();
+        self.complete_one(kind_of_op);
         Ok(())
     }
 
@@ -740,13 +747,14 @@ impl Pipe {
         }
     }
 
-    fn io_done(&mut self, op: OpId) -> Result<(), CommandError> {
+    /// Counts one I/O of `op` done; says whether `op` is a write or a read.
+    fn io_done(&mut self, op: OpId) -> Result<Kind, CommandError> {
         if let Some(w) = self.writes.iter_mut().find(|w| w.id == op && w.pending > 0) {
             w.pending = w.pending.saturating_sub(1);
             if self.error.is_some() {
                 w.io_failed = true;
             }
-            return Ok(());
+            return Ok(Kind::Write);
         }
         for r in &mut self.reads {
             if r.id == op
@@ -757,7 +765,7 @@ impl Pipe {
                 if self.error.is_some() {
                     *failed = true;
                 }
-                return Ok(());
+                return Ok(Kind::Read);
             }
         }
         Err(CommandError::UnknownOp(op))
@@ -838,8 +846,13 @@ impl Pipe {
                     Expect::Descriptor(op) => self.on_descriptor(conn, op, frame),
                     Expect::Reply(op) => self.on_reply(conn, op, frame),
                 };
-                if let Err(e) = outcome {
-                    self.fail(e);
+                match outcome {
+                    Err(e) => self.fail(e),
+                    // A descriptor moves its read on to awaiting its buffers, and that is
+                    // all: the reads after it wait behind it, no write depends on it, and
+                    // nothing completes — there is nothing to advance.
+                    Ok(()) if matches!(expect, Expect::Descriptor(_)) => return,
+                    Ok(()) => {}
                 }
             }
         }
@@ -1157,6 +1170,38 @@ impl Pipe {
     fn complete(&mut self) {
         self.complete_writes();
         self.complete_reads();
+    }
+
+    /// [`Pipe::advance`] after a command that changed only operations of one kind (a
+    /// new write; a new read, or a read given its buffers): operations of the other
+    /// kind can neither be issued nor completed by it. Before the pipe is established,
+    /// or once it failed, everything is looked at.
+    fn advance_one(&mut self, kind: Kind) {
+        if self.phase != Phase::Established || self.error.is_some() {
+            return self.advance();
+        }
+        match kind {
+            Kind::Write => {
+                self.advance_writes();
+                self.complete_writes();
+            }
+            Kind::Read => {
+                self.advance_reads();
+                self.complete_reads();
+            }
+        }
+    }
+
+    /// [`Pipe::complete`] after an I/O of an operation of `kind` finished; everything
+    /// once the pipe failed (its error completes operations of both kinds).
+    fn complete_one(&mut self, kind: Kind) {
+        if self.error.is_some() {
+            return self.complete();
+        }
+        match kind {
+            Kind::Write => self.complete_writes(),
+            Kind::Read => self.complete_reads(),
+        }
     }
 
     fn advance_writes(&mut self) {
