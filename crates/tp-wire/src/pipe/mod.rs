@@ -432,6 +432,7 @@ impl Pipe {
 
     /// Returns the next connection action.
     #[must_use]
+    #[inline]
     pub fn poll_io(&mut self) -> Option<Io> {
         self.io.pop_front()
     }
@@ -473,6 +474,7 @@ impl Pipe {
 
     /// Returns the next channel action.
     #[must_use]
+    #[inline]
     pub fn poll_channel_op(&mut self) -> Option<ChannelOp> {
         self.chan_ops.pop_front()
     }
@@ -488,6 +490,7 @@ impl Pipe {
 
     /// Returns the next event.
     #[must_use]
+    #[inline]
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
