@@ -29,9 +29,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Poll, Waker};
 
-use futures::channel::{mpsc, oneshot};
+use futures::FutureExt;
+use futures::channel::oneshot;
 use futures::future::{BoxFuture, join, join_all};
-use futures::{FutureExt, StreamExt};
 use tp_channel::{BoxChannel, ChannelError, Device, RecvBuf, SendBuf};
 use tp_transport::{BoxConnection, TransportError};
 use tp_wire::frame::{FrameHeader, HEADER_LEN};
@@ -42,6 +42,8 @@ use tp_wire::pipe::{
 use tp_wire::{Instant, Limits};
 
 use crate::context::Context;
+
+mod act_queue;
 
 /// A payload: bytes the pipe writes on its primary connection.
 #[derive(Debug, Default)]
@@ -200,8 +202,8 @@ enum ReadAct {
 }
 
 struct ConnHandle {
-    writes: mpsc::UnboundedSender<WriteAct>,
-    reads: mpsc::UnboundedSender<ReadAct>,
+    writes: act_queue::Sender<WriteAct>,
+    reads: act_queue::Sender<ReadAct>,
     /// The connection, once it exists: reads and writes are started inline through it.
     conn: Option<Arc<BoxConnection>>,
     /// Read actions queued for (or being done by) the connection's task; a read is
@@ -257,11 +259,10 @@ impl ConnHandle {
     }
 }
 
-fn queue<A>(tx: &mpsc::UnboundedSender<A>, busy: &AtomicUsize, act: A) -> Result<(), A> {
+fn queue<A>(tx: &act_queue::Sender<A>, busy: &AtomicUsize, act: A) -> Result<(), A> {
     busy.fetch_add(1, Ordering::AcqRel);
-    tx.unbounded_send(act).map_err(|e| {
+    tx.send(act).inspect_err(|_| {
         busy.fetch_sub(1, Ordering::AcqRel);
-        e.into_inner()
     })
 }
 
@@ -452,8 +453,8 @@ impl Shared {
         id: ConnId,
         conn: BoxFuture<'static, Result<BoxConnection, TransportError>>,
     ) {
-        let (wtx, wrx) = mpsc::unbounded();
-        let (rtx, rrx) = mpsc::unbounded();
+        let (wtx, wrx) = act_queue::queue();
+        let (rtx, rrx) = act_queue::queue();
         let reads_busy = Arc::new(AtomicUsize::new(0));
         let writes_busy = Arc::new(AtomicUsize::new(0));
         core.conns.insert(
@@ -477,8 +478,8 @@ impl Shared {
         self: Arc<Self>,
         id: ConnId,
         conn: BoxFuture<'static, Result<BoxConnection, TransportError>>,
-        (writes, writes_busy): (mpsc::UnboundedReceiver<WriteAct>, Arc<AtomicUsize>),
-        (reads, reads_busy): (mpsc::UnboundedReceiver<ReadAct>, Arc<AtomicUsize>),
+        (writes, writes_busy): (act_queue::Receiver<WriteAct>, Arc<AtomicUsize>),
+        (reads, reads_busy): (act_queue::Receiver<ReadAct>, Arc<AtomicUsize>),
     ) {
         let conn = match conn.await {
             Ok(c) => {
@@ -510,7 +511,7 @@ impl Shared {
         self: &Arc<Self>,
         id: ConnId,
         conn: Option<&BoxConnection>,
-        mut acts: mpsc::UnboundedReceiver<WriteAct>,
+        mut acts: act_queue::Receiver<WriteAct>,
         busy: &AtomicUsize,
     ) -> Option<oneshot::Sender<BoxConnection>> {
         let mut failed = conn.is_none();
@@ -558,7 +559,7 @@ impl Shared {
         self: &Arc<Self>,
         id: ConnId,
         conn: Option<&BoxConnection>,
-        mut acts: mpsc::UnboundedReceiver<ReadAct>,
+        mut acts: act_queue::Receiver<ReadAct>,
         busy: &AtomicUsize,
     ) {
         let mut failed = conn.is_none();
