@@ -712,8 +712,8 @@ impl Shared {
         }
     }
 
-    /// Reads a frame: now if its bytes are there; else inline, if nothing is queued on
-    /// the connection's reading side; else on the connection's task.
+    /// Reads a frame: now if its bytes are there; its body inline if only the header
+    /// was (nothing may come between the two); else on the connection's task.
     fn recv_frame(self: &Arc<Self>, core: &mut Core, conn: ConnId) {
         let finish = move |core: &mut Core, r: Result<Vec<u8>, IoErrorKind>| match r {
             Ok(frame) => {
@@ -1431,6 +1431,10 @@ impl<V> Slots<V> {
 }
 
 /// Where one kind of operation's results wait for their futures.
+///
+/// Like [`Slots`], the operation being issued stays out of the map; unlike it, only
+/// its id is held until a result comes (`Slots<Completion<T>>` would carry an empty
+/// completion through every command: ~2% more instructions per small message).
 struct Results<T> {
     /// Operations whose futures wait, by id.
     waiting: IdMap<OpId, Completion<T>>,
