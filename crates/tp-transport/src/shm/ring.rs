@@ -15,12 +15,20 @@
 //! | 72 | `producer_parked: u32` | producer |
 //! | 76 | `producer_closed: u32` | producer |
 //! | 128 | `tail: u64`, bytes ever read | consumer |
-//! | 136 | `consumer_parked: u32` | consumer |
-//! | 140 | `consumer_closed: u32` | consumer |
-//! | 192 | data, `capacity` bytes; byte `n` of the stream lives at `n % capacity` | |
+//! | 192 | `consumer_parked: u32` | consumer |
+//! | 196 | `consumer_closed: u32` | consumer |
+//! | 256 | data, `capacity` bytes; byte `n` of the stream lives at `n % capacity` | |
 //!
 //! `head` and `tail` never wrap (2^64 bytes is centuries at memory speed); `head - tail`
 //! is the number of readable bytes and is at most `capacity`.
+//!
+//! Each 64-byte line is laid out by who writes it and how often the other side reads it.
+//! The consumer's flags sit on a line of their own, away from `tail`: the producer reads
+//! them after every write, and were they beside `tail`, every write would pull the
+//! consumer's line into a shared state, so that the consumer's next `tail` store waited
+//! for the line to come back across cores — on the path of every message. (Measured:
+//! an 8 B pipe round trip over shm fell from 1.75–1.80 µs to 1.65–1.69 µs.) The
+//! producer's flags can stay beside `head`: the consumer reads that line anyway.
 //!
 //! # Synchronisation
 //!
@@ -41,10 +49,11 @@ use core::cell::Cell;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
-/// Written at offset 0 once the ring is initialised ("tpRING\0\x01").
-pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"tpRING\x00\x01");
+/// Written at offset 0 once the ring is initialised ("tpRING\0\x02"; the last byte is
+/// the layout's version, so ends built with different layouts refuse each other).
+pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"tpRING\x00\x02");
 /// Size of the header; data starts here.
-pub const HEADER_LEN: usize = 192;
+pub const HEADER_LEN: usize = 256;
 
 /// The shared header. Only atomics: it may be mapped in several processes at once.
 #[derive(Debug)]
@@ -58,9 +67,10 @@ pub struct RingHeader {
     producer_closed: AtomicU32,
     _pad1: [u64; 6],
     tail: AtomicU64,
+    _pad2: [u64; 7],
     consumer_parked: AtomicU32,
     consumer_closed: AtomicU32,
-    _pad2: [u64; 6],
+    _pad3: [u64; 7],
 }
 
 const _: () = assert!(size_of::<RingHeader>() == HEADER_LEN);
@@ -564,6 +574,21 @@ mod tests {
 
     fn base<const N: usize>(r: &mut Region<N>) -> NonNull<u8> {
         NonNull::from(&mut r.0).cast()
+    }
+
+    #[test]
+    fn header_fields_sit_on_the_documented_lines() {
+        use core::mem::offset_of;
+        assert_eq!(offset_of!(RingHeader, magic), 0);
+        assert_eq!(offset_of!(RingHeader, capacity), 8);
+        assert_eq!(offset_of!(RingHeader, head), 64);
+        assert_eq!(offset_of!(RingHeader, producer_parked), 72);
+        assert_eq!(offset_of!(RingHeader, producer_closed), 76);
+        assert_eq!(offset_of!(RingHeader, tail), 128);
+        // The flags the producer reads after every write: not on `tail`'s line.
+        assert_eq!(offset_of!(RingHeader, consumer_parked), 192);
+        assert_eq!(offset_of!(RingHeader, consumer_closed), 196);
+        assert_eq!(HEADER_LEN, 256);
     }
 
     #[test]
