@@ -418,6 +418,8 @@ impl Stream for ShmIo {
             }
             let ready = || {
                 let inbox = lock(&self.inbox);
+                // The data's lines travel alongside `head`'s (see `prefetch_next`).
+                inbox.prefetch_next();
                 inbox.readable() > 0 || inbox.peer_closed()
             };
             if self.spin_until(ready).await && lock(&self.inbox).readable() > 0 {

@@ -54,6 +54,9 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"tpRING\x00\x02");
 /// Size of the header; data starts here.
 pub const HEADER_LEN: usize = 256;
+/// Lines [`Consumer::prefetch_next`] asks for: a small message (a frame and a few short
+/// payloads) fits in two.
+pub const PREFETCH_LINES: u64 = 2;
 
 /// The shared header. Only atomics: it may be mapped in several processes at once.
 #[derive(Debug)]
@@ -480,6 +483,24 @@ impl Consumer {
         // `head` comes from the peer: never report more than the ring holds.
         let avail = head.wrapping_sub(self.tail).min(self.view.capacity);
         usize::try_from(avail).unwrap_or(0)
+    }
+
+    /// Asks the CPU to fetch the lines the next bytes will be read from (the first
+    /// [`PREFETCH_LINES`] at `tail`), without reading them. A consumer that waits for
+    /// data calls this with each look at `head`: the fetch of the data then overlaps the
+    /// fetch of `head` instead of following it, one transfer between cores fewer on the
+    /// way to a small message's first byte. A hint only: no memory is accessed, so it
+    /// races with nothing the producer does.
+    pub fn prefetch_next(&self) {
+        #[cfg(target_arch = "x86_64")]
+        for line in 0..PREFETCH_LINES {
+            use core::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+            let off = self.view.offset(self.tail.wrapping_add(line * 64));
+            let p = self.view.data.as_ptr().wrapping_add(off).cast::<i8>();
+            // SAFETY: a prefetch reads nothing and faults on nothing; the address is
+            // inside the data area anyway (`offset` masks into it).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p) };
+        }
     }
 
     /// Copies up to `dst.len()` readable bytes into `dst` and frees their space; returns
