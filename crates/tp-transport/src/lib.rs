@@ -147,6 +147,13 @@ pub trait Connection: fmt::Debug + Send + Sync {
         false
     }
 
+    /// Whether [`Connection::try_read_exact`] can ever say yes: the peer's bytes land in
+    /// memory this end looks at (shm's ring), so a reader that waits for them can look
+    /// for them itself, with no wake-up in between. The default says no.
+    fn reads_now(&self) -> bool {
+        false
+    }
+
     /// Reads one length-prefixed frame of at most `limit` bytes.
     ///
     /// A larger announced length closes the connection with

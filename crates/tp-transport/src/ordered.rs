@@ -154,6 +154,10 @@ impl<S: Stream + std::fmt::Debug> Connection for Ordered<S> {
         S::NOW && self.check().is_ok() && self.reads.try_now(|| self.stream.try_read_into(buf))
     }
 
+    fn reads_now(&self) -> bool {
+        S::NOW
+    }
+
     fn read_frame(&self, limit: u64) -> BoxFuture<'_, Result<Vec<u8>, TransportError>> {
         let turn = self.reads.turn();
         let io = async move {
@@ -224,6 +228,10 @@ macro_rules! ordered_connection {
 
             fn try_read_exact(&self, buf: &mut [u8]) -> bool {
                 self.inner.try_read_exact(buf)
+            }
+
+            fn reads_now(&self) -> bool {
+                $crate::Connection::reads_now(&*self.inner)
             }
 
             fn read_frame(

@@ -325,6 +325,9 @@ pub(super) async fn now_or_nothing_ops_keep_the_stream_in_order(
     // The transports that have a path for operations that need no waiting.
     let fast = t.name() == "shm";
     let (c, s) = pair(&t, addr).await;
+    // And says so: the pipe looks for such a transport's frames itself.
+    assert_eq!(c.reads_now(), fast);
+    assert_eq!(s.reads_now(), fast);
     let wrote = c.try_write(&[b"ab", b"c"]);
     assert_eq!(wrote, fast);
     if !wrote {

@@ -492,6 +492,9 @@ impl Stream for ShmIo {
         let wake = {
             let mut inbox = lock(&self.inbox);
             if !inbox.read_exact_now(buf) {
+                // A reader that finds nothing usually looks again (the pipe's futures
+                // do, for a watched frame): its bytes' lines travel alongside `head`'s.
+                inbox.prefetch_next();
                 return false;
             }
             inbox.wake_producer()
