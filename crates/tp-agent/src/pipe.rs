@@ -11,7 +11,10 @@
 //!   for it, when nothing is queued on that side (a frame goes out together with the
 //!   payloads that follow it); only what must wait is queued on the task. Every payload
 //!   action is reported back exactly once, also after a failure (the state machine
-//!   needs that to know the user's memory is free).
+//!   needs that to know the user's memory is free). A frame that must wait on a
+//!   connection whose bytes can be looked for (shm) is *watched* instead: the pipe's
+//!   waiting futures look for it themselves, and the task steps in only if they stop
+//!   (see [`FrameWatch`]).
 //! - When a channel has all its connections, their tasks hand the connections over
 //!   once every pipe write queued on them was issued, and the channel is created on
 //!   them; channel operations wait for that, then run in the order asked.
@@ -28,6 +31,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Poll, Waker};
+use std::time::Duration;
 
 use futures::FutureExt;
 use futures::channel::oneshot;
@@ -190,6 +194,9 @@ enum WriteAct {
 
 enum ReadAct {
     Frame,
+    /// Frame watch `id` started (see [`FrameWatch`]): read its frame if the futures
+    /// stop looking for it. Not counted busy until then, so that they may read it.
+    Watch(u64),
     Payload {
         op: OpId,
         index: usize,
@@ -334,7 +341,47 @@ struct Core {
     spare_frame: Vec<u8>,
     /// The payloads that go out with a frame, gathered by [`Shared::pump`].
     send_batch: Vec<(OpId, usize)>,
+    /// The frame read the pipe's waiting futures look for, if any.
+    frame_watch: Option<FrameWatch>,
+    /// Watches started so far: numbers them.
+    watches: u64,
+    /// The task of the future that last looked for a watched frame: the connection's
+    /// task wakes it to look again (a future never wakes itself from its own poll,
+    /// which an executor that polls inside `wake` could not take).
+    frame_looker: Option<Waker>,
 }
+
+/// A frame read, not there yet when asked for, on a connection whose bytes can be looked
+/// for ([`tp_transport::Connection::reads_now`]: shm), left to the pipe's futures.
+///
+/// Queued on the connection's task, such a read costs a hop between tasks once its
+/// bytes come: the task reads the frame and wakes the future waiting for what it
+/// completes, which runs only after the task yields. A future that waits looks for the
+/// bytes itself instead, in bursts like the task's spin ([`look_for_frame`]), reads the
+/// frame in the poll that sees them and returns its result from that poll.
+///
+/// The connection's task is told too ([`ReadAct::Watch`], not counted busy). While the
+/// watch lasts it wakes the last future to look after each of that future's bursts, so
+/// that it looks again once the thread's other tasks ran; it takes the read over,
+/// counted, once the watch is [`WATCH_FOR`] old or anything is queued behind the frame:
+/// a frame nobody waits for is still read, at most that much later. Both sides decide
+/// under the core's lock, so exactly one of them reads the frame.
+struct FrameWatch {
+    conn: ConnId,
+    id: u64,
+    /// When the watch started.
+    since: std::time::Instant,
+}
+
+/// How long futures may look for a watched frame; then its connection's task reads it
+/// (and, on shm, spins and then parks as the transport does). A small message's reply
+/// comes within a few microseconds; a later one gains nothing from the looks.
+const WATCH_FOR: Duration = Duration::from_micros(20);
+/// One look of a waiting future lasts this long before it lets its thread's other
+/// tasks run (as the shm transport's spin bursts do).
+const WATCH_BURST: Duration = Duration::from_micros(4);
+/// Looks between two readings of the clock.
+const LOOKS_PER_CLOCK: u32 = 16;
 
 /// The largest frame buffer kept for reuse; a larger one is freed after its frame.
 const SPARE_FRAME_MAX: usize = 64 << 10;
@@ -389,6 +436,9 @@ impl Shared {
                 timer: None,
                 closed: None,
                 spare_frame: Vec::new(),
+                frame_watch: None,
+                watches: 0,
+                frame_looker: None,
                 send_batch: Vec::new(),
             }),
             pool: ctx.pool().clone(),
@@ -555,6 +605,32 @@ impl Shared {
         None
     }
 
+    /// Waits while futures look for the frame of watch `id`; `true` once this task
+    /// takes the read over (counted busy from then on), `false` if a future read it.
+    async fn take_watch(&self, id: u64, busy: &AtomicUsize) -> bool {
+        loop {
+            let looker = {
+                let mut core = self.lock();
+                let Some(w) = core.frame_watch.as_ref().filter(|w| w.id == id) else {
+                    return false;
+                };
+                if busy.load(Ordering::Acquire) > 0 || w.since.elapsed() >= WATCH_FOR {
+                    // Under the core's lock: a future's next look sees the watch gone
+                    // and the connection busy.
+                    core.frame_watch = None;
+                    busy.fetch_add(1, Ordering::AcqRel);
+                    return true;
+                }
+                core.frame_looker.take()
+            };
+            // Outside the lock: the looker may be polled right inside `wake`.
+            if let Some(w) = looker {
+                w.wake();
+            }
+            tp_transport::spin::yield_once().await;
+        }
+    }
+
     async fn read_loop(
         self: &Arc<Self>,
         id: ConnId,
@@ -566,9 +642,17 @@ impl Shared {
         // The buffer frames are read into here, kept from one to the next.
         let mut buf = Vec::new();
         while let Some(act) = acts.next().await {
-            let _done = Done(busy);
+            // A watch is counted only once this task takes its read over.
+            let _done = (!matches!(act, ReadAct::Watch(_))).then(|| Done(busy));
             match act {
-                ReadAct::Frame => {
+                ReadAct::Frame | ReadAct::Watch(_) => {
+                    if let ReadAct::Watch(watch) = act
+                        && !self.take_watch(watch, busy).await
+                    {
+                        // A future read it.
+                        continue;
+                    }
+                    let _taken = matches!(act, ReadAct::Watch(_)).then(|| Done(busy));
                     let Some(c) = conn.filter(|_| !failed) else {
                         continue;
                     };
@@ -670,9 +754,8 @@ impl Shared {
             }
             if let Some(at) = deadline {
                 let me = self.clone();
-                let wait = std::time::Duration::from_nanos(
-                    at.as_nanos().saturating_sub(self.now().as_nanos()),
-                );
+                let wait =
+                    Duration::from_nanos(at.as_nanos().saturating_sub(self.now().as_nanos()));
                 let (timer, handle) = futures::future::abortable(async move {
                     async_io::Timer::after(wait).await;
                     let now = me.now();
@@ -713,26 +796,53 @@ impl Shared {
     }
 
     /// Reads a frame: now if its bytes are there; its body inline if only the header
-    /// was (nothing may come between the two); else on the connection's task.
+    /// was (nothing may come between the two); else watched by the pipe's futures, or on
+    /// the connection's task.
     fn recv_frame(self: &Arc<Self>, core: &mut Core, conn: ConnId) {
-        let finish = move |core: &mut Core, r: Result<Vec<u8>, IoErrorKind>| match r {
-            Ok(frame) => {
-                core.pipe.handle_frame(conn, &frame);
-                // Its buffer serves the next frame read here.
-                if frame.capacity() <= SPARE_FRAME_MAX && core.spare_frame.capacity() == 0 {
-                    core.spare_frame = frame;
-                }
-            }
-            Err(kind) => core.pipe.handle_connection_error(conn, kind),
+        if self.frame_now(core, conn) {
+            return;
+        }
+        let Some(h) = core.conns.get(&conn) else {
+            return;
         };
+        // Watched only where looking can find the bytes, with nothing queued ahead on
+        // the task (the futures may read only when it is idle), one frame at a time.
+        let watch = core.frame_watch.is_none()
+            && h.conn.as_ref().is_some_and(|c| c.reads_now())
+            && h.busy(Side::Read).load(Ordering::Acquire) == 0;
+        let queued = if watch {
+            let id = core.watches.wrapping_add(1);
+            h.reads.send(ReadAct::Watch(id)).is_ok().then_some(id)
+        } else {
+            h.queue_read(ReadAct::Frame).is_ok().then_some(0)
+        };
+        match queued {
+            Some(id) if watch => {
+                core.watches = id;
+                core.frame_watch = Some(FrameWatch {
+                    conn,
+                    id,
+                    since: std::time::Instant::now(),
+                });
+            }
+            Some(_) => {}
+            // The connection's task is gone: the frame can never be read.
+            None => finish_frame(core, conn, Err(IoErrorKind::Other)),
+        }
+    }
+
+    /// Reads a frame from `conn` if its bytes are there: all of it now, or its body
+    /// inline if only the header was. `false`, having read nothing, if none was there.
+    fn frame_now(self: &Arc<Self>, core: &mut Core, conn: ConnId) -> bool {
         let spare = std::mem::take(&mut core.spare_frame);
         match read_frame_now(&core.conns, conn, &self.limits, spare) {
-            Now::Done(r) => finish(core, r),
+            Now::Done(r) => finish_frame(core, conn, r),
             Now::Partly(mut frame) => {
                 // The header was there, the body is not yet: the body is the next read
                 // on this connection, ahead of anything issued later.
                 let Some(c) = inline_conn(core, conn, Side::Read) else {
-                    return finish(core, Err(IoErrorKind::Other));
+                    finish_frame(core, conn, Err(IoErrorKind::Other));
+                    return true;
                 };
                 let io = async move {
                     c.read_exact(frame.get_mut(HEADER_LEN..).unwrap_or_default())
@@ -740,19 +850,16 @@ impl Shared {
                         .map(|()| frame)
                         .map_err(|e| kind_of(&e))
                 };
-                self.inline(core, conn, Side::Read, io.boxed(), finish);
+                self.inline(core, conn, Side::Read, io.boxed(), move |core, r| {
+                    finish_frame(core, conn, r);
+                });
             }
             Now::Nothing(spare) => {
-                // Not there yet: the connection's task waits for it (polling it here
-                // first would only look again, at the cost of two boxed futures).
                 core.spare_frame = spare;
-                if let Some(h) = core.conns.get(&conn)
-                    && h.queue_read(ReadAct::Frame).is_err()
-                {
-                    finish(core, Err(IoErrorKind::Other));
-                }
+                return false;
             }
         }
+        true
     }
 
     /// Reads payload `index` of read `op` into its buffer: now if the bytes are there;
@@ -1327,6 +1434,20 @@ enum Now<T, P> {
     Nothing(P),
 }
 
+/// Hands a frame read from `conn` (or the failure to read it) to the state machine;
+/// keeps its buffer for the next frame read now.
+fn finish_frame(core: &mut Core, conn: ConnId, r: Result<Vec<u8>, IoErrorKind>) {
+    match r {
+        Ok(frame) => {
+            core.pipe.handle_frame(conn, &frame);
+            if frame.capacity() <= SPARE_FRAME_MAX && core.spare_frame.capacity() == 0 {
+                core.spare_frame = frame;
+            }
+        }
+        Err(kind) => core.pipe.handle_connection_error(conn, kind),
+    }
+}
+
 /// Reads a frame from connection `id` now, as far as its bytes are there (see
 /// [`tp_transport::Connection::try_read_exact`]), into `buf`'s room.
 fn read_frame_now(
@@ -1604,7 +1725,14 @@ impl<T: OpKind> Future for OpFuture<T> {
                         if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                             *waker = Some(cx.waker().clone());
                         }
-                        return Poll::Pending;
+                        if core.frame_watch.is_none() {
+                            return Poll::Pending;
+                        }
+                        drop(core);
+                        match look_for_frame::<T>(shared, *op, cx) {
+                            Some(r) => Some(r),
+                            None => return Poll::Pending,
+                        }
                     }
                     Some(Completion { result, .. }) => {
                         let r = result.take();
@@ -1624,6 +1752,73 @@ impl<T: OpKind> Future for OpFuture<T> {
             None => panic!("a pipe operation's future was polled after it completed"),
         }
     }
+}
+
+/// Looks for the bytes of the pipe's watched frame for one burst ([`WATCH_BURST`]) and
+/// reads the frame once they are there, for the whole pipe (see [`FrameWatch`]).
+/// Returns `op`'s result as soon as anything completed it. At the burst's end it leaves
+/// `cx`'s waker for the connection's task to wake, to look again after the thread's
+/// other tasks ran — unless the futures' time to look is over (the task reads the
+/// frame then, and the operation's own waker is woken when it completes).
+fn look_for_frame<T: OpKind>(
+    shared: &Arc<Shared>,
+    op: OpId,
+    cx: &mut std::task::Context<'_>,
+) -> Option<T> {
+    let start = std::time::Instant::now();
+    loop {
+        for _ in 0..LOOKS_PER_CLOCK {
+            let mut core = shared.lock();
+            let Some(conn) = core.frame_watch.as_ref().map(|w| w.conn) else {
+                // Read, here or by the connection's task.
+                return take_result(&mut core, op);
+            };
+            if shared.frame_now(&mut core, conn) {
+                core.frame_watch = None;
+                // What this completes does not wake this very task for `op`: its result
+                // is taken right here (an executor that polls inside `wake` would
+                // re-enter this poll).
+                let own = T::table(&mut core)
+                    .get_mut(&op)
+                    .and_then(|c| c.waker.take());
+                // Which may watch the next frame.
+                shared.pump(&mut core);
+                if let Some(r) = take_result(&mut core, op) {
+                    return Some(r);
+                }
+                if let Some(c) = T::table(&mut core).get_mut(&op) {
+                    c.waker = own;
+                }
+                continue;
+            }
+            drop(core);
+            std::hint::spin_loop();
+        }
+        if start.elapsed() >= WATCH_BURST {
+            break;
+        }
+    }
+    let mut core = shared.lock();
+    if core
+        .frame_watch
+        .as_ref()
+        .is_some_and(|w| w.since.elapsed() < WATCH_FOR)
+        && !core
+            .frame_looker
+            .as_ref()
+            .is_some_and(|l| l.will_wake(cx.waker()))
+    {
+        core.frame_looker = Some(cx.waker().clone());
+    }
+    take_result(&mut core, op)
+}
+
+/// Takes `op`'s result out of its table, if it is there.
+fn take_result<T: OpKind>(core: &mut Core, op: OpId) -> Option<T> {
+    let table = T::table(core);
+    let r = table.get_mut(&op)?.result.take()?;
+    table.remove(&op);
+    Some(r)
 }
 
 impl<T: OpKind> Drop for OpFuture<T> {
@@ -1818,6 +2013,10 @@ impl tp_transport::Connection for SharedConn {
         self.0.try_read_exact(buf)
     }
 
+    fn reads_now(&self) -> bool {
+        self.0.reads_now()
+    }
+
     fn read_frame(&self, limit: u64) -> BoxFuture<'_, Result<Vec<u8>, TransportError>> {
         self.0.read_frame(limit)
     }
@@ -1874,5 +2073,84 @@ mod tests {
         r.complete(OpId(6), 60);
         assert_eq!(r.waiting.get(&OpId(5)).and_then(|c| c.result), Some(50));
         assert_eq!(r.waiting.len(), 1);
+    }
+
+    /// Over shm a frame that is not there yet is watched; when no future looks for it,
+    /// its connection's task reads it all the same, and its operation completes without
+    /// a single poll.
+    #[test]
+    fn a_watched_frame_no_future_looks_for_is_read_by_the_connection_task() {
+        use futures::executor::block_on;
+        let server_ctx = Arc::new(Context::new("server"));
+        let client_ctx = Arc::new(Context::new("client"));
+        let listener = server_ctx.listen(&["shm://"]).unwrap();
+        let client = client_ctx.connect(&listener.urls()[0]).unwrap();
+        let server = block_on(listener.accept()).unwrap();
+        let message = |b: u8| Message {
+            metadata: vec![b],
+            payloads: vec![Payload {
+                data: vec![b; 5],
+                metadata: Vec::new(),
+            }],
+            tensors: Vec::new(),
+        };
+        // One message first: both ends established.
+        let (_, w) = block_on(client.write(message(9)));
+        w.unwrap();
+        let incoming = block_on(server.read_descriptor()).unwrap();
+        let alloc = Allocation::for_descriptor(&incoming.descriptor);
+        block_on(server.read(incoming, alloc)).1.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for round in 0..3u8 {
+            // The connection's task may still be finishing the last frame it read (a
+            // frame is watched only when nothing is queued there).
+            while server
+                .shared
+                .lock()
+                .conns
+                .values()
+                .any(|h| h.reads_busy.load(Ordering::Acquire) > 0)
+            {
+                assert!(std::time::Instant::now() < deadline, "the task never idled");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Issued, never polled: there is nothing to read yet, so it is watched (and
+            // may be taken over by the task already: a watch lasts `WATCH_FOR`).
+            let watches = server.shared.lock().watches;
+            let descriptor = server.read_descriptor();
+            let op = {
+                let core = server.shared.lock();
+                assert_eq!(core.watches, watches + 1, "round {round}: watched");
+                let waiting = &core.descriptor_results.waiting;
+                assert_eq!(waiting.len(), 1);
+                *waiting.keys().next().unwrap()
+            };
+            let (_, w) = block_on(client.write(message(round)));
+            w.unwrap();
+            loop {
+                let mut core = server.shared.lock();
+                let done = core
+                    .descriptor_results
+                    .waiting
+                    .get_mut(&op)
+                    .is_some_and(|c| c.result.is_some());
+                if done {
+                    assert!(core.frame_watch.is_none());
+                    break;
+                }
+                drop(core);
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "round {round}: the frame was never read"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let incoming = block_on(descriptor).unwrap();
+            assert_eq!(incoming.descriptor.metadata, vec![round]);
+            let alloc = Allocation::for_descriptor(&incoming.descriptor);
+            let (alloc, r) = block_on(server.read(incoming, alloc));
+            r.unwrap();
+            assert_eq!(alloc.payloads, vec![vec![round; 5]]);
+        }
     }
 }
