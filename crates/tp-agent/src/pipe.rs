@@ -14,7 +14,7 @@
 //!   needs that to know the user's memory is free). A frame that must wait on a
 //!   connection whose bytes can be looked for (shm) is *watched* instead: the pipe's
 //!   waiting futures look for it themselves, and the task steps in only if they stop
-//!   (see [`FrameWatch`]).
+//!   (see `FrameWatch`).
 //! - When a channel has all its connections, their tasks hand the connections over
 //!   once every pipe write queued on them was issued, and the channel is created on
 //!   them; channel operations wait for that, then run in the order asked.
@@ -2079,6 +2079,7 @@ mod tests {
     /// its connection's task reads it all the same, and its operation completes without
     /// a single poll.
     #[test]
+    #[cfg(feature = "shm")]
     fn a_watched_frame_no_future_looks_for_is_read_by_the_connection_task() {
         use futures::executor::block_on;
         let server_ctx = Arc::new(Context::new("server"));
