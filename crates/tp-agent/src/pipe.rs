@@ -396,6 +396,12 @@ pub(crate) struct Shared {
 }
 
 /// One end of a pipe.
+///
+/// Its operations' futures may be awaited on any executor. Over shm, a future polled
+/// while the frame it waits for is not there yet looks for it for up to 4 µs before it
+/// returns `Pending` (and is woken to look again, for up to 20 µs in all): a reply
+/// that comes within that time completes the operation in the poll that sees it, with
+/// no wake-up in between.
 pub struct Pipe {
     shared: Arc<Shared>,
 }
