@@ -36,6 +36,12 @@ pub(crate) trait Stream: Send + Sync + 'static {
     /// yes; when not, `Ordered` does not take its queue's lock to ask.
     const NOW: bool = false;
 
+    /// Whether the peer's bytes land where [`Stream::try_read_into`] finds them without
+    /// waiting for anything (shm's ring): a reader may then look for them itself (see
+    /// [`Connection::reads_now`]). A stream that only hands out bytes it already read
+    /// (tcp's read-ahead) says no.
+    const BY_LOOKING: bool = false;
+
     /// Fills `buf` now if the stream already holds that many bytes; otherwise reads
     /// nothing and returns `false` (errors too: the async path reports them). The
     /// default never reads.
@@ -155,7 +161,7 @@ impl<S: Stream + std::fmt::Debug> Connection for Ordered<S> {
     }
 
     fn reads_now(&self) -> bool {
-        S::NOW
+        S::BY_LOOKING
     }
 
     fn read_frame(&self, limit: u64) -> BoxFuture<'_, Result<Vec<u8>, TransportError>> {

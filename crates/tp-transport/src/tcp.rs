@@ -5,8 +5,11 @@
 //! [`Listener::address`](crate::Listener::address) then reports. An empty address listens on the guessed address
 //! ([`guess_address`]). Every connection sets `TCP_NODELAY`.
 //!
-//! Reads land directly in the caller's buffer, and the socket is read only while a read
-//! is pending: a reader that stops reading leaves the bytes in the kernel and the
+//! A read of less than [`READ_AHEAD`] bytes asks the socket for up to that many and keeps
+//! what it did not need for the reads after it, so a frame's header, its body and the
+//! small payloads behind it come in one system call; larger reads land directly in the
+//! caller's buffer. The socket is read only while a read is pending: a reader that stops
+//! reading leaves the bytes in the kernel (beyond at most [`READ_AHEAD`] of them) and the
 //! writer's window fills (backpressure).
 //!
 //! A peer that closes, resets or vanishes shows up as [`TransportError::Eof`].
@@ -20,7 +23,7 @@ use std::io::{self, IoSlice};
 use std::net::{
     IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener as StdListener, TcpStream, ToSocketAddrs,
 };
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use async_io::Async;
 use futures::future::BoxFuture;
@@ -230,11 +233,58 @@ impl Acceptor for TcpAcceptor {
     }
 }
 
+/// The most a small read asks the socket for ahead of what it needs.
+pub const READ_AHEAD: usize = 8 << 10;
+
 /// The raw byte stream under a [`TcpConnection`].
 #[derive(Debug)]
 struct TcpIo {
     stream: Async<TcpStream>,
     spin: Spin,
+    /// Bytes read from the socket that no read has taken yet (reads never overlap:
+    /// `Ordered` runs them one at a time).
+    ahead: Mutex<Ahead>,
+}
+
+/// Read-ahead bytes: `buf[start..end]`. `buf` is allocated on the first small read.
+#[derive(Debug, Default)]
+struct Ahead {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Ahead {
+    /// Moves as many held bytes as fit into `dst`; returns how many.
+    fn take(&mut self, dst: &mut [u8]) -> usize {
+        let held = self.buf.get(self.start..self.end).unwrap_or_default();
+        let n = held.len().min(dst.len());
+        if let (Some(to), Some(from)) = (dst.get_mut(..n), held.get(..n)) {
+            to.copy_from_slice(from);
+        }
+        self.start += n;
+        n
+    }
+
+    fn held(&self) -> usize {
+        self.end - self.start
+    }
+}
+
+impl TcpIo {
+    fn ahead(&self) -> std::sync::MutexGuard<'_, Ahead> {
+        self.ahead.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// One read from the socket into `buf` (spinning first if configured).
+    async fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // With TP_TCP_SPIN_US set, spin on the non-blocking socket before parking on
+        // the reactor: a reply already on its way arrives without a sleep and wake-up.
+        match self.spin.read(self.stream.get_ref(), buf) {
+            Some(r) => r,
+            None => (&self.stream).read(buf).await,
+        }
+    }
 }
 
 /// A peer that closes, resets or vanishes is the end of the stream.
@@ -249,23 +299,47 @@ fn map_io(op: &'static str, e: io::Error) -> TransportError {
 
 impl Stream for TcpIo {
     async fn read_into(&self, buf: &mut [u8]) -> Result<(), TransportError> {
-        let mut done = 0;
+        let mut done = self.ahead().take(buf);
         while done < buf.len() {
             let rest = buf.get_mut(done..).unwrap_or_default();
-            // With TP_TCP_SPIN_US set, spin on the non-blocking socket before parking on
-            // the reactor: a reply already on its way arrives without a sleep and wake-up.
-            let got = match self.spin.read(self.stream.get_ref(), rest) {
-                Some(r) => r,
-                None => (&self.stream).read(rest).await,
-            };
+            if rest.len() >= READ_AHEAD {
+                match self.read_some(rest).await {
+                    Ok(0) => return Err(TransportError::Eof),
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(map_io("read", e)),
+                }
+                continue;
+            }
+            // A small read: ask for up to READ_AHEAD and keep the rest. The (empty)
+            // buffer is taken out while the read waits; a read dropped meanwhile breaks
+            // the connection anyway (`Ordered`), so nothing held is lost.
+            let mut ahead = std::mem::take(&mut *self.ahead());
+            ahead.buf.resize(READ_AHEAD, 0);
+            let got = self.read_some(&mut ahead.buf).await;
+            (ahead.start, ahead.end) = (0, *got.as_ref().unwrap_or(&0));
+            done += ahead.take(rest);
+            *self.ahead() = ahead;
             match got {
                 Ok(0) => return Err(TransportError::Eof),
-                Ok(n) => done += n,
+                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(map_io("read", e)),
             }
         }
         Ok(())
+    }
+
+    /// Bytes already read ahead only: never a system call.
+    const NOW: bool = true;
+
+    fn try_read_into(&self, buf: &mut [u8]) -> bool {
+        let mut ahead = self.ahead();
+        if ahead.held() < buf.len() {
+            return false;
+        }
+        ahead.take(buf);
+        true
     }
 
     async fn write_from(&self, bufs: &[&[u8]]) -> Result<(), TransportError> {
@@ -369,6 +443,7 @@ impl TcpConnection {
             inner: Arc::new(Ordered::new(TcpIo {
                 stream,
                 spin: Spin::from_env(),
+                ahead: Mutex::new(Ahead::default()),
             })),
         })
     }
@@ -405,6 +480,37 @@ mod tests {
             "10.1.2.3:0".parse().unwrap()
         );
         assert_eq!(parse_address("localhost:7").unwrap().port(), 7);
+    }
+
+    /// A small read takes what came with it into the read-ahead; the reads after it
+    /// get those bytes first, now (`try_read_exact`) or as the start of a large read.
+    #[test]
+    fn small_reads_keep_what_came_with_them_for_the_reads_after() {
+        use crate::Transport;
+        futures::executor::block_on(async {
+            let t = TcpTransport::new();
+            let listener = t.listen("127.0.0.1:0").unwrap();
+            let (c, s) =
+                futures::future::join(t.connect(listener.address()), listener.accept()).await;
+            let (c, s) = (c.unwrap(), s.unwrap());
+            let big: Vec<u8> = (0..3 * READ_AHEAD).map(|i| (i % 251) as u8).collect();
+            c.write(&[b"head", b"body", &big]).await.unwrap();
+            let mut head = [0u8; 4];
+            s.read_exact(&mut head).await.unwrap();
+            assert_eq!(&head, b"head");
+            // The body came in the same segment: held, so taken now.
+            let mut body = [0u8; 4];
+            assert!(s.try_read_exact(&mut body), "the body was read ahead");
+            assert_eq!(&body, b"body");
+            assert!(
+                !s.try_read_exact(&mut [0u8; READ_AHEAD]),
+                "only what is held"
+            );
+            let mut got = vec![0u8; big.len()];
+            s.read_exact(&mut got).await.unwrap();
+            assert!(got == big, "held bytes first, then the socket's, in order");
+            assert!(!s.reads_now(), "tcp's bytes are not found by looking");
+        });
     }
 
     #[test]

@@ -356,8 +356,9 @@ pub(super) async fn now_or_nothing_ops_keep_the_stream_in_order(
     c.write(&[b"fg"]).await.unwrap();
     pending.await.unwrap();
     assert_eq!(&def, b"def");
+    // shm: in the ring; tcp: in its read-ahead if "g" came with "f" (not otherwise).
     let got = s.try_read_exact(&mut one);
-    assert_eq!(got, fast);
+    assert!(got || !fast);
     if !got {
         s.read_exact(&mut one).await.unwrap();
     }

@@ -487,6 +487,7 @@ impl Stream for ShmIo {
     }
 
     const NOW: bool = true;
+    const BY_LOOKING: bool = true;
 
     fn try_read_into(&self, buf: &mut [u8]) -> bool {
         let wake = {
