@@ -147,9 +147,11 @@ pub trait Connection: fmt::Debug + Send + Sync {
         false
     }
 
-    /// Whether [`Connection::try_read_exact`] can ever say yes: the peer's bytes land in
-    /// memory this end looks at (shm's ring), so a reader that waits for them can look
-    /// for them itself, with no wake-up in between. The default says no.
+    /// Whether the peer's bytes land in memory this end looks at (shm's ring), so that
+    /// [`Connection::try_read_exact`] finds them the moment they arrive: a reader that
+    /// waits for them can look for them itself, with no wake-up in between. The default
+    /// says no, as does tcp, whose `try_read_exact` only hands out bytes an earlier read
+    /// took from the socket.
     fn reads_now(&self) -> bool {
         false
     }

@@ -247,11 +247,17 @@ struct TcpIo {
 }
 
 /// Read-ahead bytes: `buf[start..end]`. `buf` is allocated on the first small read.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Ahead {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+}
+
+impl std::fmt::Debug for Ahead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ahead").field("held", &self.held()).finish()
+    }
 }
 
 impl Ahead {
