@@ -648,17 +648,16 @@ impl Shared {
         // The buffer frames are read into here, kept from one to the next.
         let mut buf = Vec::new();
         while let Some(act) = acts.next().await {
-            // A watch is counted only once this task takes its read over.
-            let _done = (!matches!(act, ReadAct::Watch(_))).then(|| Done(busy));
+            // A watch was not counted when queued: `take_watch` counts it once this task
+            // takes its read over; a future may have read it instead.
+            if let ReadAct::Watch(watch) = act
+                && !self.take_watch(watch, busy).await
+            {
+                continue;
+            }
+            let _done = Done(busy);
             match act {
                 ReadAct::Frame | ReadAct::Watch(_) => {
-                    if let ReadAct::Watch(watch) = act
-                        && !self.take_watch(watch, busy).await
-                    {
-                        // A future read it.
-                        continue;
-                    }
-                    let _taken = matches!(act, ReadAct::Watch(_)).then(|| Done(busy));
                     let Some(c) = conn.filter(|_| !failed) else {
                         continue;
                     };
@@ -818,12 +817,8 @@ impl Shared {
             && h.busy(Side::Read).load(Ordering::Acquire) == 0;
         let queued = if watch {
             let id = core.watches.wrapping_add(1);
-            h.reads.send(ReadAct::Watch(id)).is_ok().then_some(id)
-        } else {
-            h.queue_read(ReadAct::Frame).is_ok().then_some(0)
-        };
-        match queued {
-            Some(id) if watch => {
+            let sent = h.reads.send(ReadAct::Watch(id)).is_ok();
+            if sent {
                 core.watches = id;
                 core.frame_watch = Some(FrameWatch {
                     conn,
@@ -831,9 +826,13 @@ impl Shared {
                     since: std::time::Instant::now(),
                 });
             }
-            Some(_) => {}
+            sent
+        } else {
+            h.queue_read(ReadAct::Frame).is_ok()
+        };
+        if !queued {
             // The connection's task is gone: the frame can never be read.
-            None => finish_frame(core, conn, Err(IoErrorKind::Other)),
+            finish_frame(core, conn, Err(IoErrorKind::Other));
         }
     }
 
@@ -1722,30 +1721,22 @@ impl<T: OpKind> Future for OpFuture<T> {
             Self::Ready(r) => r.take(),
             Self::Waiting { shared, op } => {
                 let mut core = shared.lock();
-                let table = T::table(&mut core);
-                match table.get_mut(op) {
-                    Some(Completion {
-                        result: None,
-                        waker,
-                    }) => {
-                        if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                            *waker = Some(cx.waker().clone());
-                        }
-                        if core.frame_watch.is_none() {
-                            return Poll::Pending;
-                        }
-                        drop(core);
-                        match look_for_frame::<T>(shared, *op, cx) {
-                            Some(r) => Some(r),
-                            None => return Poll::Pending,
-                        }
+                if let Some(r) = take_result(&mut core, *op) {
+                    Some(r)
+                } else if let Some(c) = T::table(&mut core).get_mut(op) {
+                    if !c.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        c.waker = Some(cx.waker().clone());
                     }
-                    Some(Completion { result, .. }) => {
-                        let r = result.take();
-                        table.remove(op);
-                        r
+                    if core.frame_watch.is_none() {
+                        return Poll::Pending;
                     }
-                    None => None,
+                    drop(core);
+                    match look_for_frame::<T>(shared, *op, cx) {
+                        Some(r) => Some(r),
+                        None => return Poll::Pending,
+                    }
+                } else {
+                    None
                 }
             }
             Self::Done => None,
