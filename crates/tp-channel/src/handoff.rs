@@ -10,6 +10,18 @@
 //! Sends pipeline: a send writes its descriptor as soon as earlier sends wrote theirs,
 //! and waits for its acknowledgement in the same order. A send or receive abandoned
 //! between those two steps would leave the pairing unknown, so it closes the channel.
+//!
+//! **Help.** A sender waiting for its acknowledgement has nothing else to do, so a
+//! fetch may let it do part of the work ([`Fetch::offers_help`]; cma does, for large
+//! tensors). A descriptor that offers help keeps connection 0 to its send until the
+//! receiver has answered. The receiver may then ask, on connection 1, before its
+//! acknowledgement: byte 2, then a frame holding the fetch's request — "put bytes
+//! `from..` of yours in place yourself". It fetches `..from` meanwhile; the sender does
+//! the rest ([`Fetch::help`]) and answers on connection 0 with one byte: 0 done, 1
+//! failed (the receiver then fetches `from..` itself). From the request until the
+//! answer the sender may be writing into the receive buffer, so a receive that cannot
+//! hear the answer (closed, abandoned) never frees that buffer: it is leaked, as cma's
+//! abandoned sends are.
 
 use std::sync::Arc;
 
@@ -22,8 +34,24 @@ use crate::children::{Children, Close};
 use crate::ops::Ops;
 use crate::{BoxChannel, Channel, ChannelError, Device, RecvBuf, RecvDone, SendBuf, SendDone};
 
-/// Descriptors are small; anything longer is a protocol violation.
+/// Descriptors and help requests are small; anything longer is a protocol violation.
 const MAX_DESCRIPTOR: u64 = 64;
+
+/// Connection 1: the receiver fetched the tensor.
+const ACK_OK: u8 = 0;
+/// Connection 1: the receiver could not fetch the tensor.
+const ACK_FAILED: u8 = 1;
+/// Connection 1: a help request (a frame) follows.
+const ASK_HELP: u8 = 2;
+
+/// What a receiver asks of a sender that offered help ([`Fetch::ask_help`]).
+#[derive(Debug)]
+pub struct Help {
+    /// The receiver fetches bytes `..from` itself; the sender puts `from..` in place.
+    pub from: usize,
+    /// The request the sender's [`Fetch::help`] reads (at most 64 bytes).
+    pub request: Vec<u8>,
+}
 
 /// How a receiver gets at a sender's bytes.
 pub trait Fetch: Send + Sync + 'static {
@@ -53,6 +81,58 @@ pub trait Fetch: Send + Sync + 'static {
     /// Whether buffers on `device` can be sent and received. Default: the CPU only.
     fn accepts(&self, device: Device) -> bool {
         device == Device::CPU
+    }
+
+    /// Sender: whether to offer help with `held`; if so, says so in `descriptor` (what
+    /// `publish` made) and returns `true`. An offer keeps connection 0 to its send until
+    /// the receiver has answered, so sends issued after it (`queued`: some were when it
+    /// published) write their descriptors later. Default: never offers.
+    fn offer_help(&self, held: &Self::Held, queued: bool, descriptor: &mut Vec<u8>) -> bool {
+        let _ = (held, queued, descriptor);
+        false
+    }
+
+    /// Receiver: whether to ask the sender of `descriptor` for help with `dst`, and
+    /// what; `None` (the default) fetches it all here — and so must a fetch whose
+    /// descriptor did not offer help. `descriptor` stays in place until the sender has
+    /// answered, so the request may point into it.
+    ///
+    /// # Errors
+    /// A malformed descriptor or a length other than `dst`'s.
+    fn ask_help(
+        &self,
+        descriptor: &[u8],
+        dst: &mut dyn RecvBuf,
+    ) -> Result<Option<Help>, ChannelError> {
+        let _ = (descriptor, dst);
+        Ok(None)
+    }
+
+    /// Receiver: fills `dst[range]` only — a part of a tensor whose sender helps.
+    /// Called only by a fetch whose [`Fetch::ask_help`] asks. The default refuses.
+    ///
+    /// # Errors
+    /// As [`Fetch::fetch`].
+    fn fetch_part(
+        &self,
+        descriptor: &[u8],
+        dst: &mut dyn RecvBuf,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), ChannelError> {
+        let _ = (descriptor, dst, range);
+        Err(ChannelError::protocol(
+            "this channel cannot fetch part of a tensor",
+        ))
+    }
+
+    /// Sender: does what the receiver's help `request` asks with the bytes of `held`.
+    /// The default refuses (a fetch that never offers help never gets a request).
+    ///
+    /// # Errors
+    /// A malformed or unacceptable request, or a failed copy.
+    fn help(&self, held: &Self::Held, request: &[u8]) -> Result<(), ChannelError> {
+        let _ = (held, request);
+        Err(ChannelError::protocol("help was not offered"))
     }
 }
 
@@ -86,6 +166,89 @@ impl<F: Fetch> Inner<F> {
             });
         }
         self.ops.start(turn, len).await
+    }
+}
+
+impl<F: Fetch> Inner<F> {
+    /// Sender: reads a help request (its byte was read), does it, answers on
+    /// connection 0 and gives that connection's `turn` up. A failed copy is answered,
+    /// not returned: the receiver then fetches the rest itself.
+    async fn help(
+        &self,
+        held: &mut Published<'_, F>,
+        turn: Option<Turn>,
+    ) -> Result<(), ChannelError> {
+        let request = self.acks.read_frame(MAX_DESCRIPTOR).await?;
+        let helped = held
+            .held
+            .as_ref()
+            .map_or(Err(ChannelError::Closed), |h| self.fetch.help(h, &request));
+        if let Err(e) = &helped {
+            tracing::debug!(channel = self.name, error = %e, "could not help the receiver");
+        }
+        let answer = if helped.is_ok() { ACK_OK } else { ACK_FAILED };
+        let written = self.descriptors.write(&[&[answer]]).await;
+        drop(turn);
+        written.map_err(Into::into)
+    }
+
+    /// Receiver: asks the sender for `help`, fetches the rest meanwhile, and waits for
+    /// the sender's answer. Returns the buffer once the sender is done with it, or
+    /// `None` when it cannot be known to be (the buffer is then leaked).
+    async fn helped(
+        &self,
+        descriptor: &[u8],
+        buf: Box<dyn RecvBuf>,
+        help: Help,
+    ) -> (Option<Box<dyn RecvBuf>>, Result<(), ChannelError>) {
+        let mut lent = Lent(Some(buf));
+        let Some(buf) = lent.0.as_deref_mut() else {
+            return (None, Err(ChannelError::Closed));
+        };
+        let len = buf.byte_len();
+        let from = help.from.min(len);
+        let frame_len = (help.request.len() as u64).to_le_bytes();
+        if let Err(e) = self
+            .acks
+            .write(&[&[ASK_HELP], &frame_len, &help.request])
+            .await
+        {
+            return (None, Err(e.into()));
+        }
+        let mine = self.fetch.fetch_part(descriptor, buf, 0..from);
+        let mut answer = [0u8; 1];
+        if let Err(e) = self.descriptors.read_exact(&mut answer).await {
+            return (None, Err(e.into()));
+        }
+        // The sender answered: it no longer touches the buffer.
+        let Some(mut buf) = lent.0.take() else {
+            return (None, Err(ChannelError::Closed));
+        };
+        let fetched = match answer[0] {
+            ACK_OK => mine,
+            ACK_FAILED => {
+                mine.and_then(|()| self.fetch.fetch_part(descriptor, &mut *buf, from..len))
+            }
+            other => Err(ChannelError::protocol(format!(
+                "bad answer to a help request: {other}"
+            ))),
+        };
+        (Some(buf), fetched)
+    }
+}
+
+/// A receive buffer the peer may be writing into: leaked if dropped while held.
+struct Lent(Option<Box<dyn RecvBuf>>);
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if let Some(buf) = self.0.take() {
+            tracing::warn!(
+                bytes = buf.byte_len(),
+                "a receive ended while its sender may still write into its buffer; the buffer is leaked"
+            );
+            std::mem::forget(buf);
+        }
     }
 }
 
@@ -190,8 +353,11 @@ impl<F: Fetch> Channel for HandoffChannel<F> {
                 Ok(true) => {}
                 r => return (buf, r.map(drop)),
             }
-            let (descriptor, held) = inner.fetch.publish(buf);
-            let held = Published {
+            let (mut descriptor, held) = inner.fetch.publish(buf);
+            let offers_help = inner
+                .fetch
+                .offer_help(&held, !turn.is_last(), &mut descriptor);
+            let mut held = Published {
                 fetch: &inner.fetch,
                 held: Some(held),
             };
@@ -205,27 +371,38 @@ impl<F: Fetch> Channel for HandoffChannel<F> {
                 midway.armed = false;
                 return (held.take(), Err(e.into()));
             }
-            drop(turn);
+            // Connection 0 stays ours while the receiver may still ask for help.
+            let mut turn = Some(turn).filter(|_| offers_help);
             ack_turn.ready().await;
-            let mut ack = [0u8; 1];
-            let r = inner.acks.read_exact(&mut ack).await;
+            let r = loop {
+                let mut ack = [0u8; 1];
+                if let Err(e) = inner.acks.read_exact(&mut ack).await {
+                    break Err(e.into());
+                }
+                match ack[0] {
+                    ACK_OK => break Ok(()),
+                    ACK_FAILED => {
+                        break Err(ChannelError::protocol(
+                            "the receiver could not fetch the tensor",
+                        ));
+                    }
+                    ASK_HELP if turn.is_some() => {
+                        if let Err(e) = inner.help(&mut held, turn.take()).await {
+                            break Err(e);
+                        }
+                    }
+                    other => {
+                        inner.close();
+                        break Err(ChannelError::protocol(format!(
+                            "bad acknowledgement byte {other}"
+                        )));
+                    }
+                }
+            };
             midway.armed = false;
             drop(midway);
-            let result = match r {
-                Ok(()) if ack == [0] => Ok(()),
-                Ok(()) if ack == [1] => Err(ChannelError::protocol(
-                    "the receiver could not fetch the tensor",
-                )),
-                Ok(()) => {
-                    inner.close();
-                    Err(ChannelError::protocol(format!(
-                        "bad acknowledgement byte {}",
-                        ack[0]
-                    )))
-                }
-                Err(e) => Err(e.into()),
-            };
-            (held.take(), result)
+            drop(turn);
+            (held.take(), r)
         }
         .boxed()
     }
@@ -246,8 +423,23 @@ impl<F: Fetch> Channel for HandoffChannel<F> {
                 inner: &inner,
                 armed: true,
             };
-            let fetched = inner.fetch.fetch(&descriptor, &mut *buf);
-            let status = u8::from(fetched.is_err());
+            let fetched = match inner.fetch.ask_help(&descriptor, &mut *buf) {
+                Ok(None) => inner.fetch.fetch(&descriptor, &mut *buf),
+                Ok(Some(help)) => match inner.helped(&descriptor, buf, help).await {
+                    (Some(back), fetched) => {
+                        buf = back;
+                        fetched
+                    }
+                    (None, e) => {
+                        // The sender may still be writing into the buffer: it was
+                        // leaked, and the peer is not heard from again.
+                        inner.close();
+                        return (Box::new(Vec::new()), e);
+                    }
+                },
+                Err(e) => Err(e),
+            };
+            let status = if fetched.is_ok() { ACK_OK } else { ACK_FAILED };
             let acked = inner.acks.write(&[&[status]]).await;
             midway.armed = false;
             drop(midway);
@@ -358,4 +550,139 @@ pub fn le_bytes<const N: usize>(d: &[u8], at: usize) -> Result<[u8; N], ChannelE
     d.get(at..at + N)
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| ChannelError::protocol("short descriptor"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tp_transport::Transport;
+    use tp_transport::tcp::TcpTransport;
+
+    /// Carries the bytes in the descriptor itself; offers help (or says it does not
+    /// while asking anyway), and its help always fails.
+    struct Inline {
+        offers: bool,
+        helps: Arc<AtomicUsize>,
+    }
+
+    impl Fetch for Inline {
+        type Held = Box<dyn SendBuf>;
+
+        fn publish(&self, buf: Box<dyn SendBuf>) -> (Vec<u8>, Self::Held) {
+            (buf.bytes().to_vec(), buf)
+        }
+
+        fn take_back(&self, held: Self::Held) -> Box<dyn SendBuf> {
+            held
+        }
+
+        fn fetch(&self, d: &[u8], dst: &mut dyn RecvBuf) -> Result<(), ChannelError> {
+            self.fetch_part(d, dst, 0..d.len())
+        }
+
+        fn offer_help(&self, _: &Self::Held, _: bool, _: &mut Vec<u8>) -> bool {
+            self.offers
+        }
+
+        fn ask_help(&self, d: &[u8], _: &mut dyn RecvBuf) -> Result<Option<Help>, ChannelError> {
+            Ok(Some(Help {
+                from: d.len() / 2,
+                request: b"please".to_vec(),
+            }))
+        }
+
+        fn fetch_part(
+            &self,
+            d: &[u8],
+            dst: &mut dyn RecvBuf,
+            range: std::ops::Range<usize>,
+        ) -> Result<(), ChannelError> {
+            dst.bytes_mut()[range.clone()].copy_from_slice(&d[range]);
+            Ok(())
+        }
+
+        fn help(&self, _: &Self::Held, request: &[u8]) -> Result<(), ChannelError> {
+            assert_eq!(request, b"please");
+            self.helps.fetch_add(1, Ordering::Relaxed);
+            Err(ChannelError::protocol("no help today"))
+        }
+    }
+
+    async fn pair(
+        offers: bool,
+    ) -> (
+        HandoffChannel<Inline>,
+        HandoffChannel<Inline>,
+        Arc<AtomicUsize>,
+    ) {
+        let tcp = TcpTransport::new();
+        let l = tcp.listen("127.0.0.1:0").unwrap();
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        for _ in 0..2 {
+            let (c, s) = futures::future::join(tcp.connect(l.address()), l.accept()).await;
+            a.push(c.unwrap());
+            b.push(s.unwrap());
+        }
+        let helps = Arc::new(AtomicUsize::new(0));
+        let make = |conns| {
+            HandoffChannel::new(
+                "inline",
+                Inline {
+                    offers,
+                    helps: helps.clone(),
+                },
+                conns,
+            )
+            .unwrap()
+        };
+        (make(a), make(b), helps)
+    }
+
+    #[test]
+    fn a_sender_that_cannot_help_leaves_the_rest_to_the_receiver() {
+        futures::executor::block_on(async {
+            let (a, b, helps) = pair(true).await;
+            let data: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i + 1; 40]).collect();
+            let sends = futures::future::join_all(
+                data.iter()
+                    .map(|d| a.send(Box::new(d.clone()) as Box<dyn SendBuf>)),
+            );
+            let recvs = futures::future::join_all(
+                data.iter()
+                    .map(|_| b.recv(Box::new(vec![0u8; 40]) as Box<dyn RecvBuf>)),
+            );
+            let (sent, got) = futures::future::join(sends, recvs).await;
+            for (i, ((_, rs), (buf, rr))) in sent.into_iter().zip(got).enumerate() {
+                rs.unwrap();
+                rr.unwrap();
+                assert_eq!(buf.bytes(), &data[i][..], "tensor {i}");
+            }
+            assert_eq!(
+                helps.load(Ordering::Relaxed),
+                5,
+                "every send was asked once"
+            );
+        });
+    }
+
+    #[test]
+    fn asking_a_sender_that_did_not_offer_closes_the_channel_and_keeps_the_buffer_away() {
+        futures::executor::block_on(async {
+            let (a, b, helps) = pair(false).await;
+            let ((_, rs), (buf, rr)) = futures::future::join(
+                a.send(Box::new(vec![7u8; 40])),
+                b.recv(Box::new(vec![0u8; 40])),
+            )
+            .await;
+            assert!(matches!(rs, Err(ChannelError::Protocol(_))), "{rs:?}");
+            assert!(rr.is_err(), "{rr:?}");
+            // The sender might have been writing into it: the receive gives back an
+            // empty buffer and never frees its own.
+            assert!(buf.bytes().is_empty());
+            assert_eq!(helps.load(Ordering::Relaxed), 0);
+            assert!(a.inner.ops.is_closed() && b.inner.ops.is_closed());
+        });
+    }
 }

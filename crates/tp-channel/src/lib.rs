@@ -9,7 +9,7 @@
 //! |---|---|---|---|
 //! | [`basic`] | `basic` | the pipe's transport connection | anyone: `any` |
 //! | [`xth`] | `xth` | a `memcpy`, same process | `xth:<boot id>:<pid ns>:<pid>` |
-//! | [`cma`] | `cma` | `process_vm_readv`, the receiver pulls | `cma:<boot id>:<pid ns>:<user ns>:<uid>:<gid>[:<caps>]` |
+//! | [`cma`] | `cma` | `process_vm_readv`, the receiver pulls (the sender pushes half of large tensors) | `cma:<boot id>:<pid ns>:<user ns>:<uid>:<gid>[:<caps>]` |
 //! | [`mpt`] | `mpt` | N TCP lanes, each tensor striped across them | `mpt:<N>:tcp:*` |
 //!
 //! # The API
@@ -62,7 +62,7 @@ pub mod xth;
 /// them and acknowledges), and facts for descriptors.
 pub mod kit {
     pub use crate::children::{Children, Close};
-    pub use crate::handoff::{Fetch, HandoffChannel, HandoffContext, le_bytes};
+    pub use crate::handoff::{Fetch, HandoffChannel, HandoffContext, Help, le_bytes};
     pub use crate::ops::Ops;
     pub use crate::park::{Ticket, park, with_parked};
     pub use crate::system::{boot_id, namespace};

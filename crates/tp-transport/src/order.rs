@@ -73,6 +73,12 @@ impl Turn {
         }
     }
 
+    /// Whether no later turn has been taken yet: nothing issued after this operation
+    /// waits behind it (so far).
+    pub fn is_last(&self) -> bool {
+        self.order.lock().next == self.ticket.wrapping_add(1)
+    }
+
     /// Waits for this turn.
     pub async fn ready(&self) {
         std::future::poll_fn(|cx| self.poll_ready(cx)).await;

@@ -328,6 +328,16 @@ macro_rules! channel_conformance {
 channel_conformance!(basic, || Arc::new(tp_channel::basic::BasicContext::new()));
 channel_conformance!(xth, || Arc::new(tp_channel::xth::XthContext::new()));
 channel_conformance!(cma, || Arc::new(tp_channel::cma::CmaContext::default()));
+// The sender's help on every tensor from 8 KiB, the receiver's share split across
+// threads from 64 KiB: the many-tensors, both-ways and order cases run through both.
+channel_conformance!(cma_helped, || Arc::new(tp_channel::cma::CmaContext::new(
+    tp_channel::cma::CmaConfig {
+        help_from: 8 << 10,
+        parallel_from: 64 << 10,
+        threads: 3,
+        ..Default::default()
+    }
+)));
 channel_conformance!(mpt, || Arc::new(tp_channel::mpt::MptContext::new(
     tp_channel::mpt::MptConfig {
         lanes: 3,

@@ -6,6 +6,16 @@
 //! helper threads) and acknowledges;
 //! the sender keeps its buffer until then (the protocol is in `handoff`).
 //!
+//! **The sender helps.** A sender waiting for its acknowledgement idles on its core, so
+//! from [`CmaConfig::help_from`] it offers help: the receiver asks it to write the back
+//! half of the tensor into the receive buffer with `process_vm_writev` while it pulls
+//! the front half — two cores copy instead of one, without waking a thread. The
+//! request names the receiving process and addresses in it, so the sender checks it
+//! first: the descriptor offering help carries a secret of the channel's, and the
+//! request must point at that secret in the named process's memory (read with
+//! `process_vm_readv`) — only the receiver, or a process it can already write to, can
+//! put it there. A sender does this check once per channel.
+//!
 //! **Viability is probed, not assumed** ([`CmaContext::new`]):
 //! 1. boot id, PID and user namespaces are read (they go into the descriptor);
 //! 2. real, effective and saved uids are equal, and the same for gids — the kernel's
@@ -26,13 +36,23 @@
 #[allow(unsafe_code)]
 mod sys;
 
+use std::ops::Range;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use crate::handoff::{Fetch, HandoffContext, le_bytes};
+use crate::handoff::{Fetch, HandoffContext, Help, le_bytes};
 use crate::{ChannelError, RecvBuf, SendBuf};
 
 /// The piece of a large pull one thread takes at a time.
 const PIECE: usize = 256 << 10;
+/// A descriptor: `pid u32, address u64, length u64`.
+const DESCRIPTOR_LEN: usize = 20;
+/// A descriptor that offers help: the above and the channel's 16-byte secret.
+const OFFER_LEN: usize = DESCRIPTOR_LEN + SECRET_LEN;
+const SECRET_LEN: usize = 16;
+/// A help request: `pid u32, destination u64, from u64, proof u64` (the address of the
+/// secret in the receiver's memory).
+const REQUEST_LEN: usize = 28;
 
 /// Settings of a cma context.
 #[derive(Clone, Copy, Debug)]
@@ -48,6 +68,12 @@ pub struct CmaConfig {
     /// How many threads at most pull one large tensor, the receiving one included.
     /// Default: available parallelism, at most 4.
     pub threads: usize,
+    /// Tensors at least this large are sent with an offer of help (four times this
+    /// large when other sends wait behind them: an offer holds their descriptors back):
+    /// the receiver may ask the sender to write the back half itself (see the module
+    /// docs). Default 16 KiB (below it, the extra messages cost more than half a copy
+    /// saves); `usize::MAX` never offers. A receiver asks whenever it is offered.
+    pub help_from: usize,
 }
 
 impl Default for CmaConfig {
@@ -58,6 +84,7 @@ impl Default for CmaConfig {
             threads: std::thread::available_parallelism()
                 .map_or(1, std::num::NonZero::get)
                 .min(4),
+            help_from: 16 << 10,
         }
     }
 }
@@ -163,15 +190,110 @@ impl CmaContext {
     }
 }
 
-crate::handoff_channel_context!(CmaContext, "cma", |this| Pull {
-    pid: std::process::id(),
-    config: this.config
-});
+crate::handoff_channel_context!(CmaContext, "cma", |this| Pull::new(this.config));
 
-/// The receiver pulls; the sender holds its buffer meanwhile.
+/// The receiver pulls; the sender holds its buffer meanwhile, and helps with large ones.
 struct Pull {
     pid: u32,
     config: CmaConfig,
+    /// Sender: the secret an offer of help carries (none when the kernel would not
+    /// give random bytes: then no offers).
+    secret: Option<[u8; SECRET_LEN]>,
+    /// Sender: the receiving process that proved it holds the secret (0: none yet).
+    proven: AtomicU32,
+}
+
+/// A parsed descriptor.
+struct Remote {
+    pid: i32,
+    addr: u64,
+    offers_help: bool,
+}
+
+impl Pull {
+    fn new(config: CmaConfig) -> Self {
+        let mut secret = [0u8; SECRET_LEN];
+        let secret = match sys::random(&mut secret) {
+            Ok(()) => Some(secret),
+            Err(e) => {
+                tracing::info!(error = %e, "cma: no random bytes; sends will not offer help");
+                None
+            }
+        };
+        Self {
+            pid: std::process::id(),
+            config,
+            secret,
+            proven: AtomicU32::new(0),
+        }
+    }
+
+    /// Parses descriptor `d` for a receive of `len` bytes.
+    fn parse(d: &[u8], len: usize) -> Result<Remote, ChannelError> {
+        if d.len() != DESCRIPTOR_LEN && d.len() != OFFER_LEN {
+            return Err(ChannelError::protocol(format!(
+                "cma descriptor is {} bytes, not {DESCRIPTOR_LEN} or {OFFER_LEN}",
+                d.len()
+            )));
+        }
+        let pid = u32::from_le_bytes(le_bytes(d, 0)?);
+        let addr = u64::from_le_bytes(le_bytes(d, 4)?);
+        let announced = u64::from_le_bytes(le_bytes(d, 12)?);
+        if announced != len as u64 {
+            return Err(ChannelError::LengthMismatch {
+                expected: len as u64,
+                announced,
+            });
+        }
+        let pid = i32::try_from(pid).map_err(|_| ChannelError::protocol("pid out of range"))?;
+        Ok(Remote {
+            pid,
+            addr,
+            offers_help: d.len() == OFFER_LEN,
+        })
+    }
+
+    /// Pulls `dst`, the bytes at `addr` of `pid`, on this thread or split across up to
+    /// `threads` of ours.
+    fn pull(
+        &self,
+        pid: i32,
+        addr: u64,
+        dst: &mut [u8],
+        threads: usize,
+    ) -> Result<(), ChannelError> {
+        if dst.len() >= self.config.parallel_from && threads > 1 {
+            pull_parallel(pid, addr, dst, threads)
+        } else {
+            pull(pid, addr, dst)
+        }
+    }
+
+    /// How many of our threads pull while the sender helps: the sender's core is one of
+    /// those [`CmaConfig::threads`] counts.
+    fn threads_helped(&self) -> usize {
+        self.config.threads.saturating_sub(1).max(1)
+    }
+
+    /// Sender: checks that process `pid` holds this channel's secret at `proof`.
+    fn prove(&self, pid: i32, proof: u64) -> Result<(), ChannelError> {
+        let Some(secret) = self.secret else {
+            return Err(ChannelError::protocol("help was not offered"));
+        };
+        let raw = pid.cast_unsigned();
+        if self.proven.load(Ordering::Relaxed) == raw {
+            return Ok(());
+        }
+        let mut seen = [0u8; SECRET_LEN];
+        pull(pid, proof, &mut seen)?;
+        if seen != secret {
+            return Err(ChannelError::protocol(format!(
+                "a help request names process {pid}, which does not hold the channel's secret"
+            )));
+        }
+        self.proven.store(raw, Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 impl Fetch for Pull {
@@ -179,7 +301,7 @@ impl Fetch for Pull {
 
     fn publish(&self, buf: Box<dyn SendBuf>) -> (Vec<u8>, Self::Held) {
         let bytes = buf.bytes();
-        let mut d = Vec::with_capacity(20);
+        let mut d = Vec::with_capacity(OFFER_LEN);
         d.extend_from_slice(&self.pid.to_le_bytes());
         d.extend_from_slice(&(bytes.as_ptr() as u64).to_le_bytes());
         d.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
@@ -203,24 +325,93 @@ impl Fetch for Pull {
 
     fn fetch(&self, d: &[u8], dst: &mut dyn RecvBuf) -> Result<(), ChannelError> {
         let dst = dst.bytes_mut();
-        if d.len() != 20 {
-            return Err(ChannelError::protocol("cma descriptor is not 20 bytes"));
-        }
-        let pid = u32::from_le_bytes(le_bytes(d, 0)?);
-        let addr = u64::from_le_bytes(le_bytes(d, 4)?);
-        let len = u64::from_le_bytes(le_bytes(d, 12)?);
-        if len != dst.len() as u64 {
-            return Err(ChannelError::LengthMismatch {
-                expected: dst.len() as u64,
-                announced: len,
-            });
-        }
-        let pid = i32::try_from(pid).map_err(|_| ChannelError::protocol("pid out of range"))?;
-        if dst.len() >= self.config.parallel_from && self.config.threads > 1 {
-            pull_parallel(pid, addr, dst, self.config.threads)
+        let remote = Self::parse(d, dst.len())?;
+        self.pull(remote.pid, remote.addr, dst, self.config.threads)
+    }
+
+    fn offer_help(&self, held: &Self::Held, queued: bool, descriptor: &mut Vec<u8>) -> bool {
+        // Help costs two messages and, for sends queued behind this one, the
+        // pipelining of their descriptors: worth it from `help_from` for the last
+        // send, from four times that for one with sends behind it.
+        let len = held.bytes().len();
+        let worth = if queued {
+            len / 4 >= self.config.help_from
         } else {
-            pull(pid, addr, dst)
+            len >= self.config.help_from
+        };
+        match self.secret {
+            Some(secret) if worth && descriptor.len() == DESCRIPTOR_LEN => {
+                descriptor.extend_from_slice(&secret);
+                true
+            }
+            _ => false,
         }
+    }
+
+    fn ask_help(&self, d: &[u8], dst: &mut dyn RecvBuf) -> Result<Option<Help>, ChannelError> {
+        let dst = dst.bytes_mut();
+        let remote = Self::parse(d, dst.len())?;
+        // The sender takes its even share: half, or one part in `ours + 1` when our
+        // share is large enough to split across `ours` threads; from a page boundary.
+        let len = dst.len();
+        let ours = self.threads_helped();
+        let split = len / (ours + 1) * ours;
+        let from = if ours > 1 && split >= self.config.parallel_from {
+            split
+        } else {
+            len / 2
+        } & !4095;
+        if !remote.offers_help || from == 0 {
+            return Ok(None);
+        }
+        let proof = d.as_ptr() as u64 + DESCRIPTOR_LEN as u64;
+        let mut request = Vec::with_capacity(REQUEST_LEN);
+        request.extend_from_slice(&self.pid.to_le_bytes());
+        request.extend_from_slice(&(dst.as_mut_ptr() as u64).to_le_bytes());
+        request.extend_from_slice(&(from as u64).to_le_bytes());
+        request.extend_from_slice(&proof.to_le_bytes());
+        Ok(Some(Help { from, request }))
+    }
+
+    fn fetch_part(
+        &self,
+        d: &[u8],
+        dst: &mut dyn RecvBuf,
+        range: Range<usize>,
+    ) -> Result<(), ChannelError> {
+        let dst = dst.bytes_mut();
+        let remote = Self::parse(d, dst.len())?;
+        let start = range.start as u64;
+        let part = dst
+            .get_mut(range)
+            .ok_or_else(|| ChannelError::protocol("a part past the tensor's end"))?;
+        self.pull(
+            remote.pid,
+            remote.addr.wrapping_add(start),
+            part,
+            self.threads_helped(),
+        )
+    }
+
+    fn help(&self, held: &Self::Held, request: &[u8]) -> Result<(), ChannelError> {
+        if request.len() != REQUEST_LEN {
+            return Err(ChannelError::protocol(format!(
+                "a cma help request is {} bytes, not {REQUEST_LEN}",
+                request.len()
+            )));
+        }
+        let pid = u32::from_le_bytes(le_bytes(request, 0)?);
+        let dst = u64::from_le_bytes(le_bytes(request, 4)?);
+        let from = u64::from_le_bytes(le_bytes(request, 12)?);
+        let proof = u64::from_le_bytes(le_bytes(request, 20)?);
+        let pid = i32::try_from(pid).map_err(|_| ChannelError::protocol("pid out of range"))?;
+        let src = held.bytes();
+        let part = usize::try_from(from)
+            .ok()
+            .and_then(|from| src.get(from..))
+            .ok_or_else(|| ChannelError::protocol("a help request past the tensor's end"))?;
+        self.prove(pid, proof)?;
+        push(pid, dst.wrapping_add(from), part)
     }
 }
 
@@ -247,6 +438,25 @@ fn pull(pid: i32, addr: u64, dst: &mut [u8]) -> Result<(), ChannelError> {
             return Err(ChannelError::protocol(format!(
                 "process_vm_readv read nothing at byte {done} of {}",
                 dst.len()
+            )));
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// Writes `src` to address `addr` of process `pid` with `process_vm_writev`, in chunks
+/// the kernel accepts.
+fn push(pid: i32, addr: u64, src: &[u8]) -> Result<(), ChannelError> {
+    let mut done = 0usize;
+    while done < src.len() {
+        let rest = src.get(done..).unwrap_or_default();
+        let n = sys::write_remote(pid, addr.wrapping_add(done as u64), rest)
+            .map_err(|e| ChannelError::io("process_vm_writev", e))?;
+        if n == 0 {
+            return Err(ChannelError::protocol(format!(
+                "process_vm_writev wrote nothing at byte {done} of {}",
+                src.len()
             )));
         }
         done += n;
@@ -304,10 +514,7 @@ mod tests {
             eprintln!("SKIPPED: cma not viable here: {why}");
             return;
         }
-        let fetch = Pull {
-            pid: std::process::id(),
-            config: CmaConfig::default(),
-        };
+        let fetch = Pull::new(CmaConfig::default());
         let src: Box<dyn SendBuf> = Box::new(vec![7u8; 100]);
         let (d, held) = fetch.publish(src);
         let mut dst = vec![0u8; 99];
@@ -327,6 +534,66 @@ mod tests {
         assert!(fetch.fetch(&bad, &mut dst).is_err());
         assert!(fetch.fetch(&d[..10], &mut dst).is_err());
         drop(fetch.take_back(held));
+    }
+
+    #[test]
+    fn a_sender_helps_only_a_receiver_that_proves_it_holds_the_secret() {
+        if let Err(why) = probe(&CmaConfig::default()) {
+            eprintln!("SKIPPED: cma not viable here: {why}");
+            return;
+        }
+        let config = CmaConfig {
+            help_from: 64 << 10,
+            ..CmaConfig::default()
+        };
+        let (sender, receiver) = (Pull::new(config), Pull::new(config));
+        let src: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        let (mut small, _) = sender.publish(Box::new(vec![1u8; 1000]));
+        assert!(
+            !sender.offer_help(&held_len(1000), false, &mut small),
+            "too small"
+        );
+        assert_eq!(small.len(), DESCRIPTOR_LEN);
+        let (mut d, held) = sender.publish(Box::new(src.clone()));
+        assert!(
+            !sender.offer_help(&held, true, &mut d),
+            "too small with sends behind"
+        );
+        assert_eq!(d.len(), DESCRIPTOR_LEN);
+        assert!(sender.offer_help(&held, false, &mut d));
+        assert_eq!(d.len(), OFFER_LEN);
+
+        let mut dst = vec![0u8; src.len()];
+        let help = receiver.ask_help(&d, &mut dst).unwrap().expect("asks");
+        assert_eq!(help.from, 49_152, "half, from a page boundary");
+        // A request whose proof points anywhere but at the secret is refused, and
+        // nothing is written.
+        let mut forged = help.request.clone();
+        forged[20..28].copy_from_slice(&(src.as_ptr() as u64).to_le_bytes());
+        assert!(matches!(
+            sender.help(&held, &forged),
+            Err(ChannelError::Protocol(_))
+        ));
+        assert!(dst.iter().all(|&b| b == 0));
+        assert!(sender.help(&held, &help.request[..27]).is_err(), "short");
+        let mut past_end = help.request.clone();
+        past_end[12..20].copy_from_slice(&(src.len() as u64 + 1).to_le_bytes());
+        assert!(sender.help(&held, &past_end).is_err());
+        // The real request: the sender writes the back part, the receiver pulls the
+        // front part.
+        sender.help(&held, &help.request).unwrap();
+        assert!(dst[help.from..] == src[help.from..]);
+        assert!(dst[..help.from].iter().all(|&b| b == 0));
+        receiver.fetch_part(&d, &mut dst, 0..help.from).unwrap();
+        assert!(dst == src);
+        // A descriptor that offers nothing is never asked about.
+        let (plain, plain_held) = receiver.publish(Box::new(src));
+        assert!(receiver.ask_help(&plain, &mut dst).unwrap().is_none());
+        drop((sender.take_back(held), plain_held));
+    }
+
+    fn held_len(n: usize) -> Box<dyn SendBuf> {
+        Box::new(vec![0u8; n])
     }
 
     #[test]
