@@ -12,8 +12,8 @@
 //! between those two steps would leave the pairing unknown, so it closes the channel.
 //!
 //! **Help.** A sender waiting for its acknowledgement has nothing else to do, so a
-//! fetch may let it do part of the work ([`Fetch::offers_help`]; cma does, for large
-//! tensors). A descriptor that offers help keeps connection 0 to its send until the
+//! fetch may let it do part of the work ([`Fetch::offer_help`]; cma does, for large
+//! tensors, over connections that read by looking). A descriptor that offers help keeps connection 0 to its send until the
 //! receiver has answered. The receiver may then ask, on connection 1, before its
 //! acknowledgement: byte 2, then a frame holding the fetch's request — "put bytes
 //! `from..` of yours in place yourself". It fetches `..from` meanwhile; the sender does
@@ -86,7 +86,10 @@ pub trait Fetch: Send + Sync + 'static {
     /// Sender: whether to offer help with `held`; if so, says so in `descriptor` (what
     /// `publish` made) and returns `true`. An offer keeps connection 0 to its send until
     /// the receiver has answered, so sends issued after it (`queued`: some were when it
-    /// published) write their descriptors later. Default: never offers.
+    /// published) write their descriptors later. Asked only when both connections read
+    /// by looking ([`Connection::reads_now`](tp_transport::Connection::reads_now): shm):
+    /// where a message costs a wake-up (tcp), the request and the answer cost more than
+    /// half a copy saves. Default: never offers.
     fn offer_help(&self, held: &Self::Held, queued: bool, descriptor: &mut Vec<u8>) -> bool {
         let _ = (held, queued, descriptor);
         false
@@ -354,9 +357,11 @@ impl<F: Fetch> Channel for HandoffChannel<F> {
                 r => return (buf, r.map(drop)),
             }
             let (mut descriptor, held) = inner.fetch.publish(buf);
-            let offers_help = inner
-                .fetch
-                .offer_help(&held, !turn.is_last(), &mut descriptor);
+            let offers_help = inner.descriptors.reads_now()
+                && inner.acks.reads_now()
+                && inner
+                    .fetch
+                    .offer_help(&held, !turn.is_last(), &mut descriptor);
             let mut held = Published {
                 fetch: &inner.fetch,
                 held: Some(held),
@@ -557,12 +562,15 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tp_transport::Transport;
+    use tp_transport::shm::ShmTransport;
     use tp_transport::tcp::TcpTransport;
 
-    /// Carries the bytes in the descriptor itself; offers help (or says it does not
-    /// while asking anyway), and its help always fails.
+    /// Carries the bytes in the descriptor itself, after a byte saying whether it
+    /// offers help; asks whenever offered (or always, if `asks_anyway`); its help always
+    /// fails.
     struct Inline {
         offers: bool,
+        asks_anyway: bool,
         helps: Arc<AtomicUsize>,
     }
 
@@ -570,7 +578,9 @@ mod tests {
         type Held = Box<dyn SendBuf>;
 
         fn publish(&self, buf: Box<dyn SendBuf>) -> (Vec<u8>, Self::Held) {
-            (buf.bytes().to_vec(), buf)
+            let mut d = vec![0];
+            d.extend_from_slice(buf.bytes());
+            (d, buf)
         }
 
         fn take_back(&self, held: Self::Held) -> Box<dyn SendBuf> {
@@ -578,15 +588,16 @@ mod tests {
         }
 
         fn fetch(&self, d: &[u8], dst: &mut dyn RecvBuf) -> Result<(), ChannelError> {
-            self.fetch_part(d, dst, 0..d.len())
+            self.fetch_part(d, dst, 0..d.len() - 1)
         }
 
-        fn offer_help(&self, _: &Self::Held, _: bool, _: &mut Vec<u8>) -> bool {
+        fn offer_help(&self, _: &Self::Held, _: bool, d: &mut Vec<u8>) -> bool {
+            d[0] = u8::from(self.offers);
             self.offers
         }
 
         fn ask_help(&self, d: &[u8], _: &mut dyn RecvBuf) -> Result<Option<Help>, ChannelError> {
-            Ok(Some(Help {
+            Ok((d[0] == 1 || self.asks_anyway).then(|| Help {
                 from: d.len() / 2,
                 request: b"please".to_vec(),
             }))
@@ -598,7 +609,7 @@ mod tests {
             dst: &mut dyn RecvBuf,
             range: std::ops::Range<usize>,
         ) -> Result<(), ChannelError> {
-            dst.bytes_mut()[range.clone()].copy_from_slice(&d[range]);
+            dst.bytes_mut()[range.clone()].copy_from_slice(&d[range.start + 1..range.end + 1]);
             Ok(())
         }
 
@@ -609,19 +620,23 @@ mod tests {
         }
     }
 
-    async fn pair(
-        offers: bool,
-    ) -> (
+    type Pair = (
         HandoffChannel<Inline>,
         HandoffChannel<Inline>,
         Arc<AtomicUsize>,
-    ) {
-        let tcp = TcpTransport::new();
-        let l = tcp.listen("127.0.0.1:0").unwrap();
+    );
+
+    async fn pair(shm: bool, offers: bool, asks_anyway: bool) -> Pair {
+        let t: Box<dyn Transport> = if shm {
+            Box::new(ShmTransport::default())
+        } else {
+            Box::new(TcpTransport::new())
+        };
+        let l = t.listen(if shm { "" } else { "127.0.0.1:0" }).unwrap();
         let mut a = Vec::new();
         let mut b = Vec::new();
         for _ in 0..2 {
-            let (c, s) = futures::future::join(tcp.connect(l.address()), l.accept()).await;
+            let (c, s) = futures::future::join(t.connect(l.address()), l.accept()).await;
             a.push(c.unwrap());
             b.push(s.unwrap());
         }
@@ -631,6 +646,7 @@ mod tests {
                 "inline",
                 Inline {
                     offers,
+                    asks_anyway,
                     helps: helps.clone(),
                 },
                 conns,
@@ -640,37 +656,47 @@ mod tests {
         (make(a), make(b), helps)
     }
 
+    /// Five 40-byte tensors a → b at once; every one must arrive intact.
+    async fn five_tensors((a, b, _): &Pair) {
+        let data: Vec<Vec<u8>> = (0..5u8).map(|i| (i..i + 40).collect()).collect();
+        let sends = futures::future::join_all(
+            data.iter()
+                .map(|d| a.send(Box::new(d.clone()) as Box<dyn SendBuf>)),
+        );
+        let recvs = futures::future::join_all(
+            data.iter()
+                .map(|_| b.recv(Box::new(vec![0u8; 40]) as Box<dyn RecvBuf>)),
+        );
+        let (sent, got) = futures::future::join(sends, recvs).await;
+        for (i, ((_, rs), (buf, rr))) in sent.into_iter().zip(got).enumerate() {
+            rs.unwrap();
+            rr.unwrap();
+            assert_eq!(buf.bytes(), &data[i][..], "tensor {i}");
+        }
+    }
+
     #[test]
     fn a_sender_that_cannot_help_leaves_the_rest_to_the_receiver() {
         futures::executor::block_on(async {
-            let (a, b, helps) = pair(true).await;
-            let data: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i + 1; 40]).collect();
-            let sends = futures::future::join_all(
-                data.iter()
-                    .map(|d| a.send(Box::new(d.clone()) as Box<dyn SendBuf>)),
-            );
-            let recvs = futures::future::join_all(
-                data.iter()
-                    .map(|_| b.recv(Box::new(vec![0u8; 40]) as Box<dyn RecvBuf>)),
-            );
-            let (sent, got) = futures::future::join(sends, recvs).await;
-            for (i, ((_, rs), (buf, rr))) in sent.into_iter().zip(got).enumerate() {
-                rs.unwrap();
-                rr.unwrap();
-                assert_eq!(buf.bytes(), &data[i][..], "tensor {i}");
-            }
-            assert_eq!(
-                helps.load(Ordering::Relaxed),
-                5,
-                "every send was asked once"
-            );
+            let p = pair(true, true, false).await;
+            five_tensors(&p).await;
+            assert_eq!(p.2.load(Ordering::Relaxed), 5, "every send was asked once");
+        });
+    }
+
+    #[test]
+    fn help_is_offered_only_over_connections_that_read_by_looking() {
+        futures::executor::block_on(async {
+            let p = pair(false, true, false).await;
+            five_tensors(&p).await;
+            assert_eq!(p.2.load(Ordering::Relaxed), 0, "tcp: never offered");
         });
     }
 
     #[test]
     fn asking_a_sender_that_did_not_offer_closes_the_channel_and_keeps_the_buffer_away() {
         futures::executor::block_on(async {
-            let (a, b, helps) = pair(false).await;
+            let (a, b, helps) = pair(true, false, true).await;
             let ((_, rs), (buf, rr)) = futures::future::join(
                 a.send(Box::new(vec![7u8; 40])),
                 b.recv(Box::new(vec![0u8; 40])),

@@ -13,9 +13,34 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use futures::task::SpawnExt;
 use tp_channel::{BoxChannel, ChannelContext, ChannelError, Endpoint};
 use tp_transport::Transport;
+use tp_transport::shm::ShmTransport;
 use tp_transport::tcp::TcpTransport;
 
-pub(super) type Make = fn() -> Arc<dyn ChannelContext>;
+/// How a case makes its channels: the context, and the transport its connections use.
+#[derive(Clone, Copy)]
+pub(super) struct Make {
+    ctx: fn() -> Arc<dyn ChannelContext>,
+    /// shm connections instead of loopback TCP ones (they read by looking, which is
+    /// what lets cma's sender help: see `tp_channel::kit::Fetch::offer_help`).
+    shm: bool,
+}
+
+impl Make {
+    /// Channels over loopback TCP connections.
+    pub(super) const fn tcp(ctx: fn() -> Arc<dyn ChannelContext>) -> Self {
+        Self { ctx, shm: false }
+    }
+
+    /// Channels over shm connections.
+    const fn shm(ctx: fn() -> Arc<dyn ChannelContext>) -> Self {
+        Self { ctx, shm: true }
+    }
+
+    /// A new context.
+    pub(super) fn ctx(self) -> Arc<dyn ChannelContext> {
+        (self.ctx)()
+    }
+}
 
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Executor {
@@ -46,9 +71,9 @@ pub(super) fn run<F: Future<Output = ()> + Send + 'static>(executor: Executor, c
         .expect("case panicked or did not finish within 120 s (a hang)");
 }
 
-/// Two channels, (client, server), over fresh loopback TCP connections — as the
-/// original's harness: the client opens the connections and numbers them, the server
-/// orders them by number.
+/// Two channels, (client, server), over fresh loopback TCP connections (or shm ones,
+/// as `make` says) — as the original's harness: the client opens the connections and
+/// numbers them, the server orders them by number.
 pub(super) async fn pair(
     make: Make,
 ) -> (
@@ -57,10 +82,16 @@ pub(super) async fn pair(
     Arc<dyn ChannelContext>,
     BoxChannel,
 ) {
-    let (cc, sc) = (make(), make());
+    let (cc, sc) = (make.ctx(), make.ctx());
     let n = cc.connections_needed();
-    let tcp = TcpTransport::new();
-    let listener = tcp.listen("127.0.0.1:0").unwrap();
+    let tcp: Box<dyn Transport> = if make.shm {
+        Box::new(ShmTransport::default())
+    } else {
+        Box::new(TcpTransport::new())
+    };
+    let listener = tcp
+        .listen(if make.shm { "" } else { "127.0.0.1:0" })
+        .unwrap();
     let addr = listener.address().to_string();
     let client = async {
         let mut conns = Vec::new();
@@ -110,7 +141,7 @@ async fn transfer(from: &BoxChannel, to: &BoxChannel, data: Vec<u8>) {
 }
 
 pub(super) async fn device_descriptors(make: Make) {
-    let (a, b) = (make(), make());
+    let (a, b) = (make.ctx(), make.ctx());
     let (da, db) = (a.device_descriptors(), b.device_descriptors());
     assert!(!da.is_empty());
     assert_eq!(da, db);
@@ -276,7 +307,7 @@ pub(super) async fn a_vanished_peer_fails_pending_ops(make: Make) {
 /// Only cma may be unusable (a seccomp filter, Yama, a foreign user namespace); the
 /// others must always work.
 fn viable(make: Make) -> bool {
-    let ctx = make();
+    let ctx = make.ctx();
     match ctx.viability() {
         Ok(()) => true,
         Err(e) => {
@@ -289,10 +320,13 @@ fn viable(make: Make) -> bool {
 
 macro_rules! channel_conformance {
     ($backend:ident, $make:expr) => {
+        channel_conformance!($backend, $make, tcp);
+    };
+    ($backend:ident, $make:expr, $over:ident) => {
         mod $backend {
             use super::*;
 
-            const MAKE: Make = $make;
+            const MAKE: Make = Make::$over($make);
 
             channel_conformance!(@cases
                 device_descriptors, client_to_server, server_to_client, one_byte,
@@ -328,16 +362,21 @@ macro_rules! channel_conformance {
 channel_conformance!(basic, || Arc::new(tp_channel::basic::BasicContext::new()));
 channel_conformance!(xth, || Arc::new(tp_channel::xth::XthContext::new()));
 channel_conformance!(cma, || Arc::new(tp_channel::cma::CmaContext::default()));
-// The sender's help on every tensor from 8 KiB, the receiver's share split across
-// threads from 64 KiB: the many-tensors, both-ways and order cases run through both.
-channel_conformance!(cma_helped, || Arc::new(tp_channel::cma::CmaContext::new(
-    tp_channel::cma::CmaConfig {
-        help_from: 8 << 10,
-        parallel_from: 64 << 10,
-        threads: 3,
-        ..Default::default()
-    }
-)));
+// Over shm, where the sender helps: on every tensor from 8 KiB, the receiver's share
+// split across threads from 64 KiB — the many-tensors, both-ways and order cases run
+// through both.
+channel_conformance!(
+    cma_helped,
+    || Arc::new(tp_channel::cma::CmaContext::new(
+        tp_channel::cma::CmaConfig {
+            help_from: 8 << 10,
+            parallel_from: 64 << 10,
+            threads: 3,
+            ..Default::default()
+        }
+    )),
+    shm
+);
 channel_conformance!(mpt, || Arc::new(tp_channel::mpt::MptContext::new(
     tp_channel::mpt::MptConfig {
         lanes: 3,

@@ -71,7 +71,7 @@ struct Case {
 }
 
 async fn device_descriptors(c: Case) {
-    let (a, b) = ((c.make)(), (c.make)());
+    let (a, b) = (c.make.ctx(), c.make.ctx());
     assert!(!a.device_descriptors().is_empty());
     assert_eq!(a.device_descriptors(), b.device_descriptors());
 }
@@ -212,7 +212,7 @@ macro_rules! cuda_conformance {
             use super::*;
 
             const CASE: Case = Case {
-                make: $make,
+                make: Make::tcp($make),
                 src: $src,
                 dst: $dst,
             };
@@ -234,7 +234,7 @@ macro_rules! cuda_conformance {
                     return;
                 }
                 // A GPU is not all a channel may need (cuda_gdr: an RDMA NIC).
-                if let Err(e) = (CASE.make)().viability() {
+                if let Err(e) = CASE.make.ctx().viability() {
                     eprintln!("SKIPPED: {what}: {e}");
                     return;
                 }
