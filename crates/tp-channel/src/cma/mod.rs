@@ -199,7 +199,8 @@ struct Pull {
     /// Sender: the secret an offer of help carries (none when the kernel would not
     /// give random bytes: then no offers).
     secret: Option<[u8; SECRET_LEN]>,
-    /// Sender: the receiving process that proved it holds the secret (0: none yet).
+    /// Sender: the receiving process that proved it holds the secret (0: none yet; a
+    /// request naming pid 0 is refused before the check).
     proven: AtomicU32,
 }
 
@@ -245,7 +246,7 @@ impl Pull {
                 announced,
             });
         }
-        let pid = i32::try_from(pid).map_err(|_| ChannelError::protocol("pid out of range"))?;
+        let pid = peer_pid(pid)?;
         Ok(Remote {
             pid,
             addr,
@@ -404,7 +405,7 @@ impl Fetch for Pull {
         let dst = u64::from_le_bytes(le_bytes(request, 4)?);
         let from = u64::from_le_bytes(le_bytes(request, 12)?);
         let proof = u64::from_le_bytes(le_bytes(request, 20)?);
-        let pid = i32::try_from(pid).map_err(|_| ChannelError::protocol("pid out of range"))?;
+        let pid = peer_pid(pid)?;
         let src = held.bytes();
         let part = usize::try_from(from)
             .ok()
@@ -423,7 +424,7 @@ impl Fetch for Pull {
 /// The OS error (no such process, no permission, an unmapped address), or a read that
 /// stops short.
 pub fn pull_from(pid: u32, addr: u64, dst: &mut [u8]) -> Result<(), ChannelError> {
-    let pid = i32::try_from(pid).map_err(|_| ChannelError::protocol("pid out of range"))?;
+    let pid = peer_pid(pid)?;
     pull(pid, addr, dst)
 }
 
@@ -443,6 +444,15 @@ fn pull(pid: i32, addr: u64, dst: &mut [u8]) -> Result<(), ChannelError> {
         done += n;
     }
     Ok(())
+}
+
+/// A pid from the peer: 1 to `i32::MAX` (0 would name no process, and is the "none yet"
+/// of [`Pull::proven`]).
+fn peer_pid(pid: u32) -> Result<i32, ChannelError> {
+    i32::try_from(pid)
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| ChannelError::protocol(format!("pid {pid} out of range")))
 }
 
 /// Writes `src` to address `addr` of process `pid` with `process_vm_writev`, in chunks
@@ -576,6 +586,9 @@ mod tests {
         ));
         assert!(dst.iter().all(|&b| b == 0));
         assert!(sender.help(&held, &help.request[..27]).is_err(), "short");
+        let mut pid0 = help.request.clone();
+        pid0[..4].copy_from_slice(&0u32.to_le_bytes());
+        assert!(sender.help(&held, &pid0).is_err(), "pid 0 names no process");
         let mut past_end = help.request.clone();
         past_end[12..20].copy_from_slice(&(src.len() as u64 + 1).to_le_bytes());
         assert!(sender.help(&held, &past_end).is_err());
