@@ -1,3 +1,4 @@
+mod cma;
 mod cuda_gdr;
 mod cuda_ipc;
 mod packets;

@@ -35,24 +35,18 @@
 
 #[allow(unsafe_code)]
 mod sys;
+pub mod wire;
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use crate::handoff::{Fetch, HandoffContext, Help, le_bytes};
+use crate::handoff::{Fetch, HandoffContext, Help};
 use crate::{ChannelError, RecvBuf, SendBuf};
+use wire::{HelpRequest, SECRET_LEN, TensorDescriptor};
 
 /// The piece of a large pull one thread takes at a time.
 const PIECE: usize = 256 << 10;
-/// A descriptor: `pid u32, address u64, length u64`.
-const DESCRIPTOR_LEN: usize = 20;
-/// A descriptor that offers help: the above and the channel's 16-byte secret.
-const OFFER_LEN: usize = DESCRIPTOR_LEN + SECRET_LEN;
-const SECRET_LEN: usize = 16;
-/// A help request: `pid u32, destination u64, from u64, proof u64` (the address of the
-/// secret in the receiver's memory).
-const REQUEST_LEN: usize = 28;
 
 /// Settings of a cma context.
 #[derive(Clone, Copy, Debug)]
@@ -231,26 +225,17 @@ impl Pull {
 
     /// Parses descriptor `d` for a receive of `len` bytes.
     fn parse(d: &[u8], len: usize) -> Result<Remote, ChannelError> {
-        if d.len() != DESCRIPTOR_LEN && d.len() != OFFER_LEN {
-            return Err(ChannelError::protocol(format!(
-                "cma descriptor is {} bytes, not {DESCRIPTOR_LEN} or {OFFER_LEN}",
-                d.len()
-            )));
-        }
-        let pid = u32::from_le_bytes(le_bytes(d, 0)?);
-        let addr = u64::from_le_bytes(le_bytes(d, 4)?);
-        let announced = u64::from_le_bytes(le_bytes(d, 12)?);
-        if announced != len as u64 {
+        let d = TensorDescriptor::decode(d)?;
+        if d.length != len as u64 {
             return Err(ChannelError::LengthMismatch {
                 expected: len as u64,
-                announced,
+                announced: d.length,
             });
         }
-        let pid = peer_pid(pid)?;
         Ok(Remote {
-            pid,
-            addr,
-            offers_help: d.len() == OFFER_LEN,
+            pid: peer_pid(d.pid)?,
+            addr: d.address,
+            offers_help: d.secret.is_some(),
         })
     }
 
@@ -302,11 +287,13 @@ impl Fetch for Pull {
 
     fn publish(&self, buf: Box<dyn SendBuf>) -> (Vec<u8>, Self::Held) {
         let bytes = buf.bytes();
-        let mut d = Vec::with_capacity(OFFER_LEN);
-        d.extend_from_slice(&self.pid.to_le_bytes());
-        d.extend_from_slice(&(bytes.as_ptr() as u64).to_le_bytes());
-        d.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-        (d, buf)
+        let d = TensorDescriptor {
+            pid: self.pid,
+            address: bytes.as_ptr() as u64,
+            length: bytes.len() as u64,
+            secret: None,
+        };
+        (d.encode(), buf)
     }
 
     fn take_back(&self, held: Self::Held) -> Box<dyn SendBuf> {
@@ -341,7 +328,7 @@ impl Fetch for Pull {
             len >= self.config.help_from
         };
         match self.secret {
-            Some(secret) if worth && descriptor.len() == DESCRIPTOR_LEN => {
+            Some(secret) if worth && descriptor.len() == TensorDescriptor::LEN => {
                 descriptor.extend_from_slice(&secret);
                 true
             }
@@ -365,12 +352,14 @@ impl Fetch for Pull {
         if !remote.offers_help || from == 0 {
             return Ok(None);
         }
-        let proof = d.as_ptr() as u64 + DESCRIPTOR_LEN as u64;
-        let mut request = Vec::with_capacity(REQUEST_LEN);
-        request.extend_from_slice(&self.pid.to_le_bytes());
-        request.extend_from_slice(&(dst.as_mut_ptr() as u64).to_le_bytes());
-        request.extend_from_slice(&(from as u64).to_le_bytes());
-        request.extend_from_slice(&proof.to_le_bytes());
+        let request = HelpRequest {
+            pid: self.pid,
+            destination: dst.as_mut_ptr() as u64,
+            from: from as u64,
+            // The secret, where it sits in the descriptor we hold until the answer.
+            proof: d.as_ptr() as u64 + TensorDescriptor::LEN as u64,
+        }
+        .encode();
         Ok(Some(Help { from, request }))
     }
 
@@ -395,16 +384,12 @@ impl Fetch for Pull {
     }
 
     fn help(&self, held: &Self::Held, request: &[u8]) -> Result<(), ChannelError> {
-        if request.len() != REQUEST_LEN {
-            return Err(ChannelError::protocol(format!(
-                "a cma help request is {} bytes, not {REQUEST_LEN}",
-                request.len()
-            )));
-        }
-        let pid = u32::from_le_bytes(le_bytes(request, 0)?);
-        let dst = u64::from_le_bytes(le_bytes(request, 4)?);
-        let from = u64::from_le_bytes(le_bytes(request, 12)?);
-        let proof = u64::from_le_bytes(le_bytes(request, 20)?);
+        let HelpRequest {
+            pid,
+            destination: dst,
+            from,
+            proof,
+        } = HelpRequest::decode(request)?;
         let pid = peer_pid(pid)?;
         let src = held.bytes();
         let part = usize::try_from(from)
@@ -563,15 +548,15 @@ mod tests {
             !sender.offer_help(&held_len(1000), false, &mut small),
             "too small"
         );
-        assert_eq!(small.len(), DESCRIPTOR_LEN);
+        assert_eq!(small.len(), TensorDescriptor::LEN);
         let (mut d, held) = sender.publish(Box::new(src.clone()));
         assert!(
             !sender.offer_help(&held, true, &mut d),
             "too small with sends behind"
         );
-        assert_eq!(d.len(), DESCRIPTOR_LEN);
+        assert_eq!(d.len(), TensorDescriptor::LEN);
         assert!(sender.offer_help(&held, false, &mut d));
-        assert_eq!(d.len(), OFFER_LEN);
+        assert_eq!(d.len(), TensorDescriptor::OFFER_LEN);
 
         let mut dst = vec![0u8; src.len()];
         let help = receiver.ask_help(&d, &mut dst).unwrap().expect("asks");
