@@ -415,15 +415,27 @@ pub fn pull_from(pid: u32, addr: u64, dst: &mut [u8]) -> Result<(), ChannelError
 
 /// Pulls `dst.len()` bytes from `addr` of `pid`, in chunks the kernel accepts.
 fn pull(pid: i32, addr: u64, dst: &mut [u8]) -> Result<(), ChannelError> {
-    let mut done = 0usize;
-    while done < dst.len() {
+    let len = dst.len();
+    in_chunks("process_vm_readv", len, |done| {
         let rest = dst.get_mut(done..).unwrap_or_default();
-        let n = sys::read_remote(pid, addr.wrapping_add(done as u64), rest)
-            .map_err(|e| ChannelError::io("process_vm_readv", e))?;
+        sys::read_remote(pid, addr.wrapping_add(done as u64), rest)
+    })
+}
+
+/// Runs `step(done)` — one call of `call` that moves what it can from byte `done` on
+/// and says how much — until `len` bytes are moved. A call that moves nothing or fails
+/// ends it with an error.
+fn in_chunks(
+    call: &'static str,
+    len: usize,
+    mut step: impl FnMut(usize) -> std::io::Result<usize>,
+) -> Result<(), ChannelError> {
+    let mut done = 0usize;
+    while done < len {
+        let n = step(done).map_err(|e| ChannelError::io(call, e))?;
         if n == 0 {
             return Err(ChannelError::protocol(format!(
-                "process_vm_readv read nothing at byte {done} of {}",
-                dst.len()
+                "{call} moved nothing at byte {done} of {len}"
             )));
         }
         done += n;
@@ -443,20 +455,10 @@ fn peer_pid(pid: u32) -> Result<i32, ChannelError> {
 /// Writes `src` to address `addr` of process `pid` with `process_vm_writev`, in chunks
 /// the kernel accepts.
 fn push(pid: i32, addr: u64, src: &[u8]) -> Result<(), ChannelError> {
-    let mut done = 0usize;
-    while done < src.len() {
+    in_chunks("process_vm_writev", src.len(), |done| {
         let rest = src.get(done..).unwrap_or_default();
-        let n = sys::write_remote(pid, addr.wrapping_add(done as u64), rest)
-            .map_err(|e| ChannelError::io("process_vm_writev", e))?;
-        if n == 0 {
-            return Err(ChannelError::protocol(format!(
-                "process_vm_writev wrote nothing at byte {done} of {}",
-                src.len()
-            )));
-        }
-        done += n;
-    }
-    Ok(())
+        sys::write_remote(pid, addr.wrapping_add(done as u64), rest)
+    })
 }
 
 /// Splits a large pull into pieces that this thread and up to `threads - 1` of the
