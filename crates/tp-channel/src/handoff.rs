@@ -21,7 +21,8 @@
 //! failed (the receiver then fetches `from..` itself). From the request until the
 //! answer the sender may be writing into the receive buffer, so a receive that cannot
 //! hear the answer (closed, abandoned) never frees that buffer: it is leaked, as cma's
-//! abandoned sends are.
+//! abandoned sends are — unless the fetch can tell that the sender's process is gone
+//! ([`Fetch::helper_gone`]; a peer that died mid-transfer is the common case).
 
 use std::sync::Arc;
 
@@ -128,6 +129,15 @@ pub trait Fetch: Send + Sync + 'static {
         ))
     }
 
+    /// Receiver: whether the sender of `descriptor` can no longer be writing — its
+    /// process is gone — asked when the connection failed while help was under way.
+    /// Then the receive buffer comes back with the error instead of being leaked.
+    /// Default: no one can tell.
+    fn helper_gone(&self, descriptor: &[u8]) -> bool {
+        let _ = descriptor;
+        false
+    }
+
     /// Sender: does what the receiver's help `request` asks with the bytes of `held`.
     /// The default refuses (a fetch that never offers help never gets a request).
     ///
@@ -196,8 +206,9 @@ impl<F: Fetch> Inner<F> {
     }
 
     /// Receiver: asks the sender for `help`, fetches the rest meanwhile, and waits for
-    /// the sender's answer. Returns the buffer once the sender is done with it, or
-    /// `None` when it cannot be known to be (the buffer is then leaked).
+    /// the sender's answer. Returns the buffer once the sender is done with it (it
+    /// answered, or its process is gone), or `None` when that cannot be known (the
+    /// buffer is then leaked).
     async fn helped(
         &self,
         descriptor: &[u8],
@@ -216,12 +227,12 @@ impl<F: Fetch> Inner<F> {
             .write(&[&[ASK_HELP], &frame_len, &help.request])
             .await
         {
-            return (None, Err(e.into()));
+            return (self.back_if_gone(descriptor, &mut lent), Err(e.into()));
         }
         let mine = self.fetch.fetch_part(descriptor, buf, 0..from);
         let mut answer = [0u8; 1];
         if let Err(e) = self.descriptors.read_exact(&mut answer).await {
-            return (None, Err(e.into()));
+            return (self.back_if_gone(descriptor, &mut lent), Err(e.into()));
         }
         // The sender answered: it no longer touches the buffer.
         let Some(mut buf) = lent.0.take() else {
@@ -237,6 +248,18 @@ impl<F: Fetch> Inner<F> {
             ))),
         };
         (Some(buf), fetched)
+    }
+}
+
+impl<F: Fetch> Inner<F> {
+    /// The lent buffer, if the sender of `descriptor` is gone and so cannot write into
+    /// it any more.
+    fn back_if_gone(&self, descriptor: &[u8], lent: &mut Lent) -> Option<Box<dyn RecvBuf>> {
+        if self.fetch.helper_gone(descriptor) {
+            lent.0.take()
+        } else {
+            None
+        }
     }
 }
 
@@ -571,6 +594,7 @@ mod tests {
     struct Inline {
         offers: bool,
         asks_anyway: bool,
+        gone: bool,
         helps: Arc<AtomicUsize>,
     }
 
@@ -613,6 +637,10 @@ mod tests {
             Ok(())
         }
 
+        fn helper_gone(&self, _: &[u8]) -> bool {
+            self.gone
+        }
+
         fn help(&self, _: &Self::Held, request: &[u8]) -> Result<(), ChannelError> {
             assert_eq!(request, b"please");
             self.helps.fetch_add(1, Ordering::Relaxed);
@@ -627,6 +655,10 @@ mod tests {
     );
 
     async fn pair(shm: bool, offers: bool, asks_anyway: bool) -> Pair {
+        pair_gone(shm, offers, asks_anyway, false).await
+    }
+
+    async fn pair_gone(shm: bool, offers: bool, asks_anyway: bool, gone: bool) -> Pair {
         let t: Box<dyn Transport> = if shm {
             Box::new(ShmTransport::default())
         } else {
@@ -647,6 +679,7 @@ mod tests {
                 Inline {
                     offers,
                     asks_anyway,
+                    gone,
                     helps: helps.clone(),
                 },
                 conns,
@@ -709,6 +742,22 @@ mod tests {
             assert!(buf.bytes().is_empty());
             assert_eq!(helps.load(Ordering::Relaxed), 0);
             assert!(a.inner.ops.is_closed() && b.inner.ops.is_closed());
+        });
+    }
+
+    #[test]
+    fn a_receive_whose_helper_is_gone_gets_its_buffer_back() {
+        futures::executor::block_on(async {
+            // As above, but the fetch can tell that the sender's process is gone.
+            let (a, b, _) = pair_gone(true, false, true, true).await;
+            let ((_, rs), (buf, rr)) = futures::future::join(
+                a.send(Box::new(vec![7u8; 40])),
+                b.recv(Box::new(vec![0u8; 40])),
+            )
+            .await;
+            assert!(rs.is_err() && rr.is_err());
+            assert_eq!(buf.bytes().len(), 40, "the receive buffer came back");
+            assert!(b.inner.ops.is_closed());
         });
     }
 }

@@ -383,6 +383,13 @@ impl Fetch for Pull {
         )
     }
 
+    fn helper_gone(&self, d: &[u8]) -> bool {
+        TensorDescriptor::decode(d)
+            .ok()
+            .and_then(|d| peer_pid(d.pid).ok())
+            .is_some_and(process_gone)
+    }
+
     fn help(&self, held: &Self::Held, request: &[u8]) -> Result<(), ChannelError> {
         let HelpRequest {
             pid,
@@ -450,6 +457,25 @@ fn peer_pid(pid: u32) -> Result<i32, ChannelError> {
         .ok()
         .filter(|&p| p > 0)
         .ok_or_else(|| ChannelError::protocol(format!("pid {pid} out of range")))
+}
+
+/// Whether process `pid` is gone or a zombie — either way it runs no more code, so
+/// writes no more memory. `false` when that cannot be told.
+fn process_gone(pid: i32) -> bool {
+    let Some(p) = rustix::process::Pid::from_raw(pid) else {
+        return false;
+    };
+    match rustix::process::test_kill_process(p) {
+        Err(rustix::io::Errno::SRCH) => true,
+        _ => std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                // `pid (comm) state ...`; comm may hold anything but ends at the last ')'.
+                stat.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+            })
+            .unwrap_or(false),
+    }
 }
 
 /// Writes `src` to address `addr` of process `pid` with `process_vm_writev`, in chunks
@@ -590,6 +616,36 @@ mod tests {
         let (plain, plain_held) = receiver.publish(Box::new(src));
         assert!(receiver.ask_help(&plain, &mut dst).unwrap().is_none());
         drop((sender.take_back(held), plain_held));
+    }
+
+    #[test]
+    fn a_helper_is_gone_once_its_process_exited_or_is_a_zombie() {
+        let fetch = Pull::new(CmaConfig::default());
+        let (me, _held) = fetch.publish(Box::new(vec![1u8; 10]));
+        assert!(!fetch.helper_gone(&me), "this process is alive");
+        let descriptor_of = |pid: u32| {
+            TensorDescriptor {
+                pid,
+                address: 0,
+                length: 10,
+                secret: None,
+            }
+            .encode()
+        };
+        // A child that exited but was not waited for: a zombie.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let d = descriptor_of(child.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !fetch.helper_gone(&d) {
+            assert!(std::time::Instant::now() < deadline, "never seen as gone");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // Reaped: no such process at all.
+        child.wait().unwrap();
+        assert!(fetch.helper_gone(&d));
+        // What cannot be told is not gone.
+        assert!(!fetch.helper_gone(&descriptor_of(0)));
+        assert!(!fetch.helper_gone(&me[..5]));
     }
 
     fn held_len(n: usize) -> Box<dyn SendBuf> {
