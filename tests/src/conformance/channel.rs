@@ -84,19 +84,19 @@ pub(super) async fn pair(
 ) {
     let (cc, sc) = (make.ctx(), make.ctx());
     let n = cc.connections_needed();
-    let tcp: Box<dyn Transport> = if make.shm {
+    let transport: Box<dyn Transport> = if make.shm {
         Box::new(ShmTransport::default())
     } else {
         Box::new(TcpTransport::new())
     };
-    let listener = tcp
+    let listener = transport
         .listen(if make.shm { "" } else { "127.0.0.1:0" })
         .unwrap();
     let addr = listener.address().to_string();
     let client = async {
         let mut conns = Vec::new();
         for i in 0..n {
-            let c = tcp.connect(&addr).await.unwrap();
+            let c = transport.connect(&addr).await.unwrap();
             c.write(&[&(i as u64).to_le_bytes()]).await.unwrap();
             conns.push(c);
         }
