@@ -708,56 +708,63 @@ mod tests {
         }
     }
 
+    /// Five tensors over a pair whose fetch offers help, over shm or tcp: how often
+    /// the sender was asked.
+    fn helps_asked_for_five_tensors(shm: bool) -> usize {
+        futures::executor::block_on(async {
+            let p = pair(shm, true, false).await;
+            five_tensors(&p).await;
+            p.2.load(Ordering::Relaxed)
+        })
+    }
+
     #[test]
     fn a_sender_that_cannot_help_leaves_the_rest_to_the_receiver() {
-        futures::executor::block_on(async {
-            let p = pair(true, true, false).await;
-            five_tensors(&p).await;
-            assert_eq!(p.2.load(Ordering::Relaxed), 5, "every send was asked once");
-        });
+        assert_eq!(
+            helps_asked_for_five_tensors(true),
+            5,
+            "every send asked once"
+        );
     }
 
     #[test]
     fn help_is_offered_only_over_connections_that_read_by_looking() {
+        assert_eq!(helps_asked_for_five_tensors(false), 0, "tcp: never offered");
+    }
+
+    /// One 40-byte tensor whose receiver asks a sender that did not offer (over shm),
+    /// with a fetch that can or cannot tell the sender is `gone`: both results, the
+    /// buffer the receive gave back, and the pair.
+    fn ask_unoffered(gone: bool) -> (SendDone, RecvDone, Pair) {
         futures::executor::block_on(async {
-            let p = pair(false, true, false).await;
-            five_tensors(&p).await;
-            assert_eq!(p.2.load(Ordering::Relaxed), 0, "tcp: never offered");
-        });
+            let p = pair_gone(true, false, true, gone).await;
+            let (sent, got) = futures::future::join(
+                p.0.send(Box::new(vec![7u8; 40])),
+                p.1.recv(Box::new(vec![0u8; 40])),
+            )
+            .await;
+            (sent, got, p)
+        })
     }
 
     #[test]
     fn asking_a_sender_that_did_not_offer_closes_the_channel_and_keeps_the_buffer_away() {
-        futures::executor::block_on(async {
-            let (a, b, helps) = pair(true, false, true).await;
-            let ((_, rs), (buf, rr)) = futures::future::join(
-                a.send(Box::new(vec![7u8; 40])),
-                b.recv(Box::new(vec![0u8; 40])),
-            )
-            .await;
-            assert!(matches!(rs, Err(ChannelError::Protocol(_))), "{rs:?}");
-            assert!(rr.is_err(), "{rr:?}");
-            // The sender might have been writing into it: the receive gives back an
-            // empty buffer and never frees its own.
-            assert!(buf.bytes().is_empty());
-            assert_eq!(helps.load(Ordering::Relaxed), 0);
-            assert!(a.inner.ops.is_closed() && b.inner.ops.is_closed());
-        });
+        let ((_, rs), (buf, rr), (a, b, helps)) = ask_unoffered(false);
+        assert!(matches!(rs, Err(ChannelError::Protocol(_))), "{rs:?}");
+        assert!(rr.is_err(), "{rr:?}");
+        // The sender might have been writing into it: the receive gives back an
+        // empty buffer and never frees its own.
+        assert!(buf.bytes().is_empty());
+        assert_eq!(helps.load(Ordering::Relaxed), 0);
+        assert!(a.inner.ops.is_closed() && b.inner.ops.is_closed());
     }
 
     #[test]
     fn a_receive_whose_helper_is_gone_gets_its_buffer_back() {
-        futures::executor::block_on(async {
-            // As above, but the fetch can tell that the sender's process is gone.
-            let (a, b, _) = pair_gone(true, false, true, true).await;
-            let ((_, rs), (buf, rr)) = futures::future::join(
-                a.send(Box::new(vec![7u8; 40])),
-                b.recv(Box::new(vec![0u8; 40])),
-            )
-            .await;
-            assert!(rs.is_err() && rr.is_err());
-            assert_eq!(buf.bytes().len(), 40, "the receive buffer came back");
-            assert!(b.inner.ops.is_closed());
-        });
+        // As above, but the fetch can tell that the sender's process is gone.
+        let ((_, rs), (buf, rr), (_, b, _)) = ask_unoffered(true);
+        assert!(rs.is_err() && rr.is_err());
+        assert_eq!(buf.bytes().len(), 40, "the receive buffer came back");
+        assert!(b.inner.ops.is_closed());
     }
 }

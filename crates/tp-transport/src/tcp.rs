@@ -308,24 +308,22 @@ impl Stream for TcpIo {
         let mut done = self.ahead().take(buf);
         while done < buf.len() {
             let rest = buf.get_mut(done..).unwrap_or_default();
-            if rest.len() >= READ_AHEAD {
-                match self.read_some(rest).await {
-                    Ok(0) => return Err(TransportError::Eof),
-                    Ok(n) => done += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(map_io("read", e)),
-                }
-                continue;
-            }
-            // A small read: ask for up to READ_AHEAD and keep the rest. The (empty)
-            // buffer is taken out while the read waits; a read dropped meanwhile breaks
-            // the connection anyway (`Ordered`), so nothing held is lost.
-            let mut ahead = std::mem::take(&mut *self.ahead());
-            ahead.buf.resize(READ_AHEAD, 0);
-            let got = self.read_some(&mut ahead.buf).await;
-            (ahead.start, ahead.end) = (0, *got.as_ref().unwrap_or(&0));
-            done += ahead.take(rest);
-            *self.ahead() = ahead;
+            let got = if rest.len() >= READ_AHEAD {
+                let got = self.read_some(rest).await;
+                done += *got.as_ref().unwrap_or(&0);
+                got
+            } else {
+                // A small read: ask for up to READ_AHEAD and keep the rest. The (empty)
+                // buffer is taken out while the read waits; a read dropped meanwhile
+                // breaks the connection anyway (`Ordered`), so nothing held is lost.
+                let mut ahead = std::mem::take(&mut *self.ahead());
+                ahead.buf.resize(READ_AHEAD, 0);
+                let got = self.read_some(&mut ahead.buf).await;
+                (ahead.start, ahead.end) = (0, *got.as_ref().unwrap_or(&0));
+                done += ahead.take(rest);
+                *self.ahead() = ahead;
+                got
+            };
             match got {
                 Ok(0) => return Err(TransportError::Eof),
                 Ok(_) => {}

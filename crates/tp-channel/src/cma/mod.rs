@@ -339,6 +339,9 @@ impl Fetch for Pull {
     fn ask_help(&self, d: &[u8], dst: &mut dyn RecvBuf) -> Result<Option<Help>, ChannelError> {
         let dst = dst.bytes_mut();
         let remote = Self::parse(d, dst.len())?;
+        if !remote.offers_help {
+            return Ok(None);
+        }
         // The sender takes its even share: half, or one part in `ours + 1` when our
         // share is large enough to split across `ours` threads; from a page boundary.
         let len = dst.len();
@@ -349,7 +352,7 @@ impl Fetch for Pull {
         } else {
             len / 2
         } & !4095;
-        if !remote.offers_help || from == 0 {
+        if from == 0 {
             return Ok(None);
         }
         let request = HelpRequest {
@@ -601,7 +604,11 @@ mod tests {
         assert!(sender.help(&held, &help.request[..27]).is_err(), "short");
         let mut pid0 = help.request.clone();
         pid0[..4].copy_from_slice(&0u32.to_le_bytes());
-        assert!(sender.help(&held, &pid0).is_err(), "pid 0 names no process");
+        // Refused as out of range (not by the kernel's "no such process").
+        assert!(
+            matches!(sender.help(&held, &pid0), Err(ChannelError::Protocol(m)) if m.contains("pid 0")),
+            "pid 0 names no process"
+        );
         let mut past_end = help.request.clone();
         past_end[12..20].copy_from_slice(&(src.len() as u64 + 1).to_le_bytes());
         assert!(sender.help(&held, &past_end).is_err());
