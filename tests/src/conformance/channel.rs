@@ -384,3 +384,13 @@ channel_conformance!(mpt, || Arc::new(tp_channel::mpt::MptContext::new(
         ..Default::default()
     }
 )));
+// Every tensor, however small, moved by the lane threads (the default leaves tensors
+// of up to 1 MiB to the waiting task, so the suite's small cases go that way above).
+channel_conformance!(mpt_lane_threads, || Arc::new(
+    tp_channel::mpt::MptContext::new(tp_channel::mpt::MptConfig {
+        lanes: 3,
+        bind_host: "127.0.0.1".into(),
+        threads_above: 0,
+        ..Default::default()
+    })
+));

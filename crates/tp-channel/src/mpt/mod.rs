@@ -9,20 +9,31 @@
 //! Transfer: tensor bytes `[len·i/N, len·(i+1)/N)` go on lane i, raw (both ends know the
 //! length); a tensor is done when all its slices are. Each lane's writes and reads are
 //! queued in tensor order, so order across tensors holds while the next tensor's
-//! slices already queue behind the current ones.
+//! slices already queue behind the current ones. A tensor larger than
+//! [`MptConfig::threads_above`] is moved by the context's lane threads — lane i of
+//! every channel by thread i, started with the first channel — so its slices are
+//! copied on as many cores at once; a smaller one by the task that waits for it, which
+//! saves two thread wake-ups. A future dropped mid-transfer leaves its tensor to the
+//! lane threads: the lanes stay in step with the peer, and the buffer is freed when
+//! the last slice is over.
 //!
 //! Descriptor `mpt:<N>:tcp:*`: two contexts must agree on the lane count.
 
-use std::sync::Arc;
+#[allow(unsafe_code)]
+mod lanes;
+
+use std::net::{TcpListener, TcpStream};
+use std::pin::pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use futures::FutureExt;
-use std::pin::pin;
-
+use async_io::Async;
 use futures::future::{BoxFuture, Either, join_all, select};
 use futures::stream::{FuturesUnordered, StreamExt};
-use tp_transport::tcp::TcpTransport;
-use tp_transport::{BoxConnection, Transport};
+use futures::{AsyncReadExt, AsyncWriteExt, FutureExt};
+use tp_transport::{BoxConnection, TransportError};
+
+use lanes::{Held, Lane, Loops, Transfer};
 
 use crate::children::{Children, Close};
 use crate::ops::Ops;
@@ -47,6 +58,11 @@ pub struct MptConfig {
     pub bind_host: String,
     /// How long setting up the lanes may take.
     pub setup_timeout: Duration,
+    /// Tensors larger than this are moved by the context's lane threads, one per lane,
+    /// in parallel; smaller ones by the task that waits for them, without a hop to
+    /// another thread. Default 1 MiB (on 2 vCPUs, 1 MiB round trips were faster on the
+    /// waiting task, 2 MiB ones much faster on the lane threads; BENCHMARKS.md).
+    pub threads_above: usize,
 }
 
 impl Default for MptConfig {
@@ -55,6 +71,7 @@ impl Default for MptConfig {
             lanes: 2,
             bind_host: tp_transport::tcp::guess_address().0.to_string(),
             setup_timeout: Duration::from_secs(30),
+            threads_above: 1 << 20,
         }
     }
 }
@@ -64,7 +81,8 @@ impl Default for MptConfig {
 pub struct MptContext {
     config: MptConfig,
     descriptor: Vec<u8>,
-    tcp: TcpTransport,
+    /// The lane threads, started with the first channel.
+    loops: Mutex<Option<Arc<Loops>>>,
     children: Arc<Children>,
 }
 
@@ -81,9 +99,36 @@ impl MptContext {
         Self {
             config,
             descriptor,
-            tcp: TcpTransport::new(),
+            loops: Mutex::default(),
             children: Arc::default(),
         }
+    }
+}
+
+impl MptContext {
+    /// The lane threads, started on first use.
+    fn loops(&self) -> Result<Arc<Loops>, ChannelError> {
+        let mut loops = self.loops.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.children.is_closed() {
+            return Err(ChannelError::Closed);
+        }
+        if let Some(l) = &*loops {
+            return Ok(l.clone());
+        }
+        let l = Arc::new(Loops::start(self.config.lanes).map_err(|e| {
+            ChannelError::Transport(TransportError::Io {
+                op: "start the mpt lane threads",
+                source: e,
+            })
+        })?);
+        *loops = Some(l.clone());
+        Ok(l)
+    }
+}
+
+impl Drop for MptContext {
+    fn drop(&mut self) {
+        ChannelContext::close(self);
     }
 }
 
@@ -120,22 +165,18 @@ impl ChannelContext for MptContext {
         conns: Vec<BoxConnection>,
         endpoint: Endpoint,
     ) -> BoxFuture<'static, Result<BoxChannel, ChannelError>> {
-        let ready = self.viability();
+        let ready = self.viability().and_then(|()| self.loops());
         let children = self.children.clone();
         let config = self.config.clone();
-        let tcp = self.tcp.clone();
         async move {
-            ready?;
-            if children.is_closed() {
-                return Err(ChannelError::Closed);
-            }
+            let loops = ready?;
             let [control]: [BoxConnection; 1] = conns.try_into().map_err(|c: Vec<_>| {
                 ChannelError::protocol(format!("mpt needs 1 connection, got {}", c.len()))
             })?;
             let setup = async {
                 match endpoint {
-                    Endpoint::Listen => listen_lanes(&tcp, &control, &config).await,
-                    Endpoint::Connect => connect_lanes(&tcp, &control, config.lanes).await,
+                    Endpoint::Listen => listen_lanes(&control, &config).await,
+                    Endpoint::Connect => connect_lanes(&control, config.lanes).await,
                 }
             };
             let timeout = async {
@@ -145,12 +186,24 @@ impl ChannelContext for MptContext {
                     config.setup_timeout
                 )))
             };
-            let lanes = select(setup.boxed(), timeout.boxed())
+            let streams = select(setup.boxed(), timeout.boxed())
                 .await
                 .factor_first()
                 .0?;
+            let lanes = streams
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| loops.lane(i, s))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    ChannelError::Transport(TransportError::Io {
+                        op: "set up an mpt lane",
+                        source: e,
+                    })
+                })?;
             let inner = Arc::new(Inner {
                 control,
+                caller_up_to: config.threads_above,
                 lanes,
                 ops: Ops::default(),
             });
@@ -162,7 +215,14 @@ impl ChannelContext for MptContext {
 
     fn close(&self) {
         self.children.close_all();
-        self.tcp.close();
+        let loops = self
+            .loops
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(l) = loops {
+            l.close();
+        }
     }
 }
 
@@ -171,24 +231,32 @@ fn random_token() -> u64 {
     std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now())
 }
 
+fn io_error(op: &'static str) -> impl Fn(std::io::Error) -> ChannelError {
+    move |e| ChannelError::Transport(TransportError::Io { op, source: e })
+}
+
 async fn listen_lanes(
-    tcp: &TcpTransport,
     control: &BoxConnection,
     config: &MptConfig,
-) -> Result<Vec<BoxConnection>, ChannelError> {
-    let listener = tcp.listen(&format!("{}:0", bracket(&config.bind_host)))?;
+) -> Result<Vec<TcpStream>, ChannelError> {
+    let at = tp_transport::tcp::parse_address(&format!("{}:0", bracket(&config.bind_host)))?;
+    let listener = Async::<TcpListener>::bind(at).map_err(io_error("bind"))?;
     let token = random_token();
-    let address = listener.address().as_bytes();
+    let address = listener
+        .get_ref()
+        .local_addr()
+        .map_err(io_error("getsockname"))?
+        .to_string();
     let mut hello = vec![SERVER_HELLO];
     hello.extend_from_slice(&token.to_le_bytes());
     hello.extend_from_slice(&(config.lanes as u32).to_le_bytes());
-    hello.extend_from_slice(address);
+    hello.extend_from_slice(address.as_bytes());
     control.write_frame(&hello).await?;
-    let mut lanes: Vec<Option<BoxConnection>> = (0..config.lanes).map(|_| None).collect();
+    let mut lanes: Vec<Option<TcpStream>> = (0..config.lanes).map(|_| None).collect();
     // Hellos are read concurrently, each within HELLO_TIMEOUT, so a stray connection
     // that never speaks (a port scan) costs only itself.
     let mut hellos = FuturesUnordered::new();
-    let mut accept = listener.accept();
+    let mut accept = listener.accept().boxed();
     while lanes.iter().any(Option::is_none) {
         let next_hello = async {
             if hellos.is_empty() {
@@ -199,14 +267,16 @@ async fn listen_lanes(
         };
         match select(&mut accept, pin!(next_hello)).await {
             Either::Left((conn, _)) => {
-                accept = listener.accept();
-                hellos.push(read_hello(conn?));
+                accept = listener.accept().boxed();
+                hellos.push(read_hello(conn.map_err(io_error("accept"))?.0));
             }
             Either::Right((Some((conn, Some(h))), _)) => {
                 let ok_token = h[0] == CLIENT_HELLO && h[1..9] == token.to_le_bytes();
                 let lane = u32::from_le_bytes([h[9], h[10], h[11], h[12]]) as usize;
                 match lanes.get_mut(lane) {
-                    Some(slot @ None) if ok_token => *slot = Some(conn),
+                    Some(slot @ None) if ok_token => {
+                        *slot = Some(conn.into_inner().map_err(io_error("accept"))?);
+                    }
                     _ => tracing::warn!(lane, "mpt: dropped a stray lane connection"),
                 }
             }
@@ -220,7 +290,7 @@ async fn listen_lanes(
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Reads a lane's 13-byte hello; `None` if it fails or takes too long.
-async fn read_hello(conn: BoxConnection) -> (BoxConnection, Option<[u8; 13]>) {
+async fn read_hello(mut conn: Async<TcpStream>) -> (Async<TcpStream>, Option<[u8; 13]>) {
     let mut h = [0u8; 13];
     let ok = {
         let read = conn.read_exact(&mut h);
@@ -231,10 +301,9 @@ async fn read_hello(conn: BoxConnection) -> (BoxConnection, Option<[u8; 13]>) {
 }
 
 async fn connect_lanes(
-    tcp: &TcpTransport,
     control: &BoxConnection,
     lanes: usize,
-) -> Result<Vec<BoxConnection>, ChannelError> {
+) -> Result<Vec<TcpStream>, ChannelError> {
     let hello = control.read_frame(1024).await?;
     if hello.len() < 13 || hello[0] != SERVER_HELLO {
         return Err(ChannelError::protocol("malformed mpt server hello"));
@@ -248,16 +317,16 @@ async fn connect_lanes(
     }
     let address = std::str::from_utf8(&hello[13..])
         .map_err(|_| ChannelError::protocol("lane address is not UTF-8"))?;
-    let conns = join_all((0..lanes).map(|i| {
-        let connect = tcp.connect(address);
-        async move {
-            let conn = connect.await?;
-            let mut h = vec![CLIENT_HELLO];
-            h.extend_from_slice(token);
-            h.extend_from_slice(&(i as u32).to_le_bytes());
-            conn.write(&[&h]).await?;
-            Ok::<_, ChannelError>(conn)
-        }
+    let at = tp_transport::tcp::parse_address(address)?;
+    let conns = join_all((0..lanes).map(|i| async move {
+        let mut conn = Async::<TcpStream>::connect(at)
+            .await
+            .map_err(io_error("connect"))?;
+        let mut h = vec![CLIENT_HELLO];
+        h.extend_from_slice(token);
+        h.extend_from_slice(&(i as u32).to_le_bytes());
+        conn.write_all(&h).await.map_err(io_error("write"))?;
+        conn.into_inner().map_err(io_error("connect"))
     }))
     .await;
     conns.into_iter().collect()
@@ -274,7 +343,9 @@ fn bracket(host: &str) -> String {
 
 struct Inner {
     control: BoxConnection,
-    lanes: Vec<BoxConnection>,
+    /// [`MptConfig::threads_above`].
+    caller_up_to: usize,
+    lanes: Vec<Lane>,
     ops: Ops,
 }
 
@@ -286,14 +357,6 @@ impl Close for Inner {
                 l.close();
             }
         }
-    }
-}
-
-impl Inner {
-    /// Slice `i` of `n` of a `len`-byte tensor.
-    fn bounds(len: usize, i: usize, n: usize) -> (usize, usize) {
-        let at = |k: usize| (len as u128 * k as u128 / n as u128) as usize;
-        (at(i), at(i + 1))
     }
 }
 
@@ -310,13 +373,6 @@ impl std::fmt::Debug for MptChannel {
     }
 }
 
-fn first_error(results: Vec<Result<(), tp_transport::TransportError>>) -> Result<(), ChannelError> {
-    results
-        .into_iter()
-        .find_map(Result::err)
-        .map_or(Ok(()), |e| Err(e.into()))
-}
-
 impl Channel for MptChannel {
     fn send(&self, buf: Box<dyn SendBuf>) -> BoxFuture<'static, SendDone> {
         let turn = self.inner.ops.send_turn();
@@ -330,32 +386,19 @@ impl Channel for MptChannel {
                 Ok(true) => {}
                 r => return (buf, r.map(drop)),
             }
-            let bytes = buf.bytes();
-            let n = inner.lanes.len();
-            let slices: Vec<[&[u8]; 1]> = (0..n)
-                .map(|i| {
-                    let (a, b) = Inner::bounds(bytes.len(), i, n);
-                    [bytes.get(a..b).unwrap_or_default()]
-                })
-                .collect();
-            // Every lane's write is queued now, in tensor order; the next tensor may
+            // Every lane's part is queued now, in tensor order; the next tensor may
             // queue behind it as soon as the turn is released.
-            let writes: Vec<_> = inner
-                .lanes
-                .iter()
-                .zip(&slices)
-                .filter(|(_, s)| !s[0].is_empty())
-                .map(|(lane, s)| lane.write(s))
-                .collect();
+            let transfer = Transfer::start(Held::Send(buf), &inner.lanes, inner.caller_up_to);
             drop(turn);
-            let r = first_error(join_all(writes).await);
-            drop(slices);
-            (buf, r)
+            match transfer.finish(&inner.lanes).await {
+                (Held::Send(buf), r) => (buf, r.map_err(ChannelError::from)),
+                (Held::Recv(_), _) => unreachable!("a send's transfer holds a send buffer"),
+            }
         }
         .boxed()
     }
 
-    fn recv(&self, mut buf: Box<dyn RecvBuf>) -> BoxFuture<'static, RecvDone> {
+    fn recv(&self, buf: Box<dyn RecvBuf>) -> BoxFuture<'static, RecvDone> {
         let turn = self.inner.ops.recv_turn();
         let inner = self.inner.clone();
         async move {
@@ -367,23 +410,12 @@ impl Channel for MptChannel {
                 Ok(true) => {}
                 r => return (buf, r.map(drop)),
             }
-            let n = inner.lanes.len();
-            let r = {
-                let mut rest = buf.bytes_mut();
-                let len = rest.len();
-                let mut reads = Vec::with_capacity(n);
-                for (i, lane) in inner.lanes.iter().enumerate() {
-                    let (a, b) = Inner::bounds(len, i, n);
-                    let (part, tail) = std::mem::take(&mut rest).split_at_mut(b - a);
-                    rest = tail;
-                    if !part.is_empty() {
-                        reads.push(lane.read_exact(part));
-                    }
-                }
-                drop(turn);
-                first_error(join_all(reads).await)
-            };
-            (buf, r)
+            let transfer = Transfer::start(Held::Recv(buf), &inner.lanes, inner.caller_up_to);
+            drop(turn);
+            match transfer.finish(&inner.lanes).await {
+                (Held::Recv(buf), r) => (buf, r.map_err(ChannelError::from)),
+                (Held::Send(_), _) => unreachable!("a receive's transfer holds a receive buffer"),
+            }
         }
         .boxed()
     }
@@ -402,6 +434,8 @@ impl Drop for MptChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tp_transport::Transport;
+    use tp_transport::tcp::TcpTransport;
 
     /// The listening end, driven by a hand-written client: a connection that never
     /// speaks and one with a wrong token do not stop the real lanes, and a tensor then
@@ -455,13 +489,127 @@ mod tests {
         });
     }
 
+    /// Two mpt channels joined over loopback.
+    fn pair(config: MptConfig) -> (BoxChannel, BoxChannel, MptContext, MptContext) {
+        async_io::block_on(async {
+            let tcp = TcpTransport::new();
+            let l = tcp.listen("127.0.0.1:0").unwrap();
+            let (c, s) = futures::future::join(tcp.connect(l.address()), l.accept()).await;
+            let (server_ctx, client_ctx) =
+                (MptContext::new(config.clone()), MptContext::new(config));
+            let (server, client) = futures::future::join(
+                server_ctx.create_channel(vec![s.unwrap()], Endpoint::Listen),
+                client_ctx.create_channel(vec![c.unwrap()], Endpoint::Connect),
+            )
+            .await;
+            (client.unwrap(), server.unwrap(), client_ctx, server_ctx)
+        })
+    }
+
+    fn all_by_the_task() -> MptConfig {
+        MptConfig {
+            lanes: 2,
+            bind_host: "127.0.0.1".into(),
+            threads_above: usize::MAX,
+            ..MptConfig::default()
+        }
+    }
+
+    /// Fails the test instead of hanging it.
+    async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+        let timeout = async {
+            async_io::Timer::after(Duration::from_secs(20)).await;
+            panic!("{what}: not done within 20 s");
+        };
+        match select(pin!(f), pin!(timeout)).await {
+            Either::Left((v, _)) => v,
+            Either::Right((never, _)) => never,
+        }
+    }
+
+    /// A receive the task moves, dropped before any byte came: its slices go to the
+    /// lane threads, which take the first tensor into its buffer, and the next receive
+    /// gets the second tensor whole.
+    #[test]
+    fn a_dropped_receive_leaves_its_tensor_to_the_lane_threads() {
+        let (client, server, _c, _s) = pair(all_by_the_task());
+        let mut dropped = server.recv(Box::new(vec![0u8; 1 << 20]));
+        assert!((&mut dropped).now_or_never().is_none());
+        drop(dropped);
+        let first = vec![1u8; 1 << 20];
+        let second: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+        async_io::block_on(within("the second tensor", async {
+            let sends = futures::future::join(
+                client.send(Box::new(first)),
+                client.send(Box::new(second.clone())),
+            );
+            let recv = server.recv(Box::new(vec![0u8; 1 << 20]));
+            let ((a, b), (got, r)) = futures::future::join(sends, recv).await;
+            a.1.unwrap();
+            b.1.unwrap();
+            r.unwrap();
+            assert!(
+                got.bytes() == &second[..],
+                "the second tensor arrived changed"
+            );
+        }));
+    }
+
+    /// A send the task moves, dropped after its first step (64 MiB do not fit in the
+    /// sockets): the lane threads send the rest, and the peer gets both tensors whole.
+    #[test]
+    fn a_dropped_send_still_sends_in_order() {
+        let (client, server, _c, _s) = pair(all_by_the_task());
+        let first: Vec<u8> = (0..64 << 20).map(|i| (i % 253) as u8).collect();
+        let mut dropped = client.send(Box::new(first.clone()));
+        assert!((&mut dropped).now_or_never().is_none());
+        drop(dropped);
+        let second = vec![7u8; 1000];
+        async_io::block_on(within("both tensors", async {
+            let (sent, (a, ra), (b, rb)) = futures::future::join3(
+                client.send(Box::new(second.clone())),
+                server.recv(Box::new(vec![0u8; 64 << 20])),
+                server.recv(Box::new(vec![0u8; 1000])),
+            )
+            .await;
+            sent.1.unwrap();
+            ra.unwrap();
+            rb.unwrap();
+            assert!(a.bytes() == &first[..], "the first tensor arrived changed");
+            assert_eq!(b.bytes(), &second[..]);
+        }));
+    }
+
+    /// Closing the context fails what its lane threads still hold, and the threads end.
+    #[test]
+    fn closing_the_context_fails_transfers_on_the_lane_threads() {
+        let (client, _server, client_ctx, _s) = pair(MptConfig {
+            threads_above: 0,
+            ..all_by_the_task()
+        });
+        // The server neither sends nor reads: the receive waits on the client's lane
+        // threads, and so does the send (256 MiB, more than the sockets hold).
+        let recv = client.recv(Box::new(vec![0u8; 4096]));
+        let send = client.send(Box::new(vec![3u8; 256 << 20]));
+        let (r, s) = async_io::block_on(within("the close", async {
+            let close = async {
+                async_io::Timer::after(Duration::from_millis(100)).await;
+                client_ctx.close();
+            };
+            let (r, s, ()) = futures::future::join3(recv, send, close).await;
+            (r, s)
+        }));
+        assert!(s.1.is_err(), "a send on a closed context succeeded");
+        assert!(r.1.is_err(), "a receive on a closed context succeeded");
+    }
+
     #[test]
     fn slices_cover_the_tensor_exactly() {
         for len in [0usize, 1, 2, 3, 7, 1000, 1 << 20] {
             for n in 1..=5 {
                 let mut next = 0;
                 for i in 0..n {
-                    let (a, b) = Inner::bounds(len, i, n);
+                    let (a, b) = lanes::bounds(len, i, n);
                     assert_eq!(a, next);
                     assert!(b >= a);
                     next = b;
