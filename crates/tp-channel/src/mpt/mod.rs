@@ -580,6 +580,36 @@ mod tests {
         }));
     }
 
+    /// A lane thread's receive raises the socket's `SO_RCVLOWAT`; the small receive
+    /// after it, which the task moves, must still wake at its first byte (the low-water
+    /// mark back at 1), even though its bytes come after it started waiting.
+    #[test]
+    fn a_small_receive_after_a_large_one_wakes() {
+        let (client, server, _c, _s) = pair(MptConfig {
+            threads_above: 1 << 20,
+            ..all_by_the_task()
+        });
+        let large: Vec<u8> = (0..8 << 20).map(|i| (i % 241) as u8).collect();
+        async_io::block_on(within("the small receive", async {
+            let ((_, s), (got, r)) = futures::future::join(
+                client.send(Box::new(large.clone())),
+                server.recv(Box::new(vec![0u8; 8 << 20])),
+            )
+            .await;
+            s.unwrap();
+            r.unwrap();
+            assert!(got.bytes() == &large[..]);
+            let mut small = server.recv(Box::new(vec![0u8; 1000]));
+            assert!((&mut small).now_or_never().is_none());
+            async_io::Timer::after(Duration::from_millis(20)).await;
+            let ((_, s), (got, r)) =
+                futures::future::join(client.send(Box::new(vec![9u8; 1000])), small).await;
+            s.unwrap();
+            r.unwrap();
+            assert_eq!(got.bytes(), &[9u8; 1000][..]);
+        }));
+    }
+
     /// Closing the context fails what its lane threads still hold, and the threads end.
     #[test]
     fn closing_the_context_fails_transfers_on_the_lane_threads() {
