@@ -261,14 +261,16 @@ struct SockState {
     lowat: usize,
 }
 
-/// The most a lane loop lets arrive before its thread wakes to read (`SO_RCVLOWAT`).
+/// How much a lane loop lets arrive before its thread wakes to read (`SO_RCVLOWAT`),
+/// while more than twice that is still to come for the part it reads.
 ///
 /// Waking at every 64 KiB the sender's kernel delivers kept four threads (two lanes'
 /// readers and writers) trading two cores; waking once per megabyte lets the writers
 /// run meanwhile. 16 MiB over 2 lanes went from 5.2-5.5 to 6.0-7.0 GB/s on 2 vCPUs
-/// (caps of 1-2 MiB alike; 8 MiB lower). Never more than the part still needs, so a
-/// tail does not wait for bytes that will not come; and the kernel reports a socket
-/// readable anyway when its receive window runs out.
+/// (marks of 1-2 MiB alike; 128 KiB no gain; 8 MiB lower). The last 2 MiB of a part
+/// wake at every arrival again: waiting for a whole tail and then copying it alone
+/// made 2 MiB tensors (1 MiB a lane) slower than with no mark at all. The kernel
+/// reports a socket readable anyway when its receive window runs out.
 const LOWAT_CAP: usize = 1 << 20;
 
 /// A lane's socket, registered with its loop's poller under `key`.
@@ -348,15 +350,15 @@ impl Sock {
 
     /// Asks the loop's poller for the readiness that the parts at the queues' heads
     /// wait for, where the loop moves them (one-shot); sets how much the socket
-    /// gathers before it reports readable ([`LOWAT_CAP`] at most, for a loop's part
-    /// only: a task waits for any byte).
+    /// gathers before it reports readable ([`LOWAT_CAP`] during a loop's long part,
+    /// else one byte: a task waits for any byte).
     fn arm(&self, st: &mut SockState, poller: &Poller) {
         let loops = |q: &VecDeque<Part>| q.front().is_some_and(|p| p.by_loop);
         if st.broken.is_some() {
             return;
         }
         let lowat = match st.recvs.front() {
-            Some(p) if p.by_loop => (p.len - p.done).min(LOWAT_CAP),
+            Some(p) if p.by_loop && p.len - p.done > 2 * LOWAT_CAP => LOWAT_CAP,
             _ => 0,
         };
         if lowat != st.lowat {
