@@ -296,6 +296,34 @@ fn demo_moves_verified_tensors_between_two_processes() {
     }
 }
 
+/// `--lanes` reaches both ends: the run fails unless the handshake chose mpt, which it
+/// can only do when the two ends' lane counts agree. Tensors of 4 KiB and 3 MiB take
+/// both of mpt's paths (the waiting task's, the lane threads').
+#[test]
+fn bench_pipe_sets_mpt_lanes_on_both_ends() {
+    let run = |channel: &str| {
+        Command::new(env!("CARGO_BIN_EXE_tp"))
+            .args(["bench", "pipe", "--transport", "tcp", "--channel", channel])
+            .args(["--lanes", "3", "--sizes", "4K,3M", "--round-trips", "5"])
+            .arg("--json")
+            .output()
+            .expect("run tp")
+    };
+    let out = run("mpt");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = String::from_utf8(out.stdout).unwrap();
+    assert!(json.contains("\"channel\":\"mpt\",\"lanes\":3"), "{json}");
+    // basic goes first there: the lanes say nothing, and the run says so.
+    let out = run("basic");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not mpt"), "{err}");
+}
+
 #[test]
 fn bench_pipe_runs_both_ends_and_draws_its_plot() {
     use tp_channel::ChannelContext;

@@ -43,6 +43,10 @@ pub(crate) struct PipeArgs {
     /// Metadata bytes per message.
     #[arg(long, default_value_t = 0)]
     metadata_size: usize,
+    /// mpt: lanes per channel, both ends (default: the context's, 2). The original's
+    /// benchmark read this from `TP_MPT_LANES`.
+    #[arg(long)]
+    lanes: Option<usize>,
     /// Draw throughput against size into this SVG file.
     #[arg(long)]
     plot: Option<String>,
@@ -51,7 +55,15 @@ pub(crate) struct PipeArgs {
 }
 
 fn context(args: &PipeArgs, name: &str) -> Result<Arc<Context>, String> {
-    Context::builder(name)
+    let mut builder = Context::builder(name);
+    if let Some(lanes) = args.lanes {
+        let mpt = tp_channel::mpt::MptContext::new(tp_channel::mpt::MptConfig {
+            lanes,
+            ..Default::default()
+        });
+        builder = builder.channel(1100, Arc::new(mpt));
+    }
+    builder
         .priority(&args.channel, 1_000_000)
         .build()
         .map(Arc::new)
@@ -96,7 +108,8 @@ pub(crate) fn run(args: &PipeArgs) -> Result<(), String> {
         }
         Mode::Both => {
             let regime = Regime::measure()?;
-            let child_args = [
+            let lanes = args.lanes.map(|n| n.to_string());
+            let mut child_args = vec![
                 "bench",
                 "pipe",
                 "--mode",
@@ -106,6 +119,9 @@ pub(crate) fn run(args: &PipeArgs) -> Result<(), String> {
                 "--channel",
                 &args.channel,
             ];
+            if let Some(n) = &lanes {
+                child_args.extend(["--lanes", n]);
+            }
             let (mut child, addr) = spawn_server(&child_args)?;
             let rows = client(args, &addr);
             let status = child.wait().map_err(|e| e.to_string())?;
@@ -205,6 +221,14 @@ async fn rounds(pipe: &Pipe, args: &PipeArgs, sizes: &[usize]) -> Result<Vec<Row
             round_trip(pipe, args, size, warm as u8, warm == 0, &mut spare).await?;
             warm += 1;
         }
+        // Both ends must have agreed on the lane count, or the handshake fell back to
+        // another channel and the run would measure that one.
+        if args.lanes.is_some() && !pipe.channel_names().iter().any(|c| c == "mpt") {
+            return Err(format!(
+                "--lanes was given but the handshake chose {:?}, not mpt",
+                pipe.channel_names()
+            ));
+        }
         let est = warm_started.elapsed().as_secs_f64() / f64::from(warm);
         let count = args
             .run
@@ -256,9 +280,10 @@ fn report(args: &PipeArgs, regime: &Regime, rows: &[Row]) -> Result<(), String> 
             })
             .collect();
         println!(
-            "{{\"bench\":\"pipe\",\"transport\":\"{}\",\"channel\":\"{}\",\"payloads\":{},\"payload_size\":{},\"tensors\":{},\"metadata_size\":{},\"regime\":{},\"results\":[{}]}}",
+            "{{\"bench\":\"pipe\",\"transport\":\"{}\",\"channel\":\"{}\",\"lanes\":{},\"payloads\":{},\"payload_size\":{},\"tensors\":{},\"metadata_size\":{},\"regime\":{},\"results\":[{}]}}",
             args.transport,
             args.channel,
+            args.lanes.map_or("null".to_string(), |n| n.to_string()),
             args.payloads,
             args.payload_size,
             args.tensors,
@@ -268,9 +293,11 @@ fn report(args: &PipeArgs, regime: &Regime, rows: &[Row]) -> Result<(), String> 
         );
     } else {
         println!(
-            "tp bench pipe --transport {} --channel {} ({} x {} B payloads, {} tensor(s), {} B metadata)",
+            "tp bench pipe --transport {} --channel {}{} ({} x {} B payloads, {} tensor(s), {} B metadata)",
             args.transport,
             args.channel,
+            args.lanes
+                .map_or(String::new(), |n| format!(" --lanes {n}")),
             args.payloads,
             args.payload_size,
             args.tensors,
