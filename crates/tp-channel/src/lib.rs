@@ -10,7 +10,7 @@
 //! | [`basic`] | `basic` | the pipe's transport connection | anyone: `any` |
 //! | [`xth`] | `xth` | a `memcpy`, same process | `xth:<boot id>:<pid ns>:<pid>` |
 //! | [`cma`] | `cma` | `process_vm_readv`, the receiver pulls (the sender pushes half of large tensors) | `cma:<boot id>:<pid ns>:<user ns>:<uid>:<gid>[:<caps>]` |
-//! | [`mpt`] | `mpt` | N TCP lanes, each tensor striped across them | `mpt:<N>:tcp:*` |
+//! | [`mpt`] | `mpt` | N TCP lanes, each tensor striped across them (above 1 MiB by one thread per lane) | `mpt:<N>:tcp:*` |
 //!
 //! # The API
 //!
