@@ -11,9 +11,9 @@
 //! queued in tensor order, so order across tensors holds while the next tensor's
 //! slices already queue behind the current ones. A tensor larger than
 //! [`MptConfig::threads_above`] is moved by the context's lane threads — lane i of
-//! every channel by thread i, started with the first channel — so its slices are
-//! copied on as many cores at once; a smaller one by the task that waits for it, which
-//! saves two thread wake-ups. A future dropped mid-transfer leaves its tensor to the
+//! every channel by thread i mod T (T = the lane count, or the CPU count if lower),
+//! started with the first channel — so its slices are copied on as many cores at once;
+//! a smaller one by the task that waits for it, which saves two thread wake-ups. A future dropped mid-transfer leaves its tensor to the
 //! lane threads: the lanes stay in step with the peer, and the buffer is freed when
 //! the last slice is over.
 //!
@@ -50,7 +50,8 @@ pub const MAX_LANES: usize = 64;
 /// Settings of an mpt context.
 #[derive(Clone, Debug)]
 pub struct MptConfig {
-    /// Lanes per channel (1..=64). Default 2; PyTorch's agent uses 16.
+    /// Lanes per channel (1..=64). Default 2; PyTorch's agent uses 16. The context
+    /// drives them with one thread per lane, or per CPU if there are fewer CPUs.
     pub lanes: usize,
     /// Where the listening end binds its lane listener (`host`, port 0 is picked).
     /// Default: the transport's guessed address (`TP_SOCKET_IFNAME`, the hostname's
@@ -115,7 +116,8 @@ impl MptContext {
         if let Some(l) = &*loops {
             return Ok(l.clone());
         }
-        let l = Arc::new(Loops::start(self.config.lanes).map_err(|e| {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let l = Arc::new(Loops::start(self.config.lanes.min(cpus)).map_err(|e| {
             ChannelError::Transport(TransportError::Io {
                 op: "start the mpt lane threads",
                 source: e,
