@@ -12,9 +12,9 @@
 //! between those two steps would leave the pairing unknown, so it closes the channel.
 //!
 //! **Help.** A sender waiting for its acknowledgement has nothing else to do, so a
-//! fetch may let it do part of the work ([`Fetch::offer_help`]; cma does, for large
-//! tensors, over connections that read by looking). A descriptor that offers help keeps connection 0 to its send until the
-//! receiver has answered. The receiver may then ask, on connection 1, before its
+//! fetch may let it do part of the work ([`Fetch::offer_help`]; xth and cma do, for
+//! large tensors, over connections that read by looking). A descriptor that offers
+//! help keeps connection 0 to its send until the receiver has answered. The receiver may then ask, on connection 1, before its
 //! acknowledgement: byte 2, then a frame holding the fetch's request — "put bytes
 //! `from..` of yours in place yourself". It fetches `..from` meanwhile; the sender does
 //! the rest ([`Fetch::help`]) and answers on connection 0 with one byte: 0 done, 1
@@ -138,6 +138,13 @@ pub trait Fetch: Send + Sync + 'static {
         false
     }
 
+    /// Receiver: the sender of `descriptor` answered a help request, so it no longer
+    /// writes into the receive buffer; a fetch that lent it memory ends the loan here.
+    /// Default: nothing to do.
+    fn help_answered(&self, descriptor: &[u8]) {
+        let _ = descriptor;
+    }
+
     /// Sender: does what the receiver's help `request` asks with the bytes of `held`.
     /// The default refuses (a fetch that never offers help never gets a request).
     ///
@@ -235,6 +242,7 @@ impl<F: Fetch> Inner<F> {
             return (self.back_if_gone(descriptor, &mut lent), Err(e.into()));
         }
         // The sender answered: it no longer touches the buffer.
+        self.fetch.help_answered(descriptor);
         let Some(mut buf) = lent.0.take() else {
             return (None, Err(ChannelError::Closed));
         };

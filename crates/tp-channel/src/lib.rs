@@ -46,6 +46,9 @@ mod children;
 pub mod cma;
 mod error;
 mod handoff;
+#[cfg(feature = "xth")]
+#[allow(unsafe_code)]
+mod lend;
 #[cfg(feature = "mpt")]
 pub mod mpt;
 mod ops;

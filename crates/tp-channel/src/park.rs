@@ -5,11 +5,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
 use crate::{ChannelError, SendBuf};
 
-type Parked = Arc<Mutex<Option<Box<dyn SendBuf>>>>;
+/// Read-locked by whoever reads the bytes (a receiver, and xth's helping sender, at
+/// once); write-locked only to take the buffer back.
+type Parked = Arc<RwLock<Option<Box<dyn SendBuf>>>>;
 
 /// Buffers parked by senders, by token.
 fn registry() -> &'static Mutex<HashMap<u64, Parked>> {
@@ -37,7 +39,7 @@ impl std::fmt::Debug for Ticket {
 /// Parks `buf`; the ticket's [`Ticket::token`] names it to [`with_parked`].
 pub fn park(buf: Box<dyn SendBuf>) -> Ticket {
     let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
-    let parked: Parked = Arc::new(Mutex::new(Some(buf)));
+    let parked: Parked = Arc::new(RwLock::new(Some(buf)));
     registry()
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -51,11 +53,18 @@ impl Ticket {
         self.token
     }
 
+    /// Runs `f` on the parked bytes (the sender's own view; receivers may read them at
+    /// the same time).
+    pub fn with_bytes<R>(&self, f: impl FnOnce(&dyn SendBuf) -> R) -> Option<R> {
+        let guard = self.parked.read().unwrap_or_else(PoisonError::into_inner);
+        guard.as_deref().map(f)
+    }
+
     /// Unparks the buffer and hands it back.
     pub fn take_back(self) -> Box<dyn SendBuf> {
         let buf = self
             .parked
-            .lock()
+            .write()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         drop(self);
@@ -85,7 +94,7 @@ pub fn with_parked<R>(token: u64, f: impl FnOnce(&dyn SendBuf) -> R) -> Result<R
         .get(&token)
         .cloned()
         .ok_or_else(|| ChannelError::protocol(format!("no parked buffer {token}")))?;
-    let guard = parked.lock().unwrap_or_else(PoisonError::into_inner);
+    let guard = parked.read().unwrap_or_else(PoisonError::into_inner);
     let buf = guard
         .as_deref()
         .ok_or_else(|| ChannelError::protocol(format!("buffer {token} was taken back")))?;

@@ -361,6 +361,13 @@ macro_rules! channel_conformance {
 
 channel_conformance!(basic, || Arc::new(tp_channel::basic::BasicContext::new()));
 channel_conformance!(xth, || Arc::new(tp_channel::xth::XthContext::new()));
+// Over shm, where xth's sender helps with tensors from 256 KiB (the suite's 1 MiB and
+// 256 MiB ones).
+channel_conformance!(
+    xth_helped,
+    || Arc::new(tp_channel::xth::XthContext::new()),
+    shm
+);
 channel_conformance!(cma, || Arc::new(tp_channel::cma::CmaContext::default()));
 // Over shm, where the sender helps: on every tensor from 8 KiB, the receiver's share
 // split across threads from 64 KiB — the many-tensors, both-ways and order cases run
