@@ -39,6 +39,18 @@ fn parse(d: &[u8]) -> Result<(u64, u64, bool), ChannelError> {
     ))
 }
 
+/// `Err(LengthMismatch)` unless the descriptor's `len` is the receive buffer's.
+fn check_len(len: u64, dst: &[u8]) -> Result<(), ChannelError> {
+    if len == dst.len() as u64 {
+        Ok(())
+    } else {
+        Err(ChannelError::LengthMismatch {
+            expected: dst.len() as u64,
+            announced: len,
+        })
+    }
+}
+
 struct Memcpy;
 
 impl Fetch for Memcpy {
@@ -60,12 +72,7 @@ impl Fetch for Memcpy {
     fn fetch(&self, d: &[u8], dst: &mut dyn RecvBuf) -> Result<(), ChannelError> {
         let (token, len, _) = parse(d)?;
         let dst = dst.bytes_mut();
-        if len != dst.len() as u64 {
-            return Err(ChannelError::LengthMismatch {
-                expected: dst.len() as u64,
-                announced: len,
-            });
-        }
+        check_len(len, dst)?;
         with_parked(token, |src| {
             let src = src.bytes();
             if src.len() != dst.len() {
@@ -94,12 +101,7 @@ impl Fetch for Memcpy {
     fn ask_help(&self, d: &[u8], dst: &mut dyn RecvBuf) -> Result<Option<Help>, ChannelError> {
         let (token, len, offers) = parse(d)?;
         let dst = dst.bytes_mut();
-        if len != dst.len() as u64 {
-            return Err(ChannelError::LengthMismatch {
-                expected: dst.len() as u64,
-                announced: len,
-            });
-        }
+        check_len(len, dst)?;
         // Cache-line aligned, so the two cores never write one line.
         let from = (dst.len() / 2) & !63;
         if !offers || from == 0 {

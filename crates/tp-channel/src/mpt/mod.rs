@@ -41,6 +41,7 @@ use crate::{
     BoxChannel, Channel, ChannelContext, ChannelError, Device, Endpoint, RecvBuf, RecvDone,
     SendBuf, SendDone,
 };
+use tp_transport::order::Turn;
 
 const SERVER_HELLO: u8 = 1;
 const CLIENT_HELLO: u8 = 2;
@@ -375,25 +376,32 @@ impl std::fmt::Debug for MptChannel {
     }
 }
 
+/// One tensor through the lanes: waits for its turn, queues its slices behind the
+/// earlier tensors' (then lets the next tensor queue), and waits for them.
+async fn transfer(
+    inner: &Inner,
+    turn: Turn,
+    held: Held,
+    (device, len): (Device, usize),
+) -> (Held, Result<(), ChannelError>) {
+    match inner.ops.start_host("mpt", inner, &turn, device, len).await {
+        Ok(true) => {}
+        r => return (held, r.map(drop)),
+    }
+    let transfer = Transfer::start(held, &inner.lanes, inner.caller_up_to);
+    drop(turn);
+    let (held, r) = transfer.finish(&inner.lanes).await;
+    (held, r.map_err(ChannelError::from))
+}
+
 impl Channel for MptChannel {
     fn send(&self, buf: Box<dyn SendBuf>) -> BoxFuture<'static, SendDone> {
         let turn = self.inner.ops.send_turn();
         let inner = self.inner.clone();
         async move {
-            match inner
-                .ops
-                .start_host("mpt", &*inner, &turn, buf.device(), buf.byte_len())
-                .await
-            {
-                Ok(true) => {}
-                r => return (buf, r.map(drop)),
-            }
-            // Every lane's part is queued now, in tensor order; the next tensor may
-            // queue behind it as soon as the turn is released.
-            let transfer = Transfer::start(Held::Send(buf), &inner.lanes, inner.caller_up_to);
-            drop(turn);
-            match transfer.finish(&inner.lanes).await {
-                (Held::Send(buf), r) => (buf, r.map_err(ChannelError::from)),
+            let shape = (buf.device(), buf.byte_len());
+            match transfer(&inner, turn, Held::Send(buf), shape).await {
+                (Held::Send(buf), r) => (buf, r),
                 (Held::Recv(_), _) => unreachable!("a send's transfer holds a send buffer"),
             }
         }
@@ -404,18 +412,9 @@ impl Channel for MptChannel {
         let turn = self.inner.ops.recv_turn();
         let inner = self.inner.clone();
         async move {
-            match inner
-                .ops
-                .start_host("mpt", &*inner, &turn, buf.device(), buf.byte_len())
-                .await
-            {
-                Ok(true) => {}
-                r => return (buf, r.map(drop)),
-            }
-            let transfer = Transfer::start(Held::Recv(buf), &inner.lanes, inner.caller_up_to);
-            drop(turn);
-            match transfer.finish(&inner.lanes).await {
-                (Held::Recv(buf), r) => (buf, r.map_err(ChannelError::from)),
+            let shape = (buf.device(), buf.byte_len());
+            match transfer(&inner, turn, Held::Recv(buf), shape).await {
+                (Held::Recv(buf), r) => (buf, r),
                 (Held::Send(_), _) => unreachable!("a receive's transfer holds a receive buffer"),
             }
         }
