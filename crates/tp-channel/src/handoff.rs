@@ -13,16 +13,18 @@
 //!
 //! **Help.** A sender waiting for its acknowledgement has nothing else to do, so a
 //! fetch may let it do part of the work ([`Fetch::offer_help`]; xth and cma do, for
-//! large tensors, over connections that read by looking). A descriptor that offers
-//! help keeps connection 0 to its send until the receiver has answered. The receiver may then ask, on connection 1, before its
-//! acknowledgement: byte 2, then a frame holding the fetch's request — "put bytes
-//! `from..` of yours in place yourself". It fetches `..from` meanwhile; the sender does
-//! the rest ([`Fetch::help`]) and answers on connection 0 with one byte: 0 done, 1
-//! failed (the receiver then fetches `from..` itself). From the request until the
-//! answer the sender may be writing into the receive buffer, so a receive that cannot
-//! hear the answer (closed, abandoned) never frees that buffer: it is leaked, as cma's
-//! abandoned sends are — unless the fetch can tell that the sender's process is gone
-//! ([`Fetch::helper_gone`]; a peer that died mid-transfer is the common case).
+//! large tensors, over connections that read by looking). A descriptor that offers help
+//! keeps connection 0 to its send until the receiver has answered. The receiver may
+//! then ask, on connection 1, before its acknowledgement: byte 2, then a frame holding
+//! the fetch's request — "put bytes `from..` of yours in place yourself". It fetches
+//! `..from` meanwhile; the sender does the rest ([`Fetch::help`]) and answers on
+//! connection 0 with one byte: 0 done, 1 failed (the receiver then fetches `from..`
+//! itself). From the request until the answer the sender may be writing into the
+//! receive buffer, so a receive that cannot hear the answer (closed, abandoned) never
+//! frees that buffer: it is leaked, as cma's abandoned sends are — unless the fetch can
+//! tell that the sender can no longer write ([`Fetch::helper_gone`]: cma, when the
+//! peer's process is gone, the common case of a peer that died mid-transfer; xth,
+//! always, once it has taken its loan back).
 
 use std::sync::Arc;
 
@@ -129,10 +131,10 @@ pub trait Fetch: Send + Sync + 'static {
         ))
     }
 
-    /// Receiver: whether the sender of `descriptor` can no longer be writing — its
-    /// process is gone — asked when the connection failed while help was under way.
-    /// Then the receive buffer comes back with the error instead of being leaked.
-    /// Default: no one can tell.
+    /// Receiver: whether the sender of `descriptor` can no longer be writing (cma: its
+    /// process is gone; xth: the loan was taken back), asked when the connection failed
+    /// while help was under way. Then the receive buffer comes back with the error
+    /// instead of being leaked. Default: no one can tell.
     fn helper_gone(&self, descriptor: &[u8]) -> bool {
         let _ = descriptor;
         false

@@ -6,16 +6,16 @@
 //! listening end accepts until every lane arrived with the right token (a stray
 //! connection is dropped, not fatal) or the setup timeout passes.
 //!
-//! Transfer: tensor bytes `[len·i/N, len·(i+1)/N)` go on lane i, raw (both ends know the
-//! length); a tensor is done when all its slices are. Each lane's writes and reads are
-//! queued in tensor order, so order across tensors holds while the next tensor's
+//! Transfer: tensor bytes `[len·i/N, len·(i+1)/N)` go on lane i, raw (both ends know
+//! the length); a tensor is done when all its slices are. Each lane's writes and reads
+//! are queued in tensor order, so order across tensors holds while the next tensor's
 //! slices already queue behind the current ones. A tensor larger than
 //! [`MptConfig::threads_above`] is moved by the context's lane threads — lane i of
 //! every channel by thread i mod T (T = the lane count, or the CPU count if lower),
 //! started with the first channel — so its slices are copied on as many cores at once;
-//! a smaller one by the task that waits for it, which saves two thread wake-ups. A future dropped mid-transfer leaves its tensor to the
-//! lane threads: the lanes stay in step with the peer, and the buffer is freed when
-//! the last slice is over.
+//! a smaller one by the task that waits for it, which saves two thread wake-ups. A
+//! future dropped mid-transfer leaves its tensor to the lane threads: the lanes stay in
+//! step with the peer, and the buffer is freed when the last slice is over.
 //!
 //! Descriptor `mpt:<N>:tcp:*`: two contexts must agree on the lane count.
 
