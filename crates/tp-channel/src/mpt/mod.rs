@@ -41,7 +41,7 @@ use crate::{
     BoxChannel, Channel, ChannelContext, ChannelError, Device, Endpoint, RecvBuf, RecvDone,
     SendBuf, SendDone,
 };
-use tp_transport::order::Turn;
+use tp_transport::order::{Order, Turn};
 
 const SERVER_HELLO: u8 = 1;
 const CLIENT_HELLO: u8 = 2;
@@ -209,6 +209,8 @@ impl ChannelContext for MptContext {
                 caller_up_to: config.threads_above,
                 lanes,
                 ops: Ops::default(),
+                sends_done: Order::default(),
+                recvs_done: Order::default(),
             });
             children.adopt(Arc::downgrade(&inner) as std::sync::Weak<dyn Close>);
             Ok(Box::new(MptChannel { inner }) as BoxChannel)
@@ -350,6 +352,12 @@ struct Inner {
     caller_up_to: usize,
     lanes: Vec<Lane>,
     ops: Ops,
+    /// Sends, then receives, complete in this order. Each lane finishes its slices in
+    /// tensor order, but a tensor's last slice and the next tensor's last slice may
+    /// finish on two lanes' threads at once, so their futures could see the later one
+    /// done first.
+    sends_done: Order,
+    recvs_done: Order,
 }
 
 impl Close for Inner {
@@ -377,30 +385,34 @@ impl std::fmt::Debug for MptChannel {
 }
 
 /// One tensor through the lanes: waits for its turn, queues its slices behind the
-/// earlier tensors' (then lets the next tensor queue), and waits for them.
+/// earlier tensors' (then lets the next tensor queue), waits for them, and completes
+/// after the tensors issued before it (`done`).
 async fn transfer(
     inner: &Inner,
-    turn: Turn,
+    (turn, done): (Turn, Turn),
     held: Held,
     (device, len): (Device, usize),
 ) -> (Held, Result<(), ChannelError>) {
-    match inner.ops.start_host("mpt", inner, &turn, device, len).await {
-        Ok(true) => {}
-        r => return (held, r.map(drop)),
-    }
-    let transfer = Transfer::start(held, &inner.lanes, inner.caller_up_to);
-    drop(turn);
-    let (held, r) = transfer.finish(&inner.lanes).await;
-    (held, r.map_err(ChannelError::from))
+    let (held, r) = match inner.ops.start_host("mpt", inner, &turn, device, len).await {
+        Ok(true) => {
+            let transfer = Transfer::start(held, &inner.lanes, inner.caller_up_to);
+            drop(turn);
+            let (held, r) = transfer.finish(&inner.lanes).await;
+            (held, r.map_err(ChannelError::from))
+        }
+        r => (held, r.map(drop)),
+    };
+    done.ready().await;
+    (held, r)
 }
 
 impl Channel for MptChannel {
     fn send(&self, buf: Box<dyn SendBuf>) -> BoxFuture<'static, SendDone> {
-        let turn = self.inner.ops.send_turn();
+        let turns = (self.inner.ops.send_turn(), self.inner.sends_done.turn());
         let inner = self.inner.clone();
         async move {
             let shape = (buf.device(), buf.byte_len());
-            match transfer(&inner, turn, Held::Send(buf), shape).await {
+            match transfer(&inner, turns, Held::Send(buf), shape).await {
                 (Held::Send(buf), r) => (buf, r),
                 (Held::Recv(_), _) => unreachable!("a send's transfer holds a send buffer"),
             }
@@ -409,11 +421,11 @@ impl Channel for MptChannel {
     }
 
     fn recv(&self, buf: Box<dyn RecvBuf>) -> BoxFuture<'static, RecvDone> {
-        let turn = self.inner.ops.recv_turn();
+        let turns = (self.inner.ops.recv_turn(), self.inner.recvs_done.turn());
         let inner = self.inner.clone();
         async move {
             let shape = (buf.device(), buf.byte_len());
-            match transfer(&inner, turn, Held::Recv(buf), shape).await {
+            match transfer(&inner, turns, Held::Recv(buf), shape).await {
                 (Held::Recv(buf), r) => (buf, r),
                 (Held::Send(_), _) => unreachable!("a receive's transfer holds a receive buffer"),
             }
