@@ -102,4 +102,19 @@ mod tests {
         assert_eq!(with_lent(key, |d| d.fill(9)), None, "revoked");
         assert_eq!(buf, vec![7u8; 8]);
     }
+
+    /// A copy racing the revoke either runs whole before it or not at all (miri checks
+    /// the locking: `.ci/run` runs these tests under it).
+    #[test]
+    fn revoke_waits_for_a_copy_in_progress() {
+        let mut buf = vec![0u8; 64];
+        let key = u64::MAX - 2;
+        // SAFETY: `buf` is neither read nor freed until `revoke` returned.
+        assert!(unsafe { lend(key, buf.as_mut_ptr(), buf.len()) });
+        let copier = std::thread::spawn(move || with_lent(key, |d| d.fill(3)).is_some());
+        revoke(key);
+        let copied = copier.join().unwrap();
+        let expect = if copied { 3 } else { 0 };
+        assert!(buf.iter().all(|&b| b == expect), "{buf:?}");
+    }
 }
