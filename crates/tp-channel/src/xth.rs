@@ -107,12 +107,11 @@ impl Fetch for Memcpy {
         if !offers || from == 0 {
             return Ok(None);
         }
-        let back = dst.get_mut(from..).unwrap_or_default();
-        // SAFETY: `back` is the receive buffer's tail, which the handoff keeps in place
-        // and untouched by us (the receive fetches `..from` only) until the sender's
-        // answer or until it gives up waiting — both end the loan first
-        // (`help_answered`, `helper_gone`) — or else leaks the buffer.
-        if !unsafe { lend::lend(token, back.as_mut_ptr(), back.len()) } {
+        // SAFETY: the receive buffer stays in place until the sender's answer or until
+        // the receive gives up waiting — both end the loan first (`help_answered`,
+        // `helper_gone`) — or else it is leaked; meanwhile this fetch reaches its
+        // front part only through the loan (`fetch_part`), the sender its back part.
+        if !unsafe { lend::lend(token, dst.as_mut_ptr(), dst.len(), from) } {
             return Ok(None);
         }
         Ok(Some(Help {
@@ -128,18 +127,25 @@ impl Fetch for Memcpy {
         range: std::ops::Range<usize>,
     ) -> Result<(), ChannelError> {
         let (token, _, _) = parse(d)?;
-        let dst = dst
-            .bytes_mut()
-            .get_mut(range.clone())
-            .ok_or_else(|| ChannelError::protocol("a part past the tensor's end"))?;
-        with_parked(token, |src| {
-            let src = src
-                .bytes()
-                .get(range)
-                .ok_or_else(|| ChannelError::protocol("a part past the parked buffer's end"))?;
-            copy_from(dst, src, HALF_PARALLEL_FROM);
-            Ok(())
-        })?
+        let fill = |dst: &mut [u8]| {
+            let dst = dst
+                .get_mut(range.clone())
+                .ok_or_else(|| ChannelError::protocol("a part past the tensor's end"))?;
+            with_parked(token, |src| {
+                let src = src
+                    .bytes()
+                    .get(range.clone())
+                    .ok_or_else(|| ChannelError::protocol("a part past the parked buffer's end"))?;
+                copy_from(dst, src, HALF_PARALLEL_FROM);
+                Ok(())
+            })?
+        };
+        // While the sender may be writing the back part, our front part is reached
+        // through the loan only; after its answer (the loan ended), through the buffer.
+        match lend::with_front(token, fill) {
+            Some(r) => r,
+            None => fill(dst.bytes_mut()),
+        }
     }
 
     fn help_answered(&self, d: &[u8]) {
