@@ -37,10 +37,12 @@ impl Region {
 }
 
 /// One loan: the sender's back part (used once), the receiver's front part.
-#[derive(Default)]
 struct Loan {
     back: Mutex<Option<Region>>,
     front: Mutex<Option<Region>>,
+    /// Who lent it: only this receiver reaches the front part (two receives that were
+    /// handed the same token by a forged descriptor must not share one).
+    owner: usize,
 }
 
 fn loans() -> &'static Mutex<HashMap<u64, Arc<Loan>>> {
@@ -53,19 +55,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Lends the `len` bytes from `ptr` under `key`: `..from` to the lender's own
-/// [`with_front`], `from..` to one [`with_lent`]; `false` (nothing lent) if `key` is
-/// lent already.
+/// [`with_front`] (the lender named by `owner`, an address unique to it while the loan
+/// lasts), `from..` to one [`with_lent`]; `false` (nothing lent) if `key` is lent
+/// already.
 ///
 /// # Safety
 /// The region must stay valid for writes, and nothing else may read or write it, until
 /// [`revoke`]`(key)` returns — or for ever, if it is never called.
-pub(crate) unsafe fn lend(key: u64, ptr: *mut u8, len: usize, from: usize) -> bool {
+pub(crate) unsafe fn lend(key: u64, ptr: *mut u8, len: usize, from: usize, owner: usize) -> bool {
     let from = from.min(len);
     let mut loans = lock(loans());
     if loans.contains_key(&key) {
         return false;
     }
     let loan = Loan {
+        owner,
         front: Mutex::new(Some(Region { ptr, len: from })),
         back: Mutex::new(Some(Region {
             ptr: ptr.wrapping_add(from),
@@ -100,10 +104,10 @@ pub(crate) fn with_lent<R>(key: u64, f: impl FnOnce(&mut [u8]) -> R) -> Option<R
     r
 }
 
-/// Runs `f` on the front part lent under `key` (the lender's own); `None` when nothing
-/// is lent under `key`.
-pub(crate) fn with_front<R>(key: u64, f: impl FnOnce(&mut [u8]) -> R) -> Option<R> {
-    let loan = find(key)?;
+/// Runs `f` on the front part lent under `key` by `owner`; `None` when nothing is lent
+/// under `key`, or not by `owner`.
+pub(crate) fn with_front<R>(key: u64, owner: usize, f: impl FnOnce(&mut [u8]) -> R) -> Option<R> {
+    let loan = find(key).filter(|l| l.owner == owner)?;
     let front = lock(&loan.front);
     front.as_ref().map(|r| r.with(f))
 }
@@ -117,20 +121,21 @@ mod tests {
         let mut buf = vec![0u8; 8];
         let key = u64::MAX - 1;
         // SAFETY: `buf` outlives the loan: revoked below before it is read.
-        assert!(unsafe { lend(key, buf.as_mut_ptr(), buf.len(), 3) });
+        assert!(unsafe { lend(key, buf.as_mut_ptr(), buf.len(), 3, 1) });
         // SAFETY: same region, same key: refused, so nothing is lent twice.
-        assert!(!unsafe { lend(key, buf.as_mut_ptr(), buf.len(), 3) });
+        assert!(!unsafe { lend(key, buf.as_mut_ptr(), buf.len(), 3, 1) });
         assert_eq!(with_lent(key, |d| d.fill(7)), Some(()));
         assert_eq!(with_lent(key, |d| d.fill(9)), None, "the back is used once");
-        assert_eq!(with_front(key, |d| d.fill(1)), Some(()));
+        assert_eq!(with_front(key, 2, |d| d.fill(8)), None, "another lender's");
+        assert_eq!(with_front(key, 1, |d| d.fill(1)), Some(()));
         revoke(key);
         assert_eq!(buf, [1, 1, 1, 7, 7, 7, 7, 7]);
 
         // SAFETY: as above.
-        assert!(unsafe { lend(key, buf.as_mut_ptr(), buf.len(), 3) });
+        assert!(unsafe { lend(key, buf.as_mut_ptr(), buf.len(), 3, 1) });
         revoke(key);
         assert_eq!(with_lent(key, |d| d.fill(9)), None, "revoked");
-        assert_eq!(with_front(key, |d| d.fill(9)), None, "revoked");
+        assert_eq!(with_front(key, 1, |d| d.fill(9)), None, "revoked");
         assert_eq!(buf, [1, 1, 1, 7, 7, 7, 7, 7]);
     }
 
@@ -142,9 +147,9 @@ mod tests {
         let mut buf = vec![0u8; 64];
         let key = u64::MAX - 2;
         // SAFETY: `buf` is neither read nor freed until `revoke` returned.
-        assert!(unsafe { lend(key, buf.as_mut_ptr(), buf.len(), 32) });
+        assert!(unsafe { lend(key, buf.as_mut_ptr(), buf.len(), 32, 1) });
         let copier = std::thread::spawn(move || with_lent(key, |d| d.fill(3)).is_some());
-        assert_eq!(with_front(key, |d| d.fill(5)), Some(()));
+        assert_eq!(with_front(key, 1, |d| d.fill(5)), Some(()));
         revoke(key);
         let copied = copier.join().unwrap();
         let back = if copied { 3 } else { 0 };

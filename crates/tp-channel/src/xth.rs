@@ -39,6 +39,12 @@ fn parse(d: &[u8]) -> Result<(u64, u64, bool), ChannelError> {
     ))
 }
 
+/// A receive buffer's identity while a receive holds it: the address of the buffer
+/// object (not of its bytes, which are not touched).
+fn owner(buf: &dyn RecvBuf) -> usize {
+    std::ptr::from_ref(buf).cast::<()>() as usize
+}
+
 /// `Err(LengthMismatch)` unless the descriptor's `len` is the receive buffer's.
 fn check_len(len: u64, dst: &[u8]) -> Result<(), ChannelError> {
     if len == dst.len() as u64 {
@@ -98,9 +104,10 @@ impl Fetch for Memcpy {
     }
 
     #[allow(unsafe_code)]
-    fn ask_help(&self, d: &[u8], dst: &mut dyn RecvBuf) -> Result<Option<Help>, ChannelError> {
+    fn ask_help(&self, d: &[u8], buf: &mut dyn RecvBuf) -> Result<Option<Help>, ChannelError> {
         let (token, len, offers) = parse(d)?;
-        let dst = dst.bytes_mut();
+        let owner = owner(buf);
+        let dst = buf.bytes_mut();
         check_len(len, dst)?;
         // Cache-line aligned, so the two cores never write one line.
         let from = (dst.len() / 2) & !63;
@@ -111,7 +118,7 @@ impl Fetch for Memcpy {
         // the receive gives up waiting — both end the loan first (`help_answered`,
         // `helper_gone`) — or else it is leaked; meanwhile this fetch reaches its
         // front part only through the loan (`fetch_part`), the sender its back part.
-        if !unsafe { lend::lend(token, dst.as_mut_ptr(), dst.len(), from) } {
+        if !unsafe { lend::lend(token, dst.as_mut_ptr(), dst.len(), from, owner) } {
             return Ok(None);
         }
         Ok(Some(Help {
@@ -142,7 +149,7 @@ impl Fetch for Memcpy {
         };
         // While the sender may be writing the back part, our front part is reached
         // through the loan only; after its answer (the loan ended), through the buffer.
-        match lend::with_front(token, fill) {
+        match lend::with_front(token, owner(dst), fill) {
             Some(r) => r,
             None => fill(dst.bytes_mut()),
         }
