@@ -126,10 +126,14 @@ impl Transfer {
         }
     }
 
-    /// Whether every part is over; wakes `cx` when that happens.
-    fn poll_over(&self, cx: &mut Context<'_>) -> bool {
+    /// Ready once every part is over; wakes `cx` when that happens.
+    fn poll_over(&self, cx: &mut Context<'_>) -> Poll<()> {
         self.waker.register(cx.waker());
-        self.left.load(Ordering::Acquire) == 0
+        if self.left.load(Ordering::Acquire) == 0 {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 
     /// Moves this transfer's caller-driven parts until every part is over; hands back
@@ -149,14 +153,13 @@ impl Transfer {
                 break;
             }
             futures::future::poll_fn(|cx| {
-                if self.poll_over(cx)
-                    || waiting
-                        .iter()
-                        .any(|l| l.poll_ready(self.dir, cx).is_ready())
+                if waiting
+                    .iter()
+                    .any(|l| l.poll_ready(self.dir, cx).is_ready())
                 {
                     Poll::Ready(())
                 } else {
-                    Poll::Pending
+                    self.poll_over(cx)
                 }
             })
             .await;
@@ -164,14 +167,7 @@ impl Transfer {
         // No part of ours is left at a queue's head for us to move: the rest is the
         // loops'.
         hand_over.lanes = &[];
-        futures::future::poll_fn(|cx| {
-            if self.poll_over(cx) {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-        .await;
+        futures::future::poll_fn(|cx| self.poll_over(cx)).await;
         let held = lock(&self.held).take();
         let r = lock(&self.error).take().map_or(Ok(()), Err);
         // `finish` runs once per transfer, after every part; the buffer is there.
@@ -263,6 +259,16 @@ struct SockState {
     lowat: usize,
 }
 
+impl SockState {
+    /// The queue of `dir`.
+    fn queue(&mut self, dir: Dir) -> &mut VecDeque<Part> {
+        match dir {
+            Dir::Send => &mut self.sends,
+            Dir::Recv => &mut self.recvs,
+        }
+    }
+}
+
 /// How much a lane loop lets arrive before its thread wakes to read (`SO_RCVLOWAT`),
 /// while more than twice that is still to come for the part it reads.
 ///
@@ -294,10 +300,7 @@ impl Sock {
         if st.broken.is_some() {
             return;
         }
-        let queue = match dir {
-            Dir::Send => &mut st.sends,
-            Dir::Recv => &mut st.recvs,
-        };
+        let queue = st.queue(dir);
         while let Some(part) = queue.front_mut() {
             if only.is_some_and(|t| !Arc::ptr_eq(t, &part.transfer)) {
                 return;
@@ -559,10 +562,7 @@ impl Lane {
             drop(st);
             return part.transfer.part_done(Err(why.error(dir)));
         }
-        let queue = match dir {
-            Dir::Send => &mut st.sends,
-            Dir::Recv => &mut st.recvs,
-        };
+        let queue = st.queue(dir);
         part.by_loop |= !queue.is_empty();
         let now = !part.by_loop;
         queue.push_back(part);
@@ -579,20 +579,16 @@ impl Lane {
     fn drive(&self, t: &Arc<Transfer>) -> bool {
         let mut over = Over::new();
         let mut st = lock(&self.sock.state);
-        let head = |st: &SockState| {
-            let q = if t.dir == Dir::Send {
-                &st.sends
-            } else {
-                &st.recvs
-            };
-            q.front()
+        let head = |st: &mut SockState| {
+            st.queue(t.dir)
+                .front()
                 .is_some_and(|p| !p.by_loop && Arc::ptr_eq(&p.transfer, t))
         };
-        if !head(&st) {
+        if !head(&mut st) {
             return false;
         }
         self.sock.pump(&mut st, t.dir, Some(t), &mut over);
-        let waiting = head(&st);
+        let waiting = head(&mut st);
         self.sock.arm(&mut st, &self.lp.poller);
         drop(st);
         complete(over);
@@ -610,12 +606,11 @@ impl Lane {
     /// Gives `t`'s parts to the loop (their task stopped waiting).
     fn hand_over(&self, t: &Arc<Transfer>) {
         let mut st = lock(&self.sock.state);
-        let q = if t.dir == Dir::Send {
-            &mut st.sends
-        } else {
-            &mut st.recvs
-        };
-        for p in q.iter_mut().filter(|p| Arc::ptr_eq(&p.transfer, t)) {
+        for p in st
+            .queue(t.dir)
+            .iter_mut()
+            .filter(|p| Arc::ptr_eq(&p.transfer, t))
+        {
             p.by_loop = true;
         }
         self.sock.arm(&mut st, &self.lp.poller);
