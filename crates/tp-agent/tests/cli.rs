@@ -317,6 +317,14 @@ fn bench_pipe_sets_mpt_lanes_on_both_ends() {
     );
     let json = String::from_utf8(out.stdout).unwrap();
     assert!(json.contains("\"channel\":\"mpt\",\"lanes\":3"), "{json}");
+    // Over tcp each size has its raw TCP ping-pong of the same bytes beside it.
+    let raws: Vec<f64> = json
+        .split("\"raw_tcp_p50_us\":")
+        .skip(1)
+        .map(|rest| rest.split(',').next().unwrap().parse().expect("a number"))
+        .collect();
+    assert_eq!(raws.len(), 2, "{json}");
+    assert!(raws.iter().all(|&us| us > 0.0), "{json}");
     // basic goes first there: the lanes say nothing, and the run says so.
     let out = run("basic");
     assert!(!out.status.success());
@@ -371,6 +379,8 @@ fn bench_pipe_runs_both_ends_and_draws_its_plot() {
         "{json}"
     );
     assert_eq!(json.matches("\"round_trips\":10").count(), 2, "{json}");
+    // No raw TCP reference over shm.
+    assert_eq!(json.matches("\"raw_tcp_p50_us\":null").count(), 2, "{json}");
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("2 MiB"), "{svg}");
     let _ = std::fs::remove_file(&plot);

@@ -9,6 +9,11 @@
 //! given; every size's first and last echo is checked byte for byte. Tensors name
 //! their target device (CPU), as the original's benchmark does, so no descriptor reply
 //! has to travel back before the tensors go.
+//!
+//! Over tcp, each size's run is followed at once by a raw blocking TCP ping-pong of the
+//! message's bytes between two other processes (as many round trips, at most 20,000):
+//! the physical limit of that shape in the same run, which the table sets beside it
+//! ("raw µs", "÷ raw").
 
 use std::io::Write as _;
 use std::sync::Arc;
@@ -19,7 +24,7 @@ use tp_agent::{Allocation, Context, Message, Payload, Pipe, Tensor};
 use tp_channel::Device;
 
 use crate::echo::{echo, pattern, reuse};
-use crate::limits::{Regime, spawn_server};
+use crate::limits::{RawTcp, Regime, spawn_server};
 use crate::stats::{Summary, parse_sizes, size_label};
 use crate::{Mode, PingPongArgs};
 
@@ -206,23 +211,34 @@ async fn round_trip(
     Ok(took)
 }
 
-type Row = (usize, Summary);
+/// A size, tp's round trips, and (over tcp) the raw TCP ping-pong of the same bytes.
+type Row = (usize, Summary, Option<Summary>);
 
 fn client(args: &PipeArgs, url: &str) -> Result<Vec<Row>, String> {
     let sizes = parse_sizes(&args.run.sizes)?;
     let ctx = context(args, "bench-client")?;
     let pipe = ctx.connect(url).map_err(|e| e.to_string())?;
     let args = args.clone();
-    // On the context's I/O thread, like the echo (see `run`).
+    let raw = match args.transport.as_str() {
+        "tcp" => Some(RawTcp::start()?),
+        _ => None,
+    };
+    // On the context's I/O thread, like the echo (see `run`). The raw ping-pongs block
+    // that thread between sizes, while the pipe is idle.
     futures::executor::block_on(ctx.spawn(async move {
-        let rows = rounds(&pipe, &args, &sizes).await;
+        let rows = rounds(&pipe, &args, &sizes, raw).await;
         pipe.close();
         rows
     }))
     .map_err(|_| "the benchmark task panicked".to_string())?
 }
 
-async fn rounds(pipe: &Pipe, args: &PipeArgs, sizes: &[usize]) -> Result<Vec<Row>, String> {
+async fn rounds(
+    pipe: &Pipe,
+    args: &PipeArgs,
+    sizes: &[usize],
+    mut raw: Option<RawTcp>,
+) -> Result<Vec<Row>, String> {
     let mut rows = Vec::new();
     let mut kept = Kept::default();
     for &size in sizes {
@@ -266,21 +282,33 @@ async fn rounds(pipe: &Pipe, args: &PipeArgs, sizes: &[usize]) -> Result<Vec<Row
         if !args.run.common.json && started.elapsed() > Duration::from_millis(500) {
             eprint!("\r{:60}\r", "");
         }
-        rows.push((size, Summary::of(&mut samples)));
+        let raw = match raw.as_mut() {
+            Some(raw) => {
+                let mut r = raw.pingpong(message_bytes(args, size).max(1), count.min(20_000))?;
+                Some(Summary::of(&mut r))
+            }
+            None => None,
+        };
+        rows.push((size, Summary::of(&mut samples), raw));
     }
     Ok::<_, String>(rows)
 }
 
+/// Bytes moved one way per message (payloads, tensors and metadata; not the framing).
+fn message_bytes(args: &PipeArgs, tensor_size: usize) -> usize {
+    args.payloads * args.payload_size + args.tensors * tensor_size + args.metadata_size
+}
+
 fn report(args: &PipeArgs, regime: &Regime, rows: &[Row]) -> Result<(), String> {
-    // Bytes moved one way per message, for throughput.
-    let bytes =
-        |size: usize| args.payloads * args.payload_size + args.tensors * size + args.metadata_size;
+    let bytes = |size: usize| message_bytes(args, size);
+    let raw_p50 = |raw: &Option<Summary>| raw.as_ref().map(|r| r.p50_us);
     if args.run.common.json {
         let items: Vec<String> = rows
             .iter()
-            .map(|(size, s)| {
+            .map(|(size, s, raw)| {
+                let num = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.3}"));
                 format!(
-                    "{{\"tensor_size\":{size},\"round_trips\":{},\"avg_us\":{:.3},\"p50_us\":{:.3},\"p75_us\":{:.3},\"p90_us\":{:.3},\"p99_us\":{:.3},\"throughput_gbps\":{:.3},\"p50_vs_raw_tcp\":{:.3}}}",
+                    "{{\"tensor_size\":{size},\"round_trips\":{},\"avg_us\":{:.3},\"p50_us\":{:.3},\"p75_us\":{:.3},\"p90_us\":{:.3},\"p99_us\":{:.3},\"throughput_gbps\":{:.3},\"raw_tcp_p50_us\":{},\"p50_vs_raw_tcp\":{}}}",
                     s.count,
                     s.avg_us,
                     s.p50_us,
@@ -288,7 +316,8 @@ fn report(args: &PipeArgs, regime: &Regime, rows: &[Row]) -> Result<(), String> 
                     s.p90_us,
                     s.p99_us,
                     s.throughput_gbps(bytes(*size)),
-                    s.p50_us / regime.tcp_8b_p50_us
+                    num(raw_p50(raw)),
+                    num(raw_p50(raw).map(|r| s.p50_us / r.max(1e-9)))
                 )
             })
             .collect();
@@ -318,7 +347,7 @@ fn report(args: &PipeArgs, regime: &Regime, rows: &[Row]) -> Result<(), String> 
         );
         println!("{}", regime.line());
         println!(
-            "\n{:>8} {:>11} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8}",
+            "\n{:>8} {:>11} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>8}",
             "tensor",
             "round trips",
             "avg µs",
@@ -327,11 +356,15 @@ fn report(args: &PipeArgs, regime: &Regime, rows: &[Row]) -> Result<(), String> 
             "p90 µs",
             "p99 µs",
             "GB/s",
+            "raw µs",
             "÷ raw"
         );
-        for (size, s) in rows {
+        for (size, s, raw) in rows {
+            let (raw_us, ratio) = raw_p50(raw).map_or(("-".to_string(), "-".to_string()), |r| {
+                (format!("{r:.2}"), format!("{:.2}x", s.p50_us / r.max(1e-9)))
+            });
             println!(
-                "{:>8} {:>11} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>9.3} {:>7.2}x",
+                "{:>8} {:>11} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>9.3} {:>10} {:>8}",
                 size_label(*size),
                 s.count,
                 s.avg_us,
@@ -340,16 +373,21 @@ fn report(args: &PipeArgs, regime: &Regime, rows: &[Row]) -> Result<(), String> 
                 s.p90_us,
                 s.p99_us,
                 s.throughput_gbps(bytes(*size)),
-                s.p50_us / regime.tcp_8b_p50_us
+                raw_us,
+                ratio
             );
         }
         println!("\nthroughput = 2 x message bytes / p50 round trip (baseline.md's definition)");
-        println!("÷ raw = p50 / the raw TCP 8 B ping-pong p50 of the regime line (same run)");
+        if args.transport == "tcp" {
+            println!(
+                "raw = p50 of a blocking TCP ping-pong of the message's bytes between two processes, right after that size's run; ÷ raw = p50 / raw"
+            );
+        }
     }
     if let Some(path) = &args.plot {
         let points: Vec<(usize, f64)> = rows
             .iter()
-            .map(|(size, s)| (*size, s.throughput_gbps(bytes(*size))))
+            .map(|(size, s, _)| (*size, s.throughput_gbps(bytes(*size))))
             .collect();
         let title = format!(
             "tp bench pipe: {} + {} (throughput vs tensor size)",
