@@ -13,7 +13,9 @@
 //! for [`ShmConfig::spin`] and then parks on its eventfd (Dekker-style flags in the ring
 //! header make sure no wake-up is lost), so an idle connection costs no CPU. Messages
 //! larger than the ring stream through it while the reader drains it, so the writer's and
-//! the reader's copies overlap.
+//! the reader's copies overlap. A read of [`STREAM_FROM`] bytes or more stores into its
+//! buffer with streaming (non-temporal) stores: a buffer that large would not stay in
+//! the cache anyway, and ordinary stores would first fetch every line they overwrite.
 //!
 //! **Failure.** After the bootstrap the socket carries nothing: it only tells when the
 //! peer is gone. A peer that closes or dies turns every pending operation into
