@@ -14,8 +14,15 @@
 //!
 //! A peer that closes, resets or vanishes shows up as [`TransportError::Eof`].
 //!
-//! `TP_TCP_SPIN_US=<µs>` makes a read spin that long on the socket before parking on the
-//! reactor: much lower latency on an otherwise idle machine, worse on a busy one (see
+//! A large read that has begun — part of a payload or tensor whose length the frame
+//! before it announced — spins on the socket for up to [`MID_READ_SPIN`] before parking
+//! when the next bytes are not there yet: the sender is in the middle of writing them,
+//! and a parked thread on a VM takes tens of microseconds to wake. (A 1 MiB payload's
+//! round trip fell from 424–584 to 276–285 µs.) `TP_TCP_MID_SPIN_US=<µs>` changes that
+//! budget; 0 turns it off. No read spins while it waits for a message to begin.
+//!
+//! `TP_TCP_SPIN_US=<µs>` makes every read spin that long on the socket before parking on
+//! the reactor: much lower latency on an otherwise idle machine, worse on a busy one (see
 //! BENCHMARKS.md). Off by default.
 //! Host names are resolved with the system resolver (blocking, once per call).
 
@@ -282,11 +289,12 @@ impl TcpIo {
         self.ahead.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// One read from the socket into `buf` (spinning first if configured).
-    async fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
-        // With TP_TCP_SPIN_US set, spin on the non-blocking socket before parking on
-        // the reactor: a reply already on its way arrives without a sleep and wake-up.
-        match self.spin.read(self.stream.get_ref(), buf) {
+    /// One read from the socket into `buf`, spinning first as [`Spin`] says; `begun`:
+    /// this read continues one that already has some of its bytes.
+    async fn read_some(&self, buf: &mut [u8], begun: bool) -> io::Result<usize> {
+        // Spin on the non-blocking socket before parking on the reactor: bytes already
+        // on their way arrive without a sleep and a wake-up.
+        match self.spin.read(self.stream.get_ref(), buf, begun) {
             Some(r) => r,
             None => (&self.stream).read(buf).await,
         }
@@ -309,7 +317,7 @@ impl Stream for TcpIo {
         while done < buf.len() {
             let rest = buf.get_mut(done..).unwrap_or_default();
             let got = if rest.len() >= READ_AHEAD {
-                let got = self.read_some(rest).await;
+                let got = self.read_some(rest, done > 0).await;
                 done += *got.as_ref().unwrap_or(&0);
                 got
             } else {
@@ -318,7 +326,7 @@ impl Stream for TcpIo {
                 // breaks the connection anyway (`Ordered`), so nothing held is lost.
                 let mut ahead = std::mem::take(&mut *self.ahead());
                 ahead.buf.resize(READ_AHEAD, 0);
-                let got = self.read_some(&mut ahead.buf).await;
+                let got = self.read_some(&mut ahead.buf, done > 0).await;
                 (ahead.start, ahead.end) = (0, *got.as_ref().unwrap_or(&0));
                 done += ahead.take(rest);
                 *self.ahead() = ahead;
@@ -376,34 +384,51 @@ impl Stream for TcpIo {
     }
 }
 
-/// Optional spinning before a read parks on the reactor, set by `TP_TCP_SPIN_US`
-/// (microseconds; default 0, off).
+/// How long a read that has begun spins for its next bytes before it parks, unless
+/// `TP_TCP_MID_SPIN_US` says otherwise (see the module docs).
+pub const MID_READ_SPIN: std::time::Duration = std::time::Duration::from_micros(20);
+
+/// Spinning before a read parks on the reactor.
 ///
-/// On an idle VM a parked thread takes tens of microseconds to wake (baseline.md), so
-/// spinning on the non-blocking socket for a reply already on its way cuts small-message
-/// round trips several-fold (BENCHMARKS.md). But when the peer needs this core — a busy
-/// machine — spinning delays it instead, so it is off unless asked for.
+/// On an idle VM a parked thread takes tens of microseconds to wake (baseline.md). A read
+/// that has begun spins for [`MID_READ_SPIN`] (`TP_TCP_MID_SPIN_US`): its bytes are in
+/// the middle of being written, and the spin ends as soon as they come. Any other read
+/// spins only when `TP_TCP_SPIN_US` asks (default off): a reply already on its way then
+/// arrives several-fold sooner on an idle machine (BENCHMARKS.md), but a message that is
+/// not coming yet costs the whole budget of CPU, and on a busy machine the peer may need
+/// that core.
 #[derive(Debug)]
 struct Spin {
+    /// For any read (`TP_TCP_SPIN_US`).
     budget: std::time::Duration,
+    /// For a read that has begun (`TP_TCP_MID_SPIN_US`).
+    begun: std::time::Duration,
 }
 
 impl Spin {
     fn from_env() -> Self {
-        let us = std::env::var("TP_TCP_SPIN_US")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-            .min(1_000);
+        let us = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(|us| std::time::Duration::from_micros(us.min(1_000)))
+        };
         Self {
-            budget: std::time::Duration::from_micros(us),
+            budget: us("TP_TCP_SPIN_US").unwrap_or_default(),
+            begun: us("TP_TCP_MID_SPIN_US").unwrap_or(MID_READ_SPIN),
         }
     }
 
-    /// Tries non-blocking reads within the budget; `None` when nothing arrived (park).
-    fn read(&self, stream: &TcpStream, buf: &mut [u8]) -> Option<io::Result<usize>> {
+    /// Tries non-blocking reads within the budget (the larger one when the read has
+    /// `begun`); `None` when nothing arrived (park).
+    fn read(&self, stream: &TcpStream, buf: &mut [u8], begun: bool) -> Option<io::Result<usize>> {
         use std::io::Read;
-        if self.budget.is_zero() || !crate::spin::allowed() {
+        let budget = if begun {
+            self.budget.max(self.begun)
+        } else {
+            self.budget
+        };
+        if budget.is_zero() || !crate::spin::allowed() {
             return None;
         }
         let start = std::time::Instant::now();
@@ -416,7 +441,7 @@ impl Spin {
                     ) => {}
                 other => return Some(other),
             }
-            if start.elapsed() >= self.budget {
+            if start.elapsed() >= budget {
                 return None;
             }
             std::hint::spin_loop();
@@ -514,6 +539,32 @@ mod tests {
             s.read_exact(&mut got).await.unwrap();
             assert!(got == big, "held bytes first, then the socket's, in order");
             assert!(!s.reads_now(), "tcp's bytes are not found by looking");
+        });
+    }
+
+    /// A read that has begun and then finds the socket empty spins, gives up after its
+    /// budget and parks; the rest, written long after, still completes it, in order.
+    #[test]
+    fn a_begun_read_whose_rest_comes_late_parks_and_completes() {
+        use crate::Transport;
+        futures::executor::block_on(async {
+            let t = TcpTransport::new();
+            let listener = t.listen("127.0.0.1:0").unwrap();
+            let (c, s) =
+                futures::future::join(t.connect(listener.address()), listener.accept()).await;
+            let (c, s) = (c.unwrap(), s.unwrap());
+            let big: Vec<u8> = (0..4 * READ_AHEAD).map(|i| (i % 253) as u8).collect();
+            let (first, rest) = big.split_at(big.len() / 2 + 7);
+            let mut got = vec![0u8; big.len()];
+            let late = async {
+                c.write(&[first]).await.unwrap();
+                // Far beyond MID_READ_SPIN: the reader has parked by now.
+                async_io::Timer::after(std::time::Duration::from_millis(30)).await;
+                c.write(&[rest]).await.unwrap();
+            };
+            let (_, r) = futures::future::join(late, s.read_exact(&mut got)).await;
+            r.unwrap();
+            assert!(got == big, "both halves, in order");
         });
     }
 
