@@ -14,12 +14,12 @@
 //!
 //! A peer that closes, resets or vanishes shows up as [`TransportError::Eof`].
 //!
-//! A large read that has begun — part of a payload or tensor whose length the frame
-//! before it announced — spins on the socket for up to [`MID_READ_SPIN`] before parking
-//! when the next bytes are not there yet: the sender is in the middle of writing them,
-//! and a parked thread on a VM takes tens of microseconds to wake. (A 1 MiB payload's
-//! round trip fell from 424–584 to 276–285 µs.) `TP_TCP_MID_SPIN_US=<µs>` changes that
-//! budget; 0 turns it off. No read spins while it waits for a message to begin.
+//! A read that has begun — the rest of a payload or tensor whose length the frame before
+//! it announced — spins on the socket for up to [`MID_READ_SPIN`] before parking when
+//! its next bytes are not there yet: the sender is in the middle of writing them, and a
+//! parked thread on a VM takes tens of microseconds to wake. (A 1 MiB payload's round
+//! trip fell from 458–507 to 254–267 µs.) `TP_TCP_MID_SPIN_US=<µs>` changes that budget;
+//! 0 turns it off. By default no read spins while it waits for a message to begin.
 //!
 //! `TP_TCP_SPIN_US=<µs>` makes every read spin that long on the socket before parking on
 //! the reactor: much lower latency on an otherwise idle machine, worse on a busy one (see

@@ -96,9 +96,9 @@ const PUBLISH_CHUNK: usize = 64 << 10;
 
 /// Reads of at least this many bytes store into their destination with streaming
 /// stores ([`ring::Dest::Streaming`]). Measured on a 2-vCPU VM with 32 MiB of L3
-/// (BENCHMARKS.md, session 18): 64 MiB round trips 10.8–13.3 → 6.9–7.7 ms and 16 MiB
-/// 2.0–2.5 → 1.7–2.0 ms, while at 4 and 8 MiB ordinary stores won (a destination that
-/// still fits the cache is read back sooner from there).
+/// (BENCHMARKS.md, session 18): transport round trips of 64 MiB 11.2–14.6 → 7.4–8.8 ms
+/// and of 16 MiB 2.0–2.6 → 1.8–1.9 ms, while at 4 and 8 MiB ordinary stores won (a
+/// destination that still fits the cache is read back sooner from there).
 pub const STREAM_FROM: usize = 16 << 20;
 
 /// The hello each side sends: magic, version, ring capacity; fds ride along.
