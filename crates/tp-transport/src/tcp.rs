@@ -19,7 +19,8 @@
 //! its next bytes are not there yet: the sender is in the middle of writing them, and a
 //! parked thread on a VM takes tens of microseconds to wake. (A 1 MiB payload's round
 //! trip fell from 458–507 to 254–267 µs.) `TP_TCP_MID_SPIN_US=<µs>` changes that budget;
-//! 0 turns it off. By default no read spins while it waits for a message to begin.
+//! 0 turns it off, and so does a process limited to one CPU, where the writer could not
+//! run meanwhile. By default no read spins while it waits for a message to begin.
 //!
 //! `TP_TCP_SPIN_US=<µs>` makes every read spin that long on the socket before parking on
 //! the reactor: much lower latency on an otherwise idle machine, worse on a busy one (see
@@ -385,8 +386,16 @@ impl Stream for TcpIo {
 }
 
 /// How long a read that has begun spins for its next bytes before it parks, unless
-/// `TP_TCP_MID_SPIN_US` says otherwise (see the module docs).
+/// `TP_TCP_MID_SPIN_US` says otherwise (see the module docs), or the process may use
+/// only one CPU (then it parks at once).
 pub const MID_READ_SPIN: std::time::Duration = std::time::Duration::from_micros(20);
+
+/// Whether this process may run on one CPU only (asked once: `available_parallelism`
+/// reads cgroup files).
+fn one_cpu() -> bool {
+    static ONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ONE.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() == 1))
+}
 
 /// Spinning before a read parks on the reactor.
 ///
@@ -415,7 +424,15 @@ impl Spin {
         };
         Self {
             budget: us("TP_TCP_SPIN_US").unwrap_or_default(),
-            begun: us("TP_TCP_MID_SPIN_US").unwrap_or(MID_READ_SPIN),
+            begun: us("TP_TCP_MID_SPIN_US").unwrap_or_else(|| {
+                // With one CPU the writer cannot run while this reader spins: the spin
+                // would only delay the bytes it waits for.
+                if one_cpu() {
+                    std::time::Duration::ZERO
+                } else {
+                    MID_READ_SPIN
+                }
+            }),
         }
     }
 
