@@ -528,17 +528,21 @@ mod tests {
         assert_eq!(parse_address("localhost:7").unwrap().port(), 7);
     }
 
+    /// A connected pair over loopback: (client, server).
+    async fn pair() -> (BoxConnection, BoxConnection) {
+        use crate::Transport;
+        let t = TcpTransport::new();
+        let listener = t.listen("127.0.0.1:0").unwrap();
+        let (c, s) = futures::future::join(t.connect(listener.address()), listener.accept()).await;
+        (c.unwrap(), s.unwrap())
+    }
+
     /// A small read takes what came with it into the read-ahead; the reads after it
     /// get those bytes first, now (`try_read_exact`) or as the start of a large read.
     #[test]
     fn small_reads_keep_what_came_with_them_for_the_reads_after() {
-        use crate::Transport;
         futures::executor::block_on(async {
-            let t = TcpTransport::new();
-            let listener = t.listen("127.0.0.1:0").unwrap();
-            let (c, s) =
-                futures::future::join(t.connect(listener.address()), listener.accept()).await;
-            let (c, s) = (c.unwrap(), s.unwrap());
+            let (c, s) = pair().await;
             let big: Vec<u8> = (0..3 * READ_AHEAD).map(|i| (i % 251) as u8).collect();
             c.write(&[b"head", b"body", &big]).await.unwrap();
             let mut head = [0u8; 4];
@@ -563,13 +567,8 @@ mod tests {
     /// budget and parks; the rest, written long after, still completes it, in order.
     #[test]
     fn a_begun_read_whose_rest_comes_late_parks_and_completes() {
-        use crate::Transport;
         futures::executor::block_on(async {
-            let t = TcpTransport::new();
-            let listener = t.listen("127.0.0.1:0").unwrap();
-            let (c, s) =
-                futures::future::join(t.connect(listener.address()), listener.accept()).await;
-            let (c, s) = (c.unwrap(), s.unwrap());
+            let (c, s) = pair().await;
             let big: Vec<u8> = (0..4 * READ_AHEAD).map(|i| (i % 253) as u8).collect();
             let (first, rest) = big.split_at(big.len() / 2 + 7);
             let mut got = vec![0u8; big.len()];
