@@ -14,7 +14,9 @@
 //! its tasks a [`LoopWaker`]: a wake from this thread, while the loop runs, only marks
 //! the loop to go round again; a wake from anywhere else goes to `block_on` as before.
 //! After [`ROUNDS`] rounds without rest the loop yields to the reactor, so a task that
-//! keeps waking itself cannot starve I/O.
+//! keeps waking itself cannot starve I/O; a task that spins on a socket asks for that
+//! sooner ([`tp_transport::spin::yield_for_io`]: every [`IO_ROUNDS`] rounds), so the other
+//! tasks' sockets are looked at while a tcp read spins.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -33,6 +35,11 @@ type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Rounds of polling before the loop lets the reactor look for I/O.
 const ROUNDS: u32 = 64;
+
+/// Rounds of polling before the loop lets the reactor look for I/O while a task spins
+/// on a socket ([`tp_transport::spin::yield_for_io`]): the spin goes on, and the other
+/// tasks' sockets are looked at every few of its tries.
+const IO_ROUNDS: u32 = 4;
 
 thread_local! {
     /// While this thread polls a runtime loop's tasks: that loop's [`LoopWaker`] (its
@@ -109,6 +116,11 @@ impl Runtime {
                         }
                         while let Poll::Ready(Some(())) = running.poll_next_unpin(&mut inner) {}
                         rounds += 1;
+                        if tp_transport::spin::take_io_request() && rounds >= IO_ROUNDS {
+                            // A task spins on a socket: look for the others' I/O.
+                            cx.waker().wake_by_ref();
+                            break;
+                        }
                         if !shared.again.load(Ordering::Acquire) {
                             break;
                         }
@@ -240,6 +252,66 @@ mod tests {
         // It went round many times while the timer waited (each wake came from the loop's
         // own thread, so this also exercises the loop-local wake path).
         assert!(spins.load(Ordering::Relaxed) > 2 * u64::from(ROUNDS));
+    }
+
+    /// A task that spins with `yield_for_io` sends the loop to the reactor every
+    /// `IO_ROUNDS` rounds, not every `ROUNDS`: a socket that is already readable is
+    /// reported to its task after a few of the spinner's tries.
+    #[test]
+    fn a_task_spinning_for_io_lets_the_reactor_look_every_few_rounds() {
+        // While another thread of the process sleeps in async-io's reactor (other tests'
+        // runtimes), this loop cannot take it, and the event comes later, through that
+        // thread: so this runs alone, in a child process of its own.
+        const CHILD: &str = "TP_RUNTIME_TEST_CHILD";
+        if std::env::var_os(CHILD).is_none() {
+            let name =
+                "runtime::tests::a_task_spinning_for_io_lets_the_reactor_look_every_few_rounds";
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([name, "--exact", "--test-threads=1", "--nocapture"])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "the child failed: {text}");
+            assert!(text.contains("1 passed"), "the child ran no test: {text}");
+            return;
+        }
+        // The best of a few attempts; without the early look each takes about `ROUNDS`
+        // tries or more.
+        let best = (0..5).map(|_| tries_until_readable()).min().unwrap();
+        assert!(
+            best <= 2 * u64::from(IO_ROUNDS) + 2,
+            "the reactor looked only after {best} tries of the spinner"
+        );
+    }
+
+    /// How many times a spinning task had yielded for I/O when a task waiting for an
+    /// already readable socket ran.
+    fn tries_until_readable() -> u64 {
+        use std::io::Write;
+        let rt = Runtime::start("rt-test").unwrap();
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.write_all(b"x").unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let tries = Arc::new(AtomicU64::new(0));
+        // Spawned first: its first poll finds no event yet and waits on the reactor.
+        let (s, n) = (stop.clone(), tries.clone());
+        let readable = rt.spawn(async move {
+            let b = async_io::Async::new(b).unwrap();
+            b.readable().await.unwrap();
+            s.store(true, Ordering::Release);
+            n.load(Ordering::Relaxed)
+        });
+        let (s, n) = (stop, tries);
+        let spinner = rt.spawn(async move {
+            while !s.load(Ordering::Acquire) {
+                n.fetch_add(1, Ordering::Relaxed);
+                tp_transport::spin::yield_for_io().await;
+            }
+        });
+        let seen_after = futures::executor::block_on(readable).unwrap();
+        futures::executor::block_on(spinner).unwrap();
+        seen_after
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Whether an operation may spin on this thread right now.
 //!
-//! The shm transport (and tcp with `TP_TCP_SPIN_US`) spins for a while before it parks
-//! a read, so a reply already on its way is seen at once. That is right for a task that
+//! The shm and tcp transports spin for a while before they park a read, so a reply
+//! already on its way is seen at once; a spin yields to the executor between its tries
+//! ([`yield_once`], or [`yield_for_io`] where the executor should also look at its
+//! reactor soon). That is right for a task that
 //! waits anyway, and wrong for a caller that only *looks*: tp-agent's pipe polls a read
 //! once, right where it is issued, to take bytes that are already there without a
 //! thread hop; if none are, the read continues on the connection's task. Such a look
@@ -11,6 +13,7 @@ use std::cell::Cell;
 
 thread_local! {
     static SUPPRESSED: Cell<bool> = const { Cell::new(false) };
+    static WANTS_IO: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Runs `f` with spinning off on this thread: a transport operation polled inside
@@ -41,6 +44,20 @@ pub async fn yield_once() {
         std::task::Poll::Pending
     })
     .await;
+}
+
+/// Like [`yield_once`], and asks the executor to poll its reactor soon: a task that
+/// spins on a socket must not keep the other tasks' I/O from being noticed (tcp's
+/// spinning reads; tp-agent's runtime honours it, see [`take_io_request`]).
+pub async fn yield_for_io() {
+    WANTS_IO.with(|w| w.set(true));
+    yield_once().await;
+}
+
+/// Whether a task on this thread called [`yield_for_io`] since the last call, which
+/// clears the request. For executors that poll a reactor between rounds of tasks.
+pub fn take_io_request() -> bool {
+    WANTS_IO.with(|w| w.replace(false))
 }
 
 /// False inside [`without_spinning`].
