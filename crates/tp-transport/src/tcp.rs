@@ -14,17 +14,30 @@
 //!
 //! A peer that closes, resets or vanishes shows up as [`TransportError::Eof`].
 //!
-//! A read that has begun — the rest of a payload or tensor whose length the frame before
-//! it announced — spins on the socket for up to [`MID_READ_SPIN`] before parking when
-//! its next bytes are not there yet: the sender is in the middle of writing them, and a
-//! parked thread on a VM takes tens of microseconds to wake. (A 1 MiB payload's round
-//! trip fell from 458–507 to 254–267 µs.) `TP_TCP_MID_SPIN_US=<µs>` changes that budget;
-//! 0 turns it off, and so does a process limited to one CPU, where the writer could not
-//! run meanwhile. By default no read spins while it waits for a message to begin.
+//! A read spins on the socket for a while before it parks on the reactor when its bytes
+//! are not there yet: a parked thread on a VM takes tens of microseconds to wake
+//! (baseline.md), and an answer already on its way is then seen at once.
+//! - A read that **waits for a message to begin** (a small read with nothing held: the
+//!   next frame's header) spins up to [`WAIT_SPIN`] = 100 µs — as long as such spins
+//!   pay. One that misses (the peer took longer: a think time, a large message's
+//!   transfer) makes the connection's next waits park at once, and every
+//!   [`PROBE_EVERY`]-th spins again to see whether answers come quickly once more; a
+//!   read of [`LARGE_READ`] bytes or more stops the spin the same way. On an idle VM a
+//!   small round trip fell from 64–68 to 11–12 µs (both ends spin; BENCHMARKS.md).
+//! - A read that **has begun** — the rest of a payload or tensor whose first bytes came —
+//!   spins up to [`MID_READ_SPIN`] = 20 µs: the sender is writing them now. (A 1 MiB
+//!   payload's round trip fell from 458–507 to 254–267 µs.)
+//! - The first bytes of a **large** read (a payload or tensor announced by the frame
+//!   before it) park at once: they stream in while the reader sleeps.
 //!
-//! `TP_TCP_SPIN_US=<µs>` makes every read spin that long on the socket before parking on
-//! the reactor: much lower latency on an otherwise idle machine, worse on a busy one (see
-//! BENCHMARKS.md). Off by default.
+//! A spin gives its core to any other thread that wants it between two tries
+//! (`sched_yield`), so on a machine whose other cores are busy it does not hold up the
+//! very answer it waits for, and it yields to the executor's other tasks with
+//! [`crate::spin::yield_for_io`], so their sockets are still looked at. `TP_TCP_SPIN_US`
+//! and `TP_TCP_MID_SPIN_US` (microseconds, at most 1000) change the two budgets; 0 turns
+//! a spin off, and a process limited to one CPU never spins (the writer could not run
+//! meanwhile).
+//!
 //! Host names are resolved with the system resolver (blocking, once per call).
 
 use std::io::{self, IoSlice};
@@ -290,15 +303,48 @@ impl TcpIo {
         self.ahead.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// One read from the socket into `buf`, spinning first as [`Spin`] says; `begun`:
-    /// this read continues one that already has some of its bytes.
-    async fn read_some(&self, buf: &mut [u8], begun: bool) -> io::Result<usize> {
-        // Spin on the non-blocking socket before parking on the reactor: bytes already
-        // on their way arrive without a sleep and a wake-up.
-        match self.spin.read(self.stream.get_ref(), buf, begun) {
-            Some(r) => r,
-            None => (&self.stream).read(buf).await,
+    /// One read from the socket into `buf`, spinning first as [`Spin`] says for a read
+    /// that `waits` so.
+    ///
+    /// Between two tries the spin yields the core (to other threads) and the executor
+    /// (to other tasks, and soon to the reactor: [`crate::spin::yield_for_io`]), so
+    /// neither waits for the spin to end.
+    async fn read_some(&self, buf: &mut [u8], waits: Waits) -> io::Result<usize> {
+        use std::io::Read;
+        let budget = self.spin.plan(waits);
+        if !budget.is_zero() {
+            let mut start = None;
+            loop {
+                match self.stream.get_ref().read(buf) {
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                        ) => {}
+                    other => {
+                        if start.is_some() {
+                            self.spin.caught(waits, true);
+                        }
+                        return other;
+                    }
+                }
+                // A caller that only looks (`without_spinning`) does not start the clock:
+                // the spin begins where the read is awaited for real.
+                if crate::spin::allowed()
+                    && start.get_or_insert_with(std::time::Instant::now).elapsed() >= budget
+                {
+                    self.spin.caught(waits, false);
+                    break;
+                }
+                // Give this core to any thread that waits for it (the peer, on a
+                // machine whose other cores are taken): this spin must not delay the
+                // very answer it waits for.
+                std::thread::yield_now();
+                crate::spin::yield_for_io().await;
+            }
         }
+        // Park on the reactor until the socket is readable.
+        (&self.stream).read(buf).await
     }
 }
 
@@ -314,11 +360,15 @@ fn map_io(op: &'static str, e: io::Error) -> TransportError {
 
 impl Stream for TcpIo {
     async fn read_into(&self, buf: &mut [u8]) -> Result<(), TransportError> {
+        if buf.len() >= LARGE_READ {
+            self.spin.large_read();
+        }
         let mut done = self.ahead().take(buf);
         while done < buf.len() {
             let rest = buf.get_mut(done..).unwrap_or_default();
             let got = if rest.len() >= READ_AHEAD {
-                let got = self.read_some(rest, done > 0).await;
+                let waits = if done > 0 { Waits::Rest } else { Waits::Bulk };
+                let got = self.read_some(rest, waits).await;
                 done += *got.as_ref().unwrap_or(&0);
                 got
             } else {
@@ -327,7 +377,8 @@ impl Stream for TcpIo {
                 // breaks the connection anyway (`Ordered`), so nothing held is lost.
                 let mut ahead = std::mem::take(&mut *self.ahead());
                 ahead.buf.resize(READ_AHEAD, 0);
-                let got = self.read_some(&mut ahead.buf, done > 0).await;
+                let waits = if done > 0 { Waits::Rest } else { Waits::Start };
+                let got = self.read_some(&mut ahead.buf, waits).await;
                 (ahead.start, ahead.end) = (0, *got.as_ref().unwrap_or(&0));
                 done += ahead.take(rest);
                 *self.ahead() = ahead;
@@ -397,21 +448,42 @@ fn one_cpu() -> bool {
     *ONE.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() == 1))
 }
 
-/// Spinning before a read parks on the reactor.
-///
-/// On an idle VM a parked thread takes tens of microseconds to wake (baseline.md). A read
-/// that has begun spins for [`MID_READ_SPIN`] (`TP_TCP_MID_SPIN_US`): its bytes are in
-/// the middle of being written, and the spin ends as soon as they come. Any other read
-/// spins only when `TP_TCP_SPIN_US` asks (default off): a reply already on its way then
-/// arrives several-fold sooner on an idle machine (BENCHMARKS.md), but a message that is
-/// not coming yet costs the whole budget of CPU, and on a busy machine the peer may need
-/// that core.
+/// How long a read that waits for a message to begin spins before it parks, unless
+/// `TP_TCP_SPIN_US` says otherwise (see the module docs).
+pub const WAIT_SPIN: std::time::Duration = std::time::Duration::from_micros(100);
+
+/// A read at least this large makes the connection's next waits for a message park at
+/// once (until a probe, [`PROBE_EVERY`]): a peer exchanging such messages answers after
+/// a transfer of its own, and a spin through it measured slower (BENCHMARKS.md).
+pub const LARGE_READ: usize = 256 << 10;
+
+/// After a wait's spin missed, waits park at once until this many have passed since; the
+/// next spins again (a probe).
+pub const PROBE_EVERY: u32 = 16;
+
+/// What a read from the socket waits for; it decides how long the read spins ([`Spin`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Waits {
+    /// The first bytes of a small read: typically the next message's header, which
+    /// comes as soon as the peer answers.
+    Start,
+    /// The first bytes of a large read (a payload or tensor announced before it): it
+    /// parks at once, and its bytes stream in while it sleeps.
+    Bulk,
+    /// More bytes of a read that already has some: the peer is writing them now.
+    Rest,
+}
+
+/// A connection's spinning before a read parks on the reactor (see the module docs).
 #[derive(Debug)]
 struct Spin {
-    /// For any read (`TP_TCP_SPIN_US`).
-    budget: std::time::Duration,
+    /// For a read waiting for a message to begin (`TP_TCP_SPIN_US`).
+    wait: std::time::Duration,
     /// For a read that has begun (`TP_TCP_MID_SPIN_US`).
     begun: std::time::Duration,
+    /// Waits for a message since the last wait's spin missed (or a large read); 0 while
+    /// the last spin caught its bytes. From 1 up to [`PROBE_EVERY`] they park at once.
+    parked: std::sync::atomic::AtomicU32,
 }
 
 impl Spin {
@@ -422,46 +494,53 @@ impl Spin {
                 .and_then(|v| v.parse::<u64>().ok())
                 .map(|us| std::time::Duration::from_micros(us.min(1_000)))
         };
+        // With one CPU the writer cannot run while this reader spins: a spin would only
+        // delay the bytes it waits for.
+        let or_none = |d| {
+            if one_cpu() {
+                std::time::Duration::ZERO
+            } else {
+                d
+            }
+        };
         Self {
-            budget: us("TP_TCP_SPIN_US").unwrap_or_default(),
-            begun: us("TP_TCP_MID_SPIN_US").unwrap_or_else(|| {
-                // With one CPU the writer cannot run while this reader spins: the spin
-                // would only delay the bytes it waits for.
-                if one_cpu() {
-                    std::time::Duration::ZERO
-                } else {
-                    MID_READ_SPIN
-                }
-            }),
+            wait: us("TP_TCP_SPIN_US").unwrap_or_else(|| or_none(WAIT_SPIN)),
+            begun: us("TP_TCP_MID_SPIN_US").unwrap_or_else(|| or_none(MID_READ_SPIN)),
+            parked: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
-    /// Tries non-blocking reads within the budget (the larger one when the read has
-    /// `begun`); `None` when nothing arrived (park).
-    fn read(&self, stream: &TcpStream, buf: &mut [u8], begun: bool) -> Option<io::Result<usize>> {
-        use std::io::Read;
-        let budget = if begun {
-            self.budget.max(self.begun)
-        } else {
-            self.budget
-        };
-        if budget.is_zero() || !crate::spin::allowed() {
-            return None;
+    /// How long a read that `waits` for its bytes may spin.
+    fn plan(&self, waits: Waits) -> std::time::Duration {
+        use std::sync::atomic::Ordering::Relaxed;
+        match waits {
+            Waits::Rest => return self.begun,
+            Waits::Bulk => return std::time::Duration::ZERO,
+            Waits::Start => {}
         }
-        let start = std::time::Instant::now();
-        loop {
-            match (&*stream).read(buf) {
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) => {}
-                other => return Some(other),
+        match self.parked.load(Relaxed) {
+            0 => self.wait,
+            n if n >= PROBE_EVERY => {
+                self.parked.store(1, Relaxed);
+                self.wait
             }
-            if start.elapsed() >= budget {
-                return None;
+            n => {
+                self.parked.store(n + 1, Relaxed);
+                std::time::Duration::ZERO
             }
-            std::hint::spin_loop();
+        }
+    }
+
+    /// A large message passed: the next waits park (until a probe), as after a miss.
+    fn large_read(&self) {
+        self.parked.store(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Records whether a spin caught its bytes.
+    fn caught(&self, waits: Waits, caught: bool) {
+        if waits == Waits::Start {
+            self.parked
+                .store(u32::from(!caught), std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -508,6 +587,8 @@ crate::ordered::ordered_connection!(TcpConnection);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Connection;
+    use std::time::Duration;
 
     #[test]
     fn parse_address_accepts_the_documented_forms() {
@@ -575,13 +656,148 @@ mod tests {
             let late = async {
                 c.write(&[first]).await.unwrap();
                 // Far beyond MID_READ_SPIN: the reader has parked by now.
-                async_io::Timer::after(std::time::Duration::from_millis(30)).await;
+                async_io::Timer::after(Duration::from_millis(30)).await;
                 c.write(&[rest]).await.unwrap();
             };
             let (_, r) = futures::future::join(late, s.read_exact(&mut got)).await;
             r.unwrap();
             assert!(got == big, "both halves, in order");
         });
+    }
+
+    /// A connected pair over loopback as the concrete type, to look at its spin state:
+    /// (client, server).
+    fn concrete_pair() -> (TcpConnection, TcpConnection) {
+        let listener = StdListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (s, _) = listener.accept().unwrap();
+        let conn = |t| TcpConnection::new(Async::new(t).unwrap()).unwrap();
+        (conn(c), conn(s))
+    }
+
+    fn spin_of(wait_us: u64) -> Spin {
+        Spin {
+            wait: Duration::from_micros(wait_us),
+            begun: MID_READ_SPIN,
+            parked: std::sync::atomic::AtomicU32::new(0),
+        }
+    }
+
+    /// A wait for a message that comes long after the spin's budget misses, parks and
+    /// still completes; the connection's next waits then park at once.
+    #[test]
+    fn a_wait_whose_message_comes_late_parks_completes_and_stops_the_spin() {
+        futures::executor::block_on(async {
+            let (c, s) = concrete_pair();
+            let mut got = [0u8; 8];
+            let late = async {
+                // Far beyond WAIT_SPIN: the reader has given up spinning by now.
+                async_io::Timer::after(Duration::from_millis(20)).await;
+                c.write(&[b"late msg"]).await.unwrap();
+            };
+            let (_, r) = futures::future::join(late, s.read_exact(&mut got)).await;
+            r.unwrap();
+            assert_eq!(&got, b"late msg");
+            if s.inner.stream.spin.wait.is_zero() {
+                return; // spinning is off here (one CPU, or TP_TCP_SPIN_US=0)
+            }
+            let spin = &s.inner.stream.spin;
+            assert_eq!(spin.parked.load(std::sync::atomic::Ordering::Relaxed), 1);
+            assert!(spin.plan(Waits::Start).is_zero(), "after a miss, park");
+        });
+    }
+
+    #[test]
+    fn the_spin_parks_after_a_miss_and_probes_every_sixteenth_wait() {
+        let spin = spin_of(100);
+        let wait = Duration::from_micros(100);
+        // Fresh: spin. Reads that have begun use their own budget; large ones never spin.
+        assert_eq!(spin.plan(Waits::Start), wait);
+        assert_eq!(spin.plan(Waits::Rest), MID_READ_SPIN);
+        assert!(spin.plan(Waits::Bulk).is_zero());
+        spin.caught(Waits::Start, false);
+        for i in 1..PROBE_EVERY {
+            assert!(spin.plan(Waits::Start).is_zero(), "wait {i} after the miss");
+            // Rest and Bulk reads neither spin for waits nor count as one.
+            assert_eq!(spin.plan(Waits::Rest), MID_READ_SPIN);
+            spin.caught(Waits::Rest, true);
+        }
+        assert_eq!(spin.plan(Waits::Start), wait, "the probe");
+        spin.caught(Waits::Start, true);
+        assert_eq!(
+            spin.plan(Waits::Start),
+            wait,
+            "a caught probe keeps spinning"
+        );
+        assert_eq!(spin.plan(Waits::Start), wait);
+        // A large message stops it as a miss does.
+        spin.large_read();
+        assert!(spin.plan(Waits::Start).is_zero());
+        // Off: never spins for a wait.
+        let off = spin_of(0);
+        for _ in 0..3 * PROBE_EVERY {
+            assert!(off.plan(Waits::Start).is_zero());
+        }
+    }
+
+    use proptest::prelude::*;
+
+    /// What happens to a connection's spin state between two plans.
+    #[derive(Clone, Copy, Debug)]
+    enum Event {
+        /// A wait that spun: caught its bytes or missed.
+        Spun(bool),
+        /// A read of `LARGE_READ` bytes or more.
+        Large,
+        /// A read that has begun, or a large one's first bytes.
+        Other(bool),
+    }
+
+    proptest! {
+        /// Whatever happens, a wait spins right after a caught spin, and never more than
+        /// `PROBE_EVERY - 1` waits in a row park without a large read between them.
+        #[test]
+        fn waits_spin_after_a_catch_and_at_least_every_probe(
+            events in proptest::collection::vec(
+                prop_oneof![
+                    any::<bool>().prop_map(Event::Spun),
+                    Just(Event::Large),
+                    any::<bool>().prop_map(Event::Other),
+                ],
+                0..200,
+            )
+        ) {
+            let spin = spin_of(100);
+            let mut parked_in_a_row = 0;
+            let mut caught_last = true;
+            for e in events {
+                let plan = spin.plan(Waits::Start);
+                if plan.is_zero() {
+                    parked_in_a_row += 1;
+                    prop_assert!(!caught_last, "parked right after a catch");
+                    prop_assert!(parked_in_a_row < PROBE_EVERY);
+                } else {
+                    parked_in_a_row = 0;
+                }
+                match e {
+                    Event::Spun(c) if !plan.is_zero() => {
+                        spin.caught(Waits::Start, c);
+                        caught_last = c;
+                    }
+                    Event::Spun(_) => {}
+                    Event::Large => {
+                        spin.large_read();
+                        parked_in_a_row = 0;
+                        caught_last = false;
+                    }
+                    Event::Other(c) => {
+                        prop_assert_eq!(spin.plan(Waits::Rest), MID_READ_SPIN);
+                        prop_assert!(spin.plan(Waits::Bulk).is_zero());
+                        spin.caught(Waits::Rest, c);
+                    }
+                }
+            }
+        }
     }
 
     #[test]
