@@ -25,10 +25,12 @@
 //!   read of [`LARGE_READ`] bytes or more stops the spin the same way. On an idle VM a
 //!   small round trip fell from 64–68 to 11–12 µs (both ends spin; BENCHMARKS.md).
 //! - A read that **has begun** — the rest of a payload or tensor whose first bytes came —
-//!   spins up to [`MID_READ_SPIN`] = 20 µs: the sender is writing them now. (A 1 MiB
-//!   payload's round trip fell from 458–507 to 254–267 µs.)
-//! - The first bytes of a **large** read (a payload or tensor announced by the frame
-//!   before it) park at once: they stream in while the reader sleeps.
+//!   and the first bytes of a read of [`READ_AHEAD`] up to [`LARGE_READ`] bytes (a
+//!   payload or tensor the frame before it announced) spin up to [`MID_READ_SPIN`] =
+//!   20 µs: the sender is writing them now. (A 1 MiB payload's round trip fell from
+//!   458–507 to 254–267 µs; a 64 KiB tensor's from 70–80 to 41–46 µs.)
+//! - The first bytes of a read of [`LARGE_READ`] bytes or more park at once: they
+//!   stream in while the reader sleeps (spinning for them measured slower at 1 MiB).
 //!
 //! A spin gives its core to any other thread that wants it between two tries
 //! (`sched_yield`), so on a machine whose other cores are busy it does not hold up the
@@ -360,14 +362,21 @@ fn map_io(op: &'static str, e: io::Error) -> TransportError {
 
 impl Stream for TcpIo {
     async fn read_into(&self, buf: &mut [u8]) -> Result<(), TransportError> {
-        if buf.len() >= LARGE_READ {
+        let large = buf.len() >= LARGE_READ;
+        if large {
             self.spin.large_read();
         }
         let mut done = self.ahead().take(buf);
         while done < buf.len() {
             let rest = buf.get_mut(done..).unwrap_or_default();
             let got = if rest.len() >= READ_AHEAD {
-                let waits = if done > 0 { Waits::Rest } else { Waits::Bulk };
+                // The first bytes of a read below LARGE_READ are on their way (the frame
+                // before it announced it): spin for them as for a begun read's rest.
+                let waits = if done > 0 || !large {
+                    Waits::Rest
+                } else {
+                    Waits::Bulk
+                };
                 let got = self.read_some(rest, waits).await;
                 done += *got.as_ref().unwrap_or(&0);
                 got
@@ -467,10 +476,11 @@ enum Waits {
     /// The first bytes of a small read: typically the next message's header, which
     /// comes as soon as the peer answers.
     Start,
-    /// The first bytes of a large read (a payload or tensor announced before it): it
-    /// parks at once, and its bytes stream in while it sleeps.
+    /// The first bytes of a read of [`LARGE_READ`] bytes or more (a payload or tensor
+    /// announced before it): it parks at once, and its bytes stream in while it sleeps.
     Bulk,
-    /// More bytes of a read that already has some: the peer is writing them now.
+    /// More bytes of a read that already has some, or the first of a read of
+    /// [`READ_AHEAD`] to [`LARGE_READ`] bytes: the peer is writing them now.
     Rest,
 }
 
