@@ -23,7 +23,7 @@
 //!   transfer) makes the connection's next waits park at once, and every
 //!   [`PROBE_EVERY`]-th spins again to see whether answers come quickly once more; a
 //!   read of [`LARGE_READ`] bytes or more stops the spin the same way. On an idle VM a
-//!   small round trip fell from 64–68 to 11–12 µs (both ends spin; BENCHMARKS.md).
+//!   small round trip fell from 63–72 to 11–15 µs (both ends spin; BENCHMARKS.md).
 //! - A read that **has begun** — the rest of a payload or tensor whose first bytes came —
 //!   and the first bytes of a read of [`READ_AHEAD`] up to [`LARGE_READ`] bytes (a
 //!   payload or tensor the frame before it announced) spin up to [`MID_READ_SPIN`] =
@@ -370,14 +370,16 @@ impl Stream for TcpIo {
         let mut done = self.ahead().take(buf);
         while done < buf.len() {
             let rest = buf.get_mut(done..).unwrap_or_default();
-            let got = if rest.len() >= READ_AHEAD {
+            let direct = rest.len() >= READ_AHEAD;
+            let waits = match (done > 0, direct) {
+                (true, _) => Waits::Rest,
+                (false, false) => Waits::Start,
                 // The first bytes of a read below LARGE_READ are on their way (the frame
                 // before it announced it): spin for them as for a begun read's rest.
-                let waits = if done > 0 || !large {
-                    Waits::Rest
-                } else {
-                    Waits::Bulk
-                };
+                (false, true) if !large => Waits::Rest,
+                (false, true) => Waits::Bulk,
+            };
+            let got = if direct {
                 let got = self.read_some(rest, waits).await;
                 done += *got.as_ref().unwrap_or(&0);
                 got
@@ -387,7 +389,6 @@ impl Stream for TcpIo {
                 // breaks the connection anyway (`Ordered`), so nothing held is lost.
                 let mut ahead = std::mem::take(&mut *self.ahead());
                 ahead.buf.resize(READ_AHEAD, 0);
-                let waits = if done > 0 { Waits::Rest } else { Waits::Start };
                 let got = self.read_some(&mut ahead.buf, waits).await;
                 (ahead.start, ahead.end) = (0, *got.as_ref().unwrap_or(&0));
                 done += ahead.take(rest);
@@ -601,6 +602,16 @@ mod tests {
     use crate::Connection;
     use std::time::Duration;
 
+    /// A connected pair over loopback, as the concrete type (its spin state can be
+    /// looked at): (client, server).
+    fn pair() -> (TcpConnection, TcpConnection) {
+        let listener = StdListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (s, _) = listener.accept().unwrap();
+        let conn = |t| TcpConnection::new(Async::new(t).unwrap()).unwrap();
+        (conn(c), conn(s))
+    }
+
     #[test]
     fn parse_address_accepts_the_documented_forms() {
         assert_eq!(
@@ -620,21 +631,12 @@ mod tests {
         assert_eq!(parse_address("localhost:7").unwrap().port(), 7);
     }
 
-    /// A connected pair over loopback: (client, server).
-    async fn pair() -> (BoxConnection, BoxConnection) {
-        use crate::Transport;
-        let t = TcpTransport::new();
-        let listener = t.listen("127.0.0.1:0").unwrap();
-        let (c, s) = futures::future::join(t.connect(listener.address()), listener.accept()).await;
-        (c.unwrap(), s.unwrap())
-    }
-
     /// A small read takes what came with it into the read-ahead; the reads after it
     /// get those bytes first, now (`try_read_exact`) or as the start of a large read.
     #[test]
     fn small_reads_keep_what_came_with_them_for_the_reads_after() {
         futures::executor::block_on(async {
-            let (c, s) = pair().await;
+            let (c, s) = pair();
             let big: Vec<u8> = (0..3 * READ_AHEAD).map(|i| (i % 251) as u8).collect();
             c.write(&[b"head", b"body", &big]).await.unwrap();
             let mut head = [0u8; 4];
@@ -655,12 +657,12 @@ mod tests {
         });
     }
 
-    /// A read that has begun and then finds the socket empty spins, gives up after its
-    /// budget and parks; the rest, written long after, still completes it, in order.
+    /// A read that has begun and then finds the socket empty: the rest, written long
+    /// after its spin's budget, still completes it, in order.
     #[test]
     fn a_begun_read_whose_rest_comes_late_parks_and_completes() {
         futures::executor::block_on(async {
-            let (c, s) = pair().await;
+            let (c, s) = pair();
             let big: Vec<u8> = (0..4 * READ_AHEAD).map(|i| (i % 253) as u8).collect();
             let (first, rest) = big.split_at(big.len() / 2 + 7);
             let mut got = vec![0u8; big.len()];
@@ -676,16 +678,6 @@ mod tests {
         });
     }
 
-    /// A connected pair over loopback as the concrete type, to look at its spin state:
-    /// (client, server).
-    fn concrete_pair() -> (TcpConnection, TcpConnection) {
-        let listener = StdListener::bind("127.0.0.1:0").unwrap();
-        let c = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (s, _) = listener.accept().unwrap();
-        let conn = |t| TcpConnection::new(Async::new(t).unwrap()).unwrap();
-        (conn(c), conn(s))
-    }
-
     fn spin_of(wait_us: u64) -> Spin {
         Spin {
             wait: Duration::from_micros(wait_us),
@@ -699,7 +691,7 @@ mod tests {
     #[test]
     fn a_wait_whose_message_comes_late_parks_completes_and_stops_the_spin() {
         futures::executor::block_on(async {
-            let (c, s) = concrete_pair();
+            let (c, s) = pair();
             let mut got = [0u8; 8];
             let late = async {
                 // Far beyond WAIT_SPIN: the reader has given up spinning by now.
