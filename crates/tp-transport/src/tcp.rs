@@ -594,7 +594,7 @@ pub fn local_send_buffer() -> usize {
 
 /// Sets `bytes` as the send buffer of `stream` if its peer is on this host (loopback,
 /// or this host's own address) and `bytes` is not 0; returns whether it asked. The tcp
-/// transport's connections get [`local_send_buffer`], mpt's lanes a share of it.
+/// transport's connections and mpt's lanes get [`local_send_buffer`].
 pub fn bound_send_buffer_if_local(stream: &TcpStream, bytes: usize) -> bool {
     let local = match (stream.peer_addr(), stream.local_addr()) {
         (Ok(peer), Ok(me)) => is_local(peer, me),

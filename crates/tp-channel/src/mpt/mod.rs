@@ -17,9 +17,10 @@
 //! future dropped mid-transfer leaves its tensor to the lane threads: the lanes stay in
 //! step with the peer, and the buffer is freed when the last slice is over.
 //!
-//! Lanes to this host share the send-buffer bound of one tcp connection
-//! ([`tp_transport::tcp::LOCAL_SEND_BUFFER`]; see [`MIN_LANE_SEND_BUFFER`]), so a
-//! striped tensor keeps no more bytes in flight than one on a single connection.
+//! A lane to this host gets the bounded send buffer of a tcp connection
+//! ([`tp_transport::tcp::LOCAL_SEND_BUFFER`]): 2 and 4 lanes moved 16 and 64 MiB
+//! faster with it than with autotuned buffers, and faster than with the bound shared
+//! out among the lanes (BENCHMARKS.md).
 //!
 //! Descriptor `mpt:<N>:tcp:*`: two contexts must agree on the lane count.
 
@@ -51,28 +52,6 @@ const SERVER_HELLO: u8 = 1;
 const CLIENT_HELLO: u8 = 2;
 /// Most lanes a peer may ask for.
 pub const MAX_LANES: usize = 64;
-
-/// The least send buffer a lane to this host gets: a channel's lanes share one tcp
-/// connection's bound ([`tp_transport::tcp::local_send_buffer`]), down to this each.
-pub const MIN_LANE_SEND_BUFFER: usize = 64 << 10;
-
-/// The send buffer of each of a channel's `lanes` lanes to this host: they share the
-/// bound a tcp connection gets ([`tp_transport::tcp::local_send_buffer`]), down to
-/// [`MIN_LANE_SEND_BUFFER`] each; 0 (autotuning) if that is 0. The lanes' bytes are in
-/// flight at once, so it is their sum that has to stay in the caches: 64 MiB over 2
-/// lanes took 17.7–18.7 ms with half the bound each, 19.5–24.7 with the whole
-/// (BENCHMARKS.md).
-fn lane_send_buffer(lanes: usize) -> usize {
-    share(tp_transport::tcp::local_send_buffer(), lanes)
-}
-
-/// `bound` shared by `lanes`, at least [`MIN_LANE_SEND_BUFFER`] each; 0 stays 0.
-fn share(bound: usize, lanes: usize) -> usize {
-    match bound {
-        0 => 0,
-        bound => (bound / lanes.max(1)).max(MIN_LANE_SEND_BUFFER),
-    }
-}
 
 /// Settings of an mpt context.
 #[derive(Clone, Debug)]
@@ -219,12 +198,14 @@ impl ChannelContext for MptContext {
                 .await
                 .factor_first()
                 .0?;
-            let send_buffer = lane_send_buffer(streams.len());
             let lanes = streams
                 .into_iter()
                 .enumerate()
                 .map(|(i, s)| {
-                    tp_transport::tcp::bound_send_buffer_if_local(&s, send_buffer);
+                    tp_transport::tcp::bound_send_buffer_if_local(
+                        &s,
+                        tp_transport::tcp::local_send_buffer(),
+                    );
                     loops.lane(i, s)
                 })
                 .collect::<Result<Vec<_>, _>>()
@@ -674,15 +655,6 @@ mod tests {
         }));
         assert!(s.1.is_err(), "a send on a closed context succeeded");
         assert!(r.1.is_err(), "a receive on a closed context succeeded");
-    }
-
-    #[test]
-    fn lanes_share_the_send_buffer_bound_down_to_a_floor() {
-        assert_eq!(share(512 << 10, 1), 512 << 10);
-        assert_eq!(share(512 << 10, 2), 256 << 10);
-        assert_eq!(share(512 << 10, 4), 128 << 10);
-        assert_eq!(share(512 << 10, 16), MIN_LANE_SEND_BUFFER);
-        assert_eq!(share(0, 4), 0, "0 (autotuning) is not a bound to share");
     }
 
     #[test]
