@@ -18,9 +18,10 @@
 //! step with the peer, and the buffer is freed when the last slice is over.
 //!
 //! A lane to this host gets the bounded send buffer of a tcp connection
-//! ([`tp_transport::tcp::LOCAL_SEND_BUFFER`]): 2 and 4 lanes moved 16 and 64 MiB
-//! faster with it than with autotuned buffers, and faster than with the bound shared
-//! out among the lanes (BENCHMARKS.md).
+//! ([`tp_transport::tcp::LOCAL_SEND_BUFFER`]), and its lane thread's read mark
+//! (`SO_RCVLOWAT`) stays below that bound: 2 and 4 lanes moved 16 and 64 MiB faster so
+//! than with autotuned buffers, and faster than with the bound shared out among the
+//! lanes (BENCHMARKS.md).
 //!
 //! Descriptor `mpt:<N>:tcp:*`: two contexts must agree on the lane count.
 
@@ -203,13 +204,7 @@ impl ChannelContext for MptContext {
             let lanes = streams
                 .into_iter()
                 .enumerate()
-                .map(|(i, s)| {
-                    tp_transport::tcp::bound_send_buffer_if_local(
-                        &s,
-                        tp_transport::tcp::local_send_buffer(),
-                    );
-                    loops.lane(i, s)
-                })
+                .map(|(i, s)| loops.lane(i, s))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| {
                     ChannelError::Transport(TransportError::Io {
