@@ -14,7 +14,7 @@
 //! - **a small tensor** is moved by the task that waits for it, as the pipe's other
 //!   I/O is: its parts are tried at once and then whenever async-io reports the
 //!   socket ready. A hop to a lane thread and back would cost two thread wake-ups,
-//!   more than striping saves on a tensor of half a megabyte or less. A part that finds
+//!   more than striping saves on a tensor of a megabyte or less. A part that finds
 //!   others queued ahead of it is left to the loop, which moves the queue in order;
 //!   and a task that stops waiting (its future dropped) hands its parts to the loops.
 //! - **a large tensor** is moved by the loops: each lane's thread wakes on its

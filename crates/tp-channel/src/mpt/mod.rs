@@ -68,10 +68,8 @@ pub struct MptConfig {
     pub setup_timeout: Duration,
     /// Tensors larger than this are moved by the context's lane threads, one per lane,
     /// in parallel; smaller ones by the task that waits for them, without a hop to
-    /// another thread. Default 512 KiB: on 2 vCPUs, with the lanes' bounded send
-    /// buffers, 1 MiB round trips were faster on the lane threads (2 lanes 272–274 µs
-    /// against 303–313 on the task; 4 lanes 335–369 against 380) and 512 KiB ones on
-    /// the task (with a 256 KiB threshold, 190–230 µs against 163–173; BENCHMARKS.md).
+    /// another thread. Default 1 MiB (on 2 vCPUs, 1 MiB round trips were faster on the
+    /// waiting task, 2 MiB ones much faster on the lane threads; BENCHMARKS.md).
     pub threads_above: usize,
 }
 
@@ -81,7 +79,7 @@ impl Default for MptConfig {
             lanes: 2,
             bind_host: tp_transport::tcp::guess_address().0.to_string(),
             setup_timeout: Duration::from_secs(30),
-            threads_above: 512 << 10,
+            threads_above: 1 << 20,
         }
     }
 }
