@@ -43,7 +43,7 @@
 //! A connection whose peer is on this host (loopback, or this host's own address) gets
 //! a bounded send buffer, [`LOCAL_SEND_BUFFER`] (about 1 MiB in flight), instead of the
 //! kernel's autotuned one: large loopback transfers ran about 1.5× faster so (a 64 MiB
-//! round trip 20–22 ms instead of 31–32). `TP_TCP_SNDBUF` (bytes) changes it; 0 leaves
+//! round trip 20–22 ms instead of 31–34). `TP_TCP_SNDBUF` (bytes) changes it; 0 leaves
 //! the autotuning. A connection to another host keeps the autotuned buffer.
 //!
 //! Host names are resolved with the system resolver (blocking, once per call).
@@ -571,7 +571,7 @@ impl Spin {
 ///
 /// Over loopback a large transfer ran far faster with its queued bytes bounded this
 /// way than with the kernel's autotuned buffer (up to 4 MiB here): 64 MiB round trips
-/// took 20–22 ms instead of 31–32, 1 MiB ones 225 µs instead of 360 (BENCHMARKS.md) —
+/// took 20–22 ms instead of 31–34, 1 MiB ones 225 µs instead of 360 (BENCHMARKS.md) —
 /// presumably because the bytes in flight then stay in the caches between the
 /// sender's copy and the receiver's. Half the size was slower; from 1.125 MiB in
 /// flight on, no faster than autotuning. A connection to another host keeps the
