@@ -60,8 +60,9 @@ pub fn take_io_request() -> bool {
     WANTS_IO.with(|w| w.replace(false))
 }
 
-/// False inside [`without_spinning`].
-pub(crate) fn allowed() -> bool {
+/// False inside [`without_spinning`]: a wait may spin (and give its core away) only
+/// where this is true; else it checks once and returns `Pending`.
+pub fn allowed() -> bool {
     !SUPPRESSED.with(Cell::get)
 }
 

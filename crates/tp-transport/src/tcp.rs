@@ -504,26 +504,35 @@ struct Spin {
     parked: std::sync::atomic::AtomicU32,
 }
 
-impl Spin {
-    fn from_env() -> Self {
-        let us = |name: &str| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok())
-                .map(|us| std::time::Duration::from_micros(us.min(1_000)))
-        };
-        // With one CPU the writer cannot run while this reader spins: a spin would only
-        // delay the bytes it waits for.
-        let or_none = |d| {
+/// A spin budget from the environment variable `name` (microseconds, at most 1000),
+/// else `default` — or none where the process may use one CPU only: the writer could
+/// not run while the reader spins, so a spin would only delay the bytes it waits for.
+fn spin_budget(name: &str, default: std::time::Duration) -> std::time::Duration {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|us| std::time::Duration::from_micros(us.min(1_000)))
+        .unwrap_or_else(|| {
             if one_cpu() {
                 std::time::Duration::ZERO
             } else {
-                d
+                default
             }
-        };
+        })
+}
+
+/// How long a read that has begun spins for its next bytes before it parks:
+/// [`MID_READ_SPIN`], or `TP_TCP_MID_SPIN_US`, or none on one CPU (see the module
+/// docs). mpt's lanes spin as long for the parts of a tensor their task moves.
+pub fn begun_read_spin() -> std::time::Duration {
+    spin_budget("TP_TCP_MID_SPIN_US", MID_READ_SPIN)
+}
+
+impl Spin {
+    fn from_env() -> Self {
         Self {
-            wait: us("TP_TCP_SPIN_US").unwrap_or_else(|| or_none(WAIT_SPIN)),
-            begun: us("TP_TCP_MID_SPIN_US").unwrap_or_else(|| or_none(MID_READ_SPIN)),
+            wait: spin_budget("TP_TCP_SPIN_US", WAIT_SPIN),
+            begun: begun_read_spin(),
             parked: std::sync::atomic::AtomicU32::new(0),
         }
     }

@@ -147,11 +147,37 @@ impl Transfer {
             transfer: self,
             lanes,
         };
+        let spin = tp_transport::tcp::begun_read_spin();
+        let mut since_moved: Option<std::time::Instant> = None;
         loop {
-            let waiting: Vec<&Lane> = lanes.iter().filter(|l| l.drive(self)).collect();
+            let mut moved = false;
+            let waiting: Vec<&Lane> = lanes
+                .iter()
+                .filter(|l| {
+                    let (waits, m) = l.drive(self);
+                    moved |= m;
+                    waits
+                })
+                .collect();
             if waiting.is_empty() {
                 break;
             }
+            // The peer is moving this tensor now: spin for its next bytes (or room) as a
+            // tcp read that has begun does, giving the core and the executor away between
+            // tries, before parking on readiness — a parked thread takes tens of µs to
+            // wake on a VM. A caller that only looks does not spin.
+            if !spin.is_zero() && tp_transport::spin::allowed() {
+                if moved {
+                    since_moved = None;
+                }
+                let start = *since_moved.get_or_insert_with(std::time::Instant::now);
+                if start.elapsed() < spin {
+                    std::thread::yield_now();
+                    tp_transport::spin::yield_for_io().await;
+                    continue;
+                }
+            }
+            since_moved = None;
             futures::future::poll_fn(|cx| {
                 if waiting
                     .iter()
@@ -591,24 +617,27 @@ impl Lane {
     }
 
     /// Moves `t`'s part if it is at the head of its queue and the task moves it;
-    /// `true` if it is still there, waiting for the socket.
-    fn drive(&self, t: &Arc<Transfer>) -> bool {
+    /// returns whether it is still there, waiting for the socket, and whether any of
+    /// its bytes moved.
+    fn drive(&self, t: &Arc<Transfer>) -> (bool, bool) {
         let mut over = Over::new();
         let mut st = lock(&self.sock.state);
         let head = |st: &mut SockState| {
             st.queue(t.dir)
                 .front()
-                .is_some_and(|p| !p.by_loop && Arc::ptr_eq(&p.transfer, t))
+                .filter(|p| !p.by_loop && Arc::ptr_eq(&p.transfer, t))
+                .map(|p| p.done)
         };
-        if !head(&mut st) {
-            return false;
-        }
+        let Some(before) = head(&mut st) else {
+            return (false, false);
+        };
         self.sock.pump(&mut st, t.dir, Some(t), &mut over);
-        let waiting = head(&mut st);
+        let after = head(&mut st);
         self.sock.arm(&mut st, &self.lp.poller);
         drop(st);
+        let moved = after != Some(before);
         complete(over);
-        waiting
+        (after.is_some(), moved)
     }
 
     /// Readiness of the socket for `dir`, through async-io's reactor.
@@ -653,6 +682,41 @@ impl Drop for Lane {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the task's spin goes by: `drive` says whether the part still waits and
+    /// whether any of its bytes moved.
+    #[test]
+    fn drive_reports_whether_a_part_waits_and_whether_it_moved() {
+        use std::io::Write;
+        let loops = Loops::start(1).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        let lane = loops.lane(0, stream).unwrap();
+        let lanes = [lane];
+        let t = Transfer::start(Held::Recv(Box::new(vec![0u8; 8])), &lanes, usize::MAX);
+        let drive_until = |want: (bool, bool)| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let got = lanes[0].drive(&t);
+                if got == want || std::time::Instant::now() > deadline {
+                    return got;
+                }
+                if got.1 {
+                    // Moved, but not all that was asked for yet: keep driving.
+                    continue;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        };
+        assert_eq!(lanes[0].drive(&t), (true, false), "nothing sent yet");
+        peer.write_all(b"abcd").unwrap();
+        assert_eq!(drive_until((true, true)), (true, true), "half came");
+        assert_eq!(lanes[0].drive(&t), (true, false), "nothing more yet");
+        peer.write_all(b"efgh").unwrap();
+        assert_eq!(drive_until((false, true)), (false, true), "the rest came");
+        assert_eq!(lanes[0].drive(&t), (false, false), "no part left");
+    }
 
     /// A lane to this host gets tcp's bounded send buffer (the mark is lowered only
     /// when it did), and its read mark stays below the bound.
