@@ -12,7 +12,8 @@
 //! A part (one lane's slice of one tensor) is queued on its lane in tensor order, and
 //! who moves it depends on the tensor's size ([`MptConfig::threads_above`]):
 //! - **a small tensor** is moved by the task that waits for it, as the pipe's other
-//!   I/O is: its parts are tried at once and then whenever async-io reports the
+//!   I/O is: its parts are tried at once, again and again for up to tcp's begun-read
+//!   spin (20 µs since bytes last moved), and then whenever async-io reports the
 //!   socket ready. A hop to a lane thread and back would cost two thread wake-ups,
 //!   more than striping saves on a tensor of a megabyte or less. A part that finds
 //!   others queued ahead of it is left to the loop, which moves the queue in order;
