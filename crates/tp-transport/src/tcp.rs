@@ -523,9 +523,11 @@ fn spin_budget(name: &str, default: std::time::Duration) -> std::time::Duration 
 
 /// How long a read that has begun spins for its next bytes before it parks:
 /// [`MID_READ_SPIN`], or `TP_TCP_MID_SPIN_US`, or none on one CPU (see the module
-/// docs). mpt's lanes spin as long for the parts of a tensor their task moves.
+/// docs). mpt's lanes spin as long for the parts of a tensor their task moves. Read
+/// once.
 pub fn begun_read_spin() -> std::time::Duration {
-    spin_budget("TP_TCP_MID_SPIN_US", MID_READ_SPIN)
+    static BUDGET: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    *BUDGET.get_or_init(|| spin_budget("TP_TCP_MID_SPIN_US", MID_READ_SPIN))
 }
 
 impl Spin {
