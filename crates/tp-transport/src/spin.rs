@@ -66,9 +66,39 @@ pub fn allowed() -> bool {
     !SUPPRESSED.with(Cell::get)
 }
 
+/// One pause of a spinning wait whose clock is `start` (started by the first call):
+/// `false` once `budget` has passed since — park now. Otherwise it gives this core to
+/// any thread that wants it (`sched_yield`: on a machine whose other cores are taken,
+/// a spin must not delay the very answer it waits for) and this thread to the
+/// executor's other tasks and reactor ([`yield_for_io`]), then returns `true`: try
+/// again. Used by tcp's reads and mpt's task-driven lanes; callers check [`allowed`]
+/// first, since a look must neither start the clock nor give the core away.
+pub async fn pause(start: &mut Option<std::time::Instant>, budget: std::time::Duration) -> bool {
+    if start.get_or_insert_with(std::time::Instant::now).elapsed() >= budget {
+        return false;
+    }
+    std::thread::yield_now();
+    yield_for_io().await;
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pause_yields_until_the_budget_is_spent() {
+        futures::executor::block_on(async {
+            let mut start = None;
+            assert!(pause(&mut start, std::time::Duration::from_secs(60)).await);
+            assert!(start.is_some(), "the first pause starts the clock");
+            assert!(
+                take_io_request(),
+                "a pause asks the executor to look at its reactor"
+            );
+            assert!(!pause(&mut None, std::time::Duration::ZERO).await);
+        });
+    }
 
     #[test]
     fn suppression_nests_and_ends_with_its_scope() {

@@ -339,17 +339,12 @@ impl TcpIo {
                 // A caller that only looks (`without_spinning`) neither starts the clock
                 // nor gives the core away: the spin begins where the read is awaited
                 // for real.
-                if crate::spin::allowed() {
-                    if start.get_or_insert_with(std::time::Instant::now).elapsed() >= budget {
-                        self.spin.caught(waits, false);
-                        break;
-                    }
-                    // Give this core to any thread that waits for it (the peer, on a
-                    // machine whose other cores are taken): this spin must not delay
-                    // the very answer it waits for.
-                    std::thread::yield_now();
+                if !crate::spin::allowed() {
+                    crate::spin::yield_for_io().await;
+                } else if !crate::spin::pause(&mut start, budget).await {
+                    self.spin.caught(waits, false);
+                    break;
                 }
-                crate::spin::yield_for_io().await;
             }
         }
         // Park on the reactor until the socket is readable.

@@ -167,14 +167,11 @@ impl Transfer {
             // tcp read that has begun does, giving the core and the executor away between
             // tries, before parking on readiness — a parked thread takes tens of µs to
             // wake on a VM. A caller that only looks does not spin.
-            if !spin.is_zero() && tp_transport::spin::allowed() {
+            if tp_transport::spin::allowed() {
                 if moved {
                     since_moved = None;
                 }
-                let start = *since_moved.get_or_insert_with(std::time::Instant::now);
-                if start.elapsed() < spin {
-                    std::thread::yield_now();
-                    tp_transport::spin::yield_for_io().await;
+                if tp_transport::spin::pause(&mut since_moved, spin).await {
                     continue;
                 }
             }
