@@ -50,7 +50,8 @@ use rustix::net::{
 };
 
 use self::ring::{Consumer, Producer};
-use self::segment::{Mapped, Segment};
+use self::segment::Mapped;
+pub use self::segment::{MAX_SEGMENT, Segment};
 use crate::listener::{Accepted, Acceptor};
 use crate::ordered::{Ordered, Stream};
 use crate::registry::{Closable, Registry};

@@ -8,12 +8,17 @@ use rustix::fs::{MemfdFlags, Mode, SealFlags};
 use rustix::mm::{MapFlags, ProtFlags};
 
 /// The largest segment a peer may hand us (a ring of 1 GiB plus its header).
-pub(crate) const MAX_SEGMENT: u64 = (1 << 30) + 4096;
+pub const MAX_SEGMENT: u64 = (1 << 30) + 4096;
 
 /// A mapped memfd. Unmapped on drop; the memory itself lives until the last process
 /// holding the fd or a mapping lets go.
+///
+/// The shm transport keeps its rings in segments; tp-cuda's cuda_basic shares its
+/// staging slots through one (the peer maps it by opening `/proc/<pid>/fd/<fd>`).
+/// Whoever reads or writes through [`Segment::base`] must agree with the peer on who
+/// touches which bytes when: the segment only guarantees that the pages stay mapped.
 #[derive(Debug)]
-pub(crate) struct Segment {
+pub struct Segment {
     base: NonNull<u8>,
     len: usize,
     fd: OwnedFd,
@@ -28,7 +33,10 @@ unsafe impl Sync for Segment {}
 impl Segment {
     /// Creates a `len`-byte segment, mode 0600, sealed against shrinking and growing so
     /// the peer can map it without fearing SIGBUS.
-    pub(crate) fn create(len: usize) -> io::Result<Self> {
+    ///
+    /// # Errors
+    /// What memfd_create, ftruncate, sealing or mmap said.
+    pub fn create(len: usize) -> io::Result<Self> {
         let fd =
             rustix::fs::memfd_create("tp-shm", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
         rustix::fs::fchmod(&fd, Mode::RUSR | Mode::WUSR)?;
@@ -37,8 +45,19 @@ impl Segment {
         Self::map(fd, len)
     }
 
-    /// Maps a segment the peer sent, after checking it is a sealed memfd of sane size.
-    pub(crate) fn open(fd: OwnedFd) -> io::Result<Self> {
+    /// Maps a segment the peer sent, after checking it is a regular file sealed against
+    /// shrinking, of at most [`MAX_SEGMENT`] bytes.
+    ///
+    /// # Errors
+    /// `InvalidData` for anything else; what fstat or mmap said.
+    pub fn open(fd: OwnedFd) -> io::Result<Self> {
+        let stat = rustix::fs::fstat(&fd)?;
+        if !rustix::fs::FileType::from_raw_mode(stat.st_mode).is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "peer segment is not a regular file",
+            ));
+        }
         let seals = rustix::fs::fcntl_get_seals(&fd)?;
         if !seals.contains(SealFlags::SHRINK) {
             return Err(io::Error::new(
@@ -46,8 +65,7 @@ impl Segment {
                 "peer segment is not sealed against shrinking",
             ));
         }
-        let size = rustix::fs::fstat(&fd)?.st_size;
-        let size = u64::try_from(size).unwrap_or(0);
+        let size = u64::try_from(stat.st_size).unwrap_or(0);
         if size == 0 || size > MAX_SEGMENT {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -77,15 +95,27 @@ impl Segment {
         Ok(Self { base, len, fd })
     }
 
-    pub(crate) fn base(&self) -> NonNull<u8> {
+    /// The first byte of the mapping (page aligned).
+    #[must_use]
+    pub fn base(&self) -> NonNull<u8> {
         self.base
     }
 
-    pub(crate) fn len(&self) -> usize {
+    /// The mapping's length in bytes.
+    #[must_use]
+    pub fn len(&self) -> usize {
         self.len
     }
 
-    pub(crate) fn fd(&self) -> &OwnedFd {
+    /// Whether the mapping is empty (never: creation and `open` refuse size 0).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The memfd behind the mapping.
+    #[must_use]
+    pub fn fd(&self) -> &OwnedFd {
         &self.fd
     }
 }
