@@ -11,6 +11,15 @@
 //!   device on the buffer's stream; the receive completes once the copies are done.
 //! - A CPU end copies between its buffer and the chunks.
 //!
+//! - **Shared staging** ([`staging`]): when both ends are on one machine, the chunks
+//!   skip the CPU channel: each side's outbox of [`CudaBasicConfig::staging_slots`]
+//!   slots lives in shared memory that both processes map and register with the GPU,
+//!   so the sender's GPU copies into the slot and the receiver's GPU copies out of the
+//!   same pages — no CPU copy. Set up at channel creation over two connections of the
+//!   channel's own; where it cannot be (another machine, another pid namespace, no
+//!   access to the peer's fds, or `TP_CUDA_BASIC_STAGING=0`), the channel stages
+//!   through the CPU channel as above.
+//!
 //! Descriptor: `cuda_basic:cpu:<CPU channel's descriptor>` for `cpu:0` and
 //! `cuda_basic:cuda:<…>` for every GPU. Two ends can talk when the CPU channel's
 //! descriptors can and **not both are CPU** (CPU ↔ CPU is the CPU channels' job).
@@ -33,6 +42,12 @@ use tp_transport::order::Order;
 use crate::buffer::{Gpu, recv_gpu, send_gpu};
 use crate::driver::{self, CudaError, Pinned};
 
+#[allow(unsafe_code)]
+mod region;
+pub mod staging;
+
+use staging::{Dst, Src, Staging, Want};
+
 /// Settings of a cuda_basic context.
 #[derive(Clone, Copy, Debug)]
 pub struct CudaBasicConfig {
@@ -42,6 +57,15 @@ pub struct CudaBasicConfig {
     pub depth: usize,
     /// Pinned slots kept for reuse. Default 16.
     pub pool: usize,
+    /// Slots of this side's shared staging outbox; 0 stages every chunk through the CPU
+    /// channel. Default 4, or `TP_CUDA_BASIC_STAGING` (0 turns shared staging off, to
+    /// compare the two paths).
+    pub staging_slots: u32,
+    /// Bytes per shared staging slot (a multiple of 4096, at most 64 MiB): the chunk
+    /// size of this side's sends when staging is shared. Default 2 MiB. The outbox
+    /// (`staging_slots × staging_slot_len`, 8 MiB by default) is page-locked for the
+    /// channel's life, in both processes' views of the same pages.
+    pub staging_slot_len: usize,
 }
 
 impl Default for CudaBasicConfig {
@@ -50,6 +74,11 @@ impl Default for CudaBasicConfig {
             chunk: 1 << 20,
             depth: 4,
             pool: 16,
+            staging_slots: std::env::var("TP_CUDA_BASIC_STAGING")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(4),
+            staging_slot_len: 2 << 20,
         }
     }
 }
@@ -73,6 +102,15 @@ impl CudaBasicContext {
         let viable = (|| {
             if config.chunk == 0 || config.depth == 0 {
                 return Err("chunk and depth must be at least 1".to_string());
+            }
+            if !staging::fits(config.staging_slots, config.staging_slot_len) {
+                return Err(format!(
+                    "{} staging slots of {} bytes: at most {} slots, of 4 KiB to 64 MiB, \
+                     a multiple of 4 KiB",
+                    config.staging_slots,
+                    config.staging_slot_len,
+                    staging::MAX_SLOTS
+                ));
             }
             let drv = driver::driver()?;
             cpu.viability().map_err(|e| e.to_string())?;
@@ -148,7 +186,9 @@ impl ChannelContext for CudaBasicContext {
     }
 
     fn connections_needed(&self) -> usize {
-        self.cpu.connections_needed()
+        // The CPU channel's, then two for shared staging (used or not, so that both
+        // ends count alike whatever their settings).
+        self.cpu.connections_needed() + 2
     }
 
     fn create_channel(
@@ -157,6 +197,8 @@ impl ChannelContext for CudaBasicContext {
         endpoint: Endpoint,
     ) -> BoxFuture<'static, Result<BoxChannel, ChannelError>> {
         let ready = self.viability();
+        let mut conns = conns;
+        let staging_conns = conns.split_off(conns.len().saturating_sub(2));
         let cpu = self.cpu.create_channel(conns, endpoint);
         let children = self.children.clone();
         let config = self.config;
@@ -166,8 +208,20 @@ impl ChannelContext for CudaBasicContext {
             if children.is_closed() {
                 return Err(ChannelError::Closed);
             }
+            let staging_conns: [BoxConnection; 2] = staging_conns.try_into().map_err(|_| {
+                ChannelError::protocol("cuda_basic needs its two staging connections")
+            })?;
+            let cpu = cpu.await?;
+            let want = Want {
+                slots: config.staging_slots,
+                slot_len: config.staging_slot_len,
+                // Registered through the first GPU's context, portable to all.
+                gpu: Some(0),
+            };
+            let staging = staging::negotiate(staging_conns, want).await?;
             let inner = Arc::new(Inner {
-                cpu: Arc::from(cpu.await?),
+                cpu: Arc::from(cpu),
+                staging,
                 ops: Ops::default(),
                 config,
                 pool,
@@ -261,6 +315,8 @@ impl RecvBuf for Chunk {
 
 struct Inner {
     cpu: Arc<dyn Channel>,
+    /// Shared staging, when both ends mapped each other's outbox.
+    staging: Option<Staging>,
     ops: Ops,
     config: CudaBasicConfig,
     pool: Arc<SlotPool>,
@@ -270,6 +326,9 @@ impl Close for Inner {
     fn close(&self) {
         if self.ops.mark_closed() {
             self.cpu.close();
+            if let Some(s) = &self.staging {
+                s.close();
+            }
         }
     }
 }
@@ -307,6 +366,10 @@ impl Inner {
     }
 
     async fn send(&self, buf: &dyn SendBuf, gpu: Option<Gpu>) -> Result<(), ChannelError> {
+        if let Some(staging) = &self.staging {
+            let src = gpu.map_or_else(|| Src::Cpu(buf.bytes()), Src::Gpu);
+            return staging.send(src, buf.byte_len()).await;
+        }
         let order = Order::default();
         let mut inflight = FuturesOrdered::new();
         for (off, n) in self.chunks(buf.byte_len()) {
@@ -346,6 +409,14 @@ impl Inner {
     }
 
     async fn recv(&self, buf: &mut dyn RecvBuf, gpu: Option<Gpu>) -> Result<(), ChannelError> {
+        if let Some(staging) = &self.staging {
+            let len = buf.byte_len();
+            let dst = match gpu {
+                Some(g) => Dst::Gpu(g),
+                None => Dst::Cpu(buf.bytes_mut()),
+            };
+            return staging.recv(dst, len).await;
+        }
         let mut inflight = FuturesOrdered::new();
         let chunks: Vec<_> = self.chunks(buf.byte_len()).collect();
         for (off, n) in chunks {
@@ -487,6 +558,7 @@ mod tests {
     fn chunks_cover_the_tensor_exactly() {
         let inner = Inner {
             cpu: Arc::new(Dummy),
+            staging: None,
             ops: Ops::default(),
             config: CudaBasicConfig {
                 chunk: 10,

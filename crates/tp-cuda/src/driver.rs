@@ -540,6 +540,52 @@ impl Drop for Pinned {
     }
 }
 
+/// Host memory this process mapped (not allocated by CUDA), page-locked and made
+/// reachable by every context's copy engines (`cuMemHostRegister`, portable) until
+/// dropped. cuda_basic registers its shared staging slots this way.
+pub(crate) struct HostRegistration {
+    ptr: Handle,
+    device: u32,
+}
+
+impl fmt::Debug for HostRegistration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostRegistration").finish_non_exhaustive()
+    }
+}
+
+impl HostRegistration {
+    /// Registers `len` bytes at `ptr` (page aligned), with `device`'s context current.
+    ///
+    /// # Safety
+    /// `ptr..ptr + len` is a mapping of this process that stays mapped until the
+    /// registration is dropped.
+    pub(crate) unsafe fn new(device: u32, ptr: *mut u8, len: usize) -> Result<Self, CudaError> {
+        on_device(device, || {
+            // SAFETY: the caller vouches for the mapping; a context is current.
+            let r = unsafe {
+                sys::cuMemHostRegister_v2(ptr.cast(), len, sys::CU_MEMHOSTREGISTER_PORTABLE)
+            };
+            check("cuMemHostRegister", r)?;
+            Ok(Self {
+                ptr: Handle(ptr as usize),
+                device,
+            })
+        })
+    }
+}
+
+impl Drop for HostRegistration {
+    fn drop(&mut self) {
+        let p = self.ptr;
+        let _ = on_device(self.device, || {
+            // SAFETY: registered in `new`, unregistered once, while still mapped.
+            let r = unsafe { sys::cuMemHostUnregister(p.0 as *mut c_void) };
+            check("cuMemHostUnregister", r)
+        });
+    }
+}
+
 /// Device memory this crate allocated, freed on drop.
 #[derive(Debug)]
 pub(crate) struct DeviceMem {

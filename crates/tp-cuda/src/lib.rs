@@ -3,7 +3,7 @@
 //!
 //! | channel | moves | between | descriptor (who can talk) |
 //! |---|---|---|---|
-//! | [`basic::CudaBasicContext`] (`cuda_basic`) | through pinned host memory, over a CPU channel | any two ends the CPU channel connects; one end may be the CPU | `cuda_basic:<cpu\|cuda>:<CPU channel's>` |
+//! | [`basic::CudaBasicContext`] (`cuda_basic`) | through host memory: slots both processes map and register with the GPU (one machine), else pinned chunks over a CPU channel | any two ends the CPU channel connects; one end may be the CPU | `cuda_basic:<cpu\|cuda>:<CPU channel's>` |
 //! | [`xth::CudaXthContext`] (`cuda_xth`) | a device-to-device copy ordered by events | two pipes of one process | `cuda_xth:<boot id>:<pid ns>:<pid>` |
 //! | [`ipc::CudaIpcContext`] (`cuda_ipc`) | a device-to-device copy through a staging *outbox* shared by CUDA IPC | two processes of one machine whose GPUs can reach each other | `cuda_ipc:<boot id>:<pid>:<uuid>:<peer uuids>` |
 //! | [`gdr::CudaGdrContext`] (`cuda_gdr`) | GPUDirect RDMA | machines with RDMA NICs and NVIDIA's peer-memory module | see [`gdr`] |

@@ -1,4 +1,5 @@
 mod cma;
+mod cuda_basic;
 mod cuda_gdr;
 mod cuda_ipc;
 mod packets;
