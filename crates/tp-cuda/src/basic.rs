@@ -575,6 +575,50 @@ mod tests {
         assert_eq!(inner.chunks(0).count(), 0);
     }
 
+    /// The channel's own send and receive take the shared staging once it was
+    /// negotiated (CPU ends here: the same protocol a GPU end runs, host copies instead
+    /// of the GPU's), never the CPU channel; close fails what is pending.
+    #[test]
+    fn a_channel_with_shared_staging_moves_bytes_through_it() {
+        futures::executor::block_on(async {
+            let (ca, cb) = staging::tests::conns(true).await;
+            let want = Want {
+                slots: 2,
+                slot_len: 4096,
+                gpu: None,
+            };
+            let (sa, sb) =
+                futures::future::join(staging::negotiate(ca, want), staging::negotiate(cb, want))
+                    .await;
+            let channel = |s: Option<Staging>| CudaBasicChannel {
+                inner: Arc::new(Inner {
+                    // Any use of the CPU channel fails the operation.
+                    cpu: Arc::new(Dummy),
+                    staging: Some(s.expect("staged")),
+                    ops: Ops::default(),
+                    config: CudaBasicConfig::default(),
+                    pool: Arc::new(SlotPool {
+                        free: Mutex::default(),
+                        cap: 0,
+                    }),
+                }),
+            };
+            let (a, b) = (channel(sa.unwrap()), channel(sb.unwrap()));
+            let data: Vec<u8> = (0..3 * 4096 + 11).map(|i| (i % 251) as u8).collect();
+            let ((_, sent), (got, received)) = futures::future::join(
+                a.send(Box::new(data.clone())),
+                b.recv(Box::new(vec![0u8; data.len()])),
+            )
+            .await;
+            sent.unwrap();
+            received.unwrap();
+            assert_eq!(RecvBuf::bytes(&*got), data.as_slice());
+            let pending = b.recv(Box::new(vec![0u8; 10]));
+            b.close();
+            assert!(pending.await.1.is_err());
+        });
+    }
+
     #[derive(Debug)]
     struct Dummy;
 

@@ -579,7 +579,7 @@ pub(super) fn fits(slots: u32, slot_len: usize) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use futures::executor::block_on;
     use futures::future::join;
     use tp_transport::Transport;
@@ -589,7 +589,7 @@ mod tests {
     use super::*;
 
     /// Two pairs of connected connections (`[a0, a1]`, `[b0, b1]`).
-    async fn conns(shm: bool) -> ([BoxConnection; 2], [BoxConnection; 2]) {
+    pub(in crate::basic) async fn conns(shm: bool) -> ([BoxConnection; 2], [BoxConnection; 2]) {
         let t: Box<dyn Transport> = if shm {
             Box::new(ShmTransport::default())
         } else {
