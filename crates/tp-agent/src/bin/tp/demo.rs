@@ -173,6 +173,11 @@ fn lead(args: &DemoArgs) -> Result<(), String> {
         );
     }
     println!("\n(median of the round trips per size; GB/s counts both directions)");
+    if args.cuda {
+        // The group's handler rewrites every byte on the host; GPU tensors through the
+        // agent's device maps are in the CUDA RPC tests (crates/tp-agent/tests/cuda_rpc.rs).
+        println!("\n(the RPC group below moves CPU tensors, --cuda or not)");
+    }
     crate::rpc::demo_group(&sizes)
 }
 
