@@ -15,8 +15,8 @@
 //!   skip the CPU channel: each side's outbox of [`CudaBasicConfig::staging_slots`]
 //!   slots lives in shared memory that both processes map and register with the GPU,
 //!   so the sender's GPU copies into the slot and the receiver's GPU copies out of the
-//!   same pages — no CPU copy. Set up at channel creation over two connections of the
-//!   channel's own; where it cannot be (another machine, another pid namespace, no
+//!   same pages — no CPU copy. Set up by the channel's first operation over two
+//!   connections of the channel's own; where it cannot be (another machine, another pid namespace, no
 //!   access to the peer's fds, or `TP_CUDA_BASIC_STAGING=0`), the channel stages
 //!   through the CPU channel as above.
 //!
@@ -46,7 +46,7 @@ use crate::driver::{self, CudaError, Pinned};
 mod region;
 pub mod staging;
 
-use staging::{Dst, Src, Staging, Want};
+use staging::{Dst, LazyStaging, Src, Want};
 
 /// Settings of a cuda_basic context.
 #[derive(Clone, Copy, Debug)]
@@ -63,8 +63,9 @@ pub struct CudaBasicConfig {
     pub staging_slots: u32,
     /// Bytes per shared staging slot (a multiple of 4096, at most 64 MiB): the chunk
     /// size of this side's sends when staging is shared. Default 2 MiB. The outbox
-    /// (`staging_slots × staging_slot_len`, 8 MiB by default) is page-locked for the
-    /// channel's life, in both processes' views of the same pages.
+    /// (`staging_slots × staging_slot_len`, 8 MiB by default) is page-locked from the
+    /// channel's first operation to its end, in both processes' views of the same pages
+    /// (16 MiB per channel and process with both directions' outboxes).
     pub staging_slot_len: usize,
 }
 
@@ -218,7 +219,7 @@ impl ChannelContext for CudaBasicContext {
                 // Registered through the first GPU's context, portable to all.
                 gpu: Some(0),
             };
-            let staging = staging::negotiate(staging_conns, want).await?;
+            let staging = LazyStaging::new(staging_conns, want);
             let inner = Arc::new(Inner {
                 cpu: Arc::from(cpu),
                 staging,
@@ -315,8 +316,9 @@ impl RecvBuf for Chunk {
 
 struct Inner {
     cpu: Arc<dyn Channel>,
-    /// Shared staging, when both ends mapped each other's outbox.
-    staging: Option<Staging>,
+    /// Shared staging, set up by the first operation; used when both ends mapped each
+    /// other's outbox.
+    staging: LazyStaging,
     ops: Ops,
     config: CudaBasicConfig,
     pool: Arc<SlotPool>,
@@ -326,9 +328,7 @@ impl Close for Inner {
     fn close(&self) {
         if self.ops.mark_closed() {
             self.cpu.close();
-            if let Some(s) = &self.staging {
-                s.close();
-            }
+            self.staging.close();
         }
     }
 }
@@ -366,7 +366,7 @@ impl Inner {
     }
 
     async fn send(&self, buf: &dyn SendBuf, gpu: Option<Gpu>) -> Result<(), ChannelError> {
-        if let Some(staging) = &self.staging {
+        if let Some(staging) = self.staging.get().await? {
             let src = gpu.map_or_else(|| Src::Cpu(buf.bytes()), Src::Gpu);
             return staging.send(src, buf.byte_len()).await;
         }
@@ -409,7 +409,7 @@ impl Inner {
     }
 
     async fn recv(&self, buf: &mut dyn RecvBuf, gpu: Option<Gpu>) -> Result<(), ChannelError> {
-        if let Some(staging) = &self.staging {
+        if let Some(staging) = self.staging.get().await? {
             let len = buf.byte_len();
             let dst = match gpu {
                 Some(g) => Dst::Gpu(g),
@@ -556,9 +556,17 @@ mod tests {
 
     #[test]
     fn chunks_cover_the_tensor_exactly() {
+        let (conns, _) = futures::executor::block_on(staging::tests::conns(false));
         let inner = Inner {
             cpu: Arc::new(Dummy),
-            staging: None,
+            staging: LazyStaging::new(
+                conns,
+                Want {
+                    slots: 0,
+                    slot_len: 4096,
+                    gpu: None,
+                },
+            ),
             ops: Ops::default(),
             config: CudaBasicConfig {
                 chunk: 10,
@@ -575,48 +583,72 @@ mod tests {
         assert_eq!(inner.chunks(0).count(), 0);
     }
 
-    /// The channel's own send and receive take the shared staging once it was
-    /// negotiated (CPU ends here: the same protocol a GPU end runs, host copies instead
-    /// of the GPU's), never the CPU channel; close fails what is pending.
-    #[test]
-    fn a_channel_with_shared_staging_moves_bytes_through_it() {
-        futures::executor::block_on(async {
-            let (ca, cb) = staging::tests::conns(true).await;
-            let want = Want {
-                slots: 2,
-                slot_len: 4096,
-                gpu: None,
-            };
-            let (sa, sb) =
-                futures::future::join(staging::negotiate(ca, want), staging::negotiate(cb, want))
-                    .await;
-            let channel = |s: Option<Staging>| CudaBasicChannel {
-                inner: Arc::new(Inner {
-                    // Any use of the CPU channel fails the operation.
-                    cpu: Arc::new(Dummy),
-                    staging: Some(s.expect("staged")),
-                    ops: Ops::default(),
-                    config: CudaBasicConfig::default(),
-                    pool: Arc::new(SlotPool {
-                        free: Mutex::default(),
-                        cap: 0,
-                    }),
+    /// Two channels whose CPU channel fails every operation (so any operation that
+    /// did not take the shared staging would fail), over fresh staging connections.
+    fn staged_pair(slots: u32) -> (CudaBasicChannel, CudaBasicChannel) {
+        let (ca, cb) = futures::executor::block_on(staging::tests::conns(true));
+        let want = Want {
+            slots,
+            slot_len: 4096,
+            gpu: None,
+        };
+        let channel = |conns| CudaBasicChannel {
+            inner: Arc::new(Inner {
+                cpu: Arc::new(Dummy),
+                staging: LazyStaging::new(conns, want),
+                ops: Ops::default(),
+                config: CudaBasicConfig::default(),
+                pool: Arc::new(SlotPool {
+                    free: Mutex::default(),
+                    cap: 0,
                 }),
-            };
-            let (a, b) = (channel(sa.unwrap()), channel(sb.unwrap()));
-            let data: Vec<u8> = (0..3 * 4096 + 11).map(|i| (i % 251) as u8).collect();
-            let ((_, sent), (got, received)) = futures::future::join(
+            }),
+        };
+        (channel(ca), channel(cb))
+    }
+
+    /// The first operations set the staging up — here each end's first is a send, in
+    /// opposite directions — and every operation then takes it (host copies at these
+    /// CPU ends: the protocol a GPU end runs); close fails what is pending.
+    #[test]
+    fn a_channel_sets_up_shared_staging_at_its_first_operation() {
+        let (a, b) = staged_pair(2);
+        let data: Vec<u8> = (0..3 * 4096 + 11).map(|i| (i % 251) as u8).collect();
+        let back: Vec<u8> = data.iter().rev().copied().collect();
+        futures::executor::block_on(async {
+            // Sends first on both ends; the receives are issued at once too (a tensor
+            // larger than the slots needs its receiver to free them).
+            let sends = futures::future::join(
                 a.send(Box::new(data.clone())),
+                b.send(Box::new(back.clone())),
+            );
+            let recvs = futures::future::join(
                 b.recv(Box::new(vec![0u8; data.len()])),
-            )
-            .await;
-            sent.unwrap();
-            received.unwrap();
-            assert_eq!(RecvBuf::bytes(&*got), data.as_slice());
+                a.recv(Box::new(vec![0u8; back.len()])),
+            );
+            let ((sent_a, sent_b), (got_b, got_a)) = futures::future::join(sends, recvs).await;
+            sent_a.1.unwrap();
+            sent_b.1.unwrap();
+            got_a.1.unwrap();
+            got_b.1.unwrap();
+            assert_eq!(RecvBuf::bytes(&*got_b.0), data.as_slice());
+            assert_eq!(RecvBuf::bytes(&*got_a.0), back.as_slice());
             let pending = b.recv(Box::new(vec![0u8; 10]));
             b.close();
             assert!(pending.await.1.is_err());
         });
+    }
+
+    /// With staging declined, operations go to the CPU channel (which fails them here).
+    #[test]
+    fn a_channel_without_shared_staging_uses_its_cpu_channel() {
+        let (a, b) = staged_pair(0);
+        let (sent, received) = futures::executor::block_on(futures::future::join(
+            a.send(Box::new(vec![1u8; 10])),
+            b.recv(Box::new(vec![0u8; 10])),
+        ));
+        assert!(matches!(sent.1, Err(ChannelError::Closed)), "{:?}", sent.1);
+        assert!(received.1.is_err());
     }
 
     #[derive(Debug)]

@@ -3,8 +3,9 @@
 //! with the GPU. The sender's GPU copies a chunk into a slot, the receiver's GPU copies
 //! it out of the same pages: no CPU copy and no CPU channel in between.
 //!
-//! **Setup**, at channel creation, on the channel's two staging connections (the last
-//! two): each side creates its *outbox* — a sealed memfd of one header page (a random
+//! **Setup**, at the channel's first operation (a channel that never carries a GPU
+//! tensor pins nothing; both ends' first operations, whichever they are, meet in it),
+//! on the channel's two staging connections (the last two): each side creates its *outbox* — a sealed memfd of one header page (a random
 //! 16-byte token) and `slots × slot_len` bytes — registers it with the GPU, and sends a
 //! [`StagingSetup`] frame on the first: "map fd `fd` of process `pid` on host `host`,
 //! expect this token and size". Each side then opens the peer's memfd through
@@ -32,7 +33,7 @@
 
 use std::future::{Future, poll_fn};
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::Poll;
 
 use futures::FutureExt;
@@ -231,13 +232,74 @@ pub(super) struct Want {
     pub(super) gpu: Option<u32>,
 }
 
+/// Shared staging, set up by the channel's first operation (so that a channel that
+/// never carries a GPU tensor pins no memory): both ends' first operations meet in the
+/// setup, whichever they are.
+pub(super) struct LazyStaging {
+    conns: [Arc<dyn Connection>; 2],
+    want: Want,
+    /// Held while the setup runs; `true` once it was tried.
+    tried: futures::lock::Mutex<bool>,
+    staging: OnceLock<Option<Staging>>,
+}
+
+impl std::fmt::Debug for LazyStaging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyStaging")
+            .field("staging", &self.staging.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LazyStaging {
+    /// Staging over the channel's two staging connections, as `want` asks.
+    pub(super) fn new(conns: [BoxConnection; 2], want: Want) -> Self {
+        Self {
+            conns: conns.map(Arc::from),
+            want,
+            tried: futures::lock::Mutex::new(false),
+            staging: OnceLock::new(),
+        }
+    }
+
+    /// The staging (set up now if this is the first call): `None` when the channel
+    /// stages through its CPU channel.
+    ///
+    /// # Errors
+    /// The setup failed, now or at an earlier call.
+    pub(super) async fn get(&self) -> Result<Option<&Staging>, ChannelError> {
+        if let Some(s) = self.staging.get() {
+            return Ok(s.as_ref());
+        }
+        let mut tried = self.tried.lock().await;
+        if let Some(s) = self.staging.get() {
+            return Ok(s.as_ref());
+        }
+        if *tried {
+            return Err(ChannelError::protocol(
+                "cuda_basic: the staging setup failed earlier",
+            ));
+        }
+        *tried = true;
+        let s = negotiate(self.conns.clone(), self.want).await?;
+        Ok(self.staging.get_or_init(|| s).as_ref())
+    }
+
+    /// Closes the staging connections: a setup or transfer waiting on them fails.
+    pub(super) fn close(&self) {
+        for c in &self.conns {
+            c.close();
+        }
+    }
+}
+
 /// Runs the setup over the two staging connections: `Some` when both sides mapped each
 /// other's outbox, `None` when the channel stages through its CPU channel instead.
 ///
 /// # Errors
 /// A connection failed or the peer's setup is malformed.
 pub(super) async fn negotiate(
-    conns: [BoxConnection; 2],
+    conns: [Arc<dyn Connection>; 2],
     want: Want,
 ) -> Result<Option<Staging>, ChannelError> {
     let [notes, releases] = conns;
@@ -273,8 +335,8 @@ pub(super) async fn negotiate(
             Ok(Some(Staging {
                 outbox,
                 inbox,
-                notes: Arc::from(notes),
-                releases: Arc::from(releases),
+                notes,
+                releases,
                 send: Mutex::new(Some(SendState::default())),
                 recv: Mutex::new(Some(0)),
             }))
@@ -389,11 +451,6 @@ fn abandoned() -> ChannelError {
 }
 
 impl Staging {
-    pub(super) fn close(&self) {
-        self.notes.close();
-        self.releases.close();
-    }
-
     /// Stages `len` bytes from `src` into our outbox, chunk by chunk.
     pub(super) async fn send(&self, src: Src<'_>, len: usize) -> Result<(), ChannelError> {
         let taken = self
@@ -616,7 +673,11 @@ pub(super) mod tests {
 
     async fn staged(shm: bool, a: Want, b: Want) -> (Option<Staging>, Option<Staging>) {
         let (ca, cb) = conns(shm).await;
-        let (sa, sb) = join(negotiate(ca, a), negotiate(cb, b)).await;
+        let (sa, sb) = join(
+            negotiate(ca.map(Arc::from), a),
+            negotiate(cb.map(Arc::from), b),
+        )
+        .await;
         (sa.unwrap(), sb.unwrap())
     }
 
@@ -835,7 +896,8 @@ pub(super) mod tests {
             // A send that needs releases, and a receive that waits for a notice.
             let sending = a.send(Src::Cpu(&bytes), bytes.len());
             let receiving = a.recv(Dst::Cpu(&mut got), 4096);
-            b.close();
+            b.notes.close();
+            b.releases.close();
             drop(b);
             let (s, r) = join(sending, receiving).await;
             assert!(s.is_err() && r.is_err());
@@ -867,7 +929,7 @@ pub(super) mod tests {
             c.write(&[&i.to_le_bytes()]).await.unwrap();
             conns.push((i, c));
         }
-        let staging = negotiate(numbered(conns).await, want(2, 8192))
+        let staging = negotiate(numbered(conns).await.map(Arc::from), want(2, 8192))
             .await
             .unwrap()
             .expect("the peer process maps the parent's outbox");
@@ -905,7 +967,7 @@ pub(super) mod tests {
                 c.read_exact(&mut i).await.unwrap();
                 conns.push((u64::from_le_bytes(i), c));
             }
-            let staging = negotiate(numbered(conns).await, want(3, 4096))
+            let staging = negotiate(numbered(conns).await.map(Arc::from), want(3, 4096))
                 .await
                 .unwrap()
                 .expect("this process maps the peer's outbox");
