@@ -125,7 +125,26 @@ pub(crate) enum Mode {
     Connect,
 }
 
+/// `TP_LOG=error|warn|info|debug|trace` prints the library's log at that level and
+/// above on stderr (nothing by default): which backends were not viable and why, which
+/// path a channel took.
+fn init_log() {
+    let Ok(level) = std::env::var("TP_LOG") else {
+        return;
+    };
+    match level.parse::<tracing::Level>() {
+        Ok(level) => {
+            let _ = tracing_subscriber::fmt()
+                .with_max_level(level)
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
+        Err(_) => eprintln!("tp: TP_LOG={level} is not a level (error, warn, info, debug, trace)"),
+    }
+}
+
 fn main() {
+    init_log();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
