@@ -138,7 +138,7 @@ pub(crate) fn run(args: &ChannelArgs) -> Result<(), String> {
                 .ok_or("--mode connect needs --address")?;
             let regime = Regime::measure()?;
             let rows = async_io::block_on(client(ctx.as_ref(), transport.as_ref(), &addr, args))?;
-            report(args, &regime, &rows);
+            report(args, &regime.ended()?, &rows);
             Ok(())
         }
         Mode::Both if args.channel == "xth" || args.channel == "cuda_xth" => {
@@ -155,7 +155,7 @@ pub(crate) fn run(args: &ChannelArgs) -> Result<(), String> {
             let served = server.join().map_err(|_| "the serving thread panicked")?;
             let rows = rows?;
             served?;
-            report(args, &regime, &rows);
+            report(args, &regime.ended()?, &rows);
             Ok(())
         }
         Mode::Both => {
@@ -186,7 +186,7 @@ pub(crate) fn run(args: &ChannelArgs) -> Result<(), String> {
             if !status.success() {
                 return Err(format!("the serving process failed: {status}"));
             }
-            report(args, &regime, &rows);
+            report(args, &regime.ended()?, &rows);
             Ok(())
         }
     }

@@ -109,7 +109,7 @@ pub(crate) fn run(args: &PipeArgs) -> Result<(), String> {
                 .ok_or("--mode connect needs --address (the listener's URL)")?;
             let regime = Regime::measure()?;
             let rows = client(args, &addr)?;
-            report(args, &regime, &rows)
+            report(args, &regime.ended()?, &rows)
         }
         Mode::Both => {
             let regime = Regime::measure()?;
@@ -134,7 +134,7 @@ pub(crate) fn run(args: &PipeArgs) -> Result<(), String> {
             if !status.success() {
                 return Err(format!("the serving process failed: {status}"));
             }
-            report(args, &regime, &rows)
+            report(args, &regime.ended()?, &rows)
         }
     }
 }

@@ -560,11 +560,15 @@ pub(crate) fn bench(args: &RpcBenchArgs) -> Result<(), String> {
                 );
             }
         }
-        if !args.json {
+        let after = regime.ended()?;
+        if args.json {
+            println!("{{\"bench\":\"rpc\",\"regime\":{}}}", after.json());
+        } else {
             println!(
                 "(latency: one call at a time; ÷ raw: p50 / raw TCP 8 B ping-pong p50 of the regime line;\n calls/s and GB/s: batches of {} calls in flight, both directions' bytes)",
                 args.in_flight
             );
+            println!("{}", after.line());
         }
         agent.shutdown_now();
         Ok(())

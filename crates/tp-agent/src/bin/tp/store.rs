@@ -258,6 +258,7 @@ pub(crate) fn bench(args: &StoreBenchArgs) -> Result<(), String> {
     }
     let took = start.elapsed();
     let s = Summary::of(&mut all);
+    let regime = regime.ended()?;
     println!(
         "tp bench store --clients {} --ops {}: one server thread, {} client threads, loopback TCP",
         args.clients, args.ops, args.clients

@@ -124,7 +124,7 @@ pub(crate) fn run(args: &TransportArgs) -> Result<(), String> {
                 &bind,
             ])?;
             let result =
-                connect_and_report(&transport, &addr, args, Some(&regime), Some(child.id()));
+                connect_and_report(&transport, &addr, args, Some(regime), Some(child.id()));
             let _ = child.wait();
             result
         }
@@ -200,14 +200,14 @@ const STREAM_FROM: usize = 64 << 10;
 
 fn connect(transport: &Arc<dyn Transport>, addr: &str, args: &TransportArgs) -> Result<(), String> {
     let regime = Regime::measure()?;
-    connect_and_report(transport, addr, args, Some(&regime), None)
+    connect_and_report(transport, addr, args, Some(regime), None)
 }
 
 fn connect_and_report(
     transport: &Arc<dyn Transport>,
     addr: &str,
     args: &TransportArgs,
-    regime: Option<&Regime>,
+    regime: Option<Regime>,
     server_pid: Option<u32>,
 ) -> Result<(), String> {
     let sizes = parse_sizes(&args.run.sizes)?;
@@ -262,6 +262,7 @@ fn connect_and_report(
         Ok::<_, String>((rows, idle))
     })?;
     let (rows, idle) = rows;
+    let regime = regime.map(Regime::ended).transpose()?;
     if args.run.common.json {
         let items: Vec<String> = rows
             .iter()
@@ -282,7 +283,7 @@ fn connect_and_report(
                 )
             })
             .collect();
-        let regime = regime.map_or("null".to_string(), Regime::json);
+        let regime = regime.as_ref().map_or("null".to_string(), Regime::json);
         println!(
             "{{\"bench\":\"transport\",\"transport\":\"{}\",\"regime\":{regime},\"idle_cpu_percent\":{{\"client\":{:.2},\"server\":{}}},\"results\":[{}]}}",
             args.transport,
