@@ -525,10 +525,17 @@ pub fn begun_read_spin() -> std::time::Duration {
     *BUDGET.get_or_init(|| spin_budget("TP_TCP_MID_SPIN_US", MID_READ_SPIN))
 }
 
+/// How long a read waiting for a message to begin spins: [`WAIT_SPIN`], or
+/// `TP_TCP_SPIN_US`, or none on one CPU. Read once, as the other budgets.
+fn waiting_read_spin() -> std::time::Duration {
+    static BUDGET: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    *BUDGET.get_or_init(|| spin_budget("TP_TCP_SPIN_US", WAIT_SPIN))
+}
+
 impl Spin {
     fn from_env() -> Self {
         Self {
-            wait: spin_budget("TP_TCP_SPIN_US", WAIT_SPIN),
+            wait: waiting_read_spin(),
             begun: begun_read_spin(),
             parked: std::sync::atomic::AtomicU32::new(0),
         }
