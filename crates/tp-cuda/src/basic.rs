@@ -16,9 +16,9 @@
 //!   slots lives in shared memory that both processes map and register with the GPU,
 //!   so the sender's GPU copies into the slot and the receiver's GPU copies out of the
 //!   same pages — no CPU copy. Set up by the channel's first operation over two
-//!   connections of the channel's own; where it cannot be (another machine, another pid namespace, no
-//!   access to the peer's fds, or `TP_CUDA_BASIC_STAGING=0`), the channel stages
-//!   through the CPU channel as above.
+//!   connections of the channel's own; where it cannot be (another machine, another
+//!   pid namespace, no access to the peer's fds, or `TP_CUDA_BASIC_STAGING=0`), the
+//!   channel stages through the CPU channel as above.
 //!
 //! Descriptor: `cuda_basic:cpu:<CPU channel's descriptor>` for `cpu:0` and
 //! `cuda_basic:cuda:<…>` for every GPU. Two ends can talk when the CPU channel's
@@ -58,8 +58,8 @@ pub struct CudaBasicConfig {
     /// Pinned slots kept for reuse. Default 16.
     pub pool: usize,
     /// Slots of this side's shared staging outbox; 0 stages every chunk through the CPU
-    /// channel. Default 4, or `TP_CUDA_BASIC_STAGING` (0 turns shared staging off, to
-    /// compare the two paths).
+    /// channel. Default 4, or `TP_CUDA_BASIC_STAGING` when it is a number up to
+    /// [`staging::MAX_SLOTS`] (0 turns shared staging off, to compare the two paths).
     pub staging_slots: u32,
     /// Bytes per shared staging slot (a multiple of 4096, at most 64 MiB): the chunk
     /// size of this side's sends when staging is shared. Default 2 MiB. The outbox
@@ -78,6 +78,7 @@ impl Default for CudaBasicConfig {
             staging_slots: std::env::var("TP_CUDA_BASIC_STAGING")
                 .ok()
                 .and_then(|v| v.parse().ok())
+                .filter(|&slots| slots <= staging::MAX_SLOTS)
                 .unwrap_or(4),
             staging_slot_len: 2 << 20,
         }

@@ -5,9 +5,10 @@
 //!
 //! **Setup**, at the channel's first operation (a channel that never carries a GPU
 //! tensor pins nothing; both ends' first operations, whichever they are, meet in it),
-//! on the channel's two staging connections (the last two): each side creates its *outbox* — a sealed memfd of one header page (a random
-//! 16-byte token) and `slots × slot_len` bytes — registers it with the GPU, and sends a
-//! [`StagingSetup`] frame on the first: "map fd `fd` of process `pid` on host `host`,
+//! on the channel's two staging connections (the last two): each side creates its
+//! *outbox* — a sealed memfd of one header page (a random 16-byte token) and `slots ×
+//! slot_len` bytes — registers it with the GPU, and sends a [`StagingSetup`] frame on
+//! the first: "map fd `fd` of process `pid` on host `host`,
 //! expect this token and size". Each side then opens the peer's memfd through
 //! `/proc/<pid>/fd/<fd>` (same machine, same pid namespace, the same user or one
 //! allowed to read the peer's fds), checks size and token, registers it, and answers
