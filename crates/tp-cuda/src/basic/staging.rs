@@ -443,6 +443,13 @@ fn gpu_copy(g: Gpu, dst: u64, src: u64, len: usize) -> Result<Copied, ChannelErr
     Ok(async move { done.await.map_err(ChannelError::from) }.boxed())
 }
 
+/// Waits out the copies a failed operation left enqueued: the GPU must be done with the
+/// slots (and the caller's buffer) before the operation returns, since a channel that
+/// failed may be dropped next, unregistering and unmapping the slots.
+async fn settle(mut copies: FuturesOrdered<Copied>) {
+    while copies.next().await.is_some() {}
+}
+
 fn short() -> ChannelError {
     ChannelError::protocol("cuda_basic: a buffer shorter than its length")
 }
@@ -460,7 +467,11 @@ impl Staging {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         let mut st = taken.ok_or_else(abandoned)?;
-        self.send_chunks(&mut st, &src, len).await?;
+        let mut copies = FuturesOrdered::new();
+        if let Err(e) = self.send_chunks(&mut st, &src, len, &mut copies).await {
+            settle(copies).await;
+            return Err(e);
+        }
         *self.send.lock().unwrap_or_else(PoisonError::into_inner) = Some(st);
         Ok(())
     }
@@ -470,12 +481,12 @@ impl Staging {
         st: &mut SendState,
         src: &Src<'_>,
         len: usize,
+        copies: &mut FuturesOrdered<Copied>,
     ) -> Result<(), ChannelError> {
         let slot = self.outbox.slot_len();
         let slots = u64::from(self.outbox.slots());
         let count = len.div_ceil(slot) as u64;
         let chunk_len = |i: u64| slot.min(len - i as usize * slot);
-        let mut copies = FuturesOrdered::new();
         let (mut queued, mut announced) = (0u64, 0u64);
         while announced < count {
             while queued < count && st.seq + queued - st.released < slots {
@@ -551,9 +562,25 @@ impl Staging {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         let mut seq = taken.ok_or_else(abandoned)?;
+        let mut copies = FuturesOrdered::new();
+        if let Err(e) = self.recv_chunks(seq, &mut dst, len, &mut copies).await {
+            settle(copies).await;
+            return Err(e);
+        }
+        seq += len.div_ceil(self.inbox.slot_len()) as u64;
+        *self.recv.lock().unwrap_or_else(PoisonError::into_inner) = Some(seq);
+        Ok(())
+    }
+
+    async fn recv_chunks(
+        &self,
+        seq: u64,
+        dst: &mut Dst<'_>,
+        len: usize,
+        copies: &mut FuturesOrdered<Copied>,
+    ) -> Result<(), ChannelError> {
         let slot = self.inbox.slot_len();
         let count = len.div_ceil(slot) as u64;
-        let mut copies = FuturesOrdered::new();
         let mut notice: Pending<4> = None;
         let (mut announced, mut released) = (0u64, 0u64);
         while released < count {
@@ -569,13 +596,7 @@ impl Staging {
                 match first {
                     Ok(copied) => copied,
                     Err(r) => {
-                        copies.push_back(self.land(
-                            &mut dst,
-                            seq + announced,
-                            announced,
-                            r?,
-                            len,
-                        )?);
+                        copies.push_back(self.land(dst, seq + announced, announced, r?, len)?);
                         announced += 1;
                         continue;
                     }
@@ -583,7 +604,7 @@ impl Staging {
             };
             let Some(copied) = copied else {
                 let r = next_read(&mut notice, &self.notes).await;
-                copies.push_back(self.land(&mut dst, seq + announced, announced, r?, len)?);
+                copies.push_back(self.land(dst, seq + announced, announced, r?, len)?);
                 announced += 1;
                 continue;
             };
@@ -591,8 +612,6 @@ impl Staging {
             self.releases.write(&[&[RELEASED]]).await?;
             released += 1;
         }
-        seq += count;
-        *self.recv.lock().unwrap_or_else(PoisonError::into_inner) = Some(seq);
         Ok(())
     }
 
