@@ -454,6 +454,22 @@ fn short() -> ChannelError {
     ChannelError::protocol("cuda_basic: a buffer shorter than its length")
 }
 
+/// Armed while an operation runs: dropped armed (the operation's future was dropped
+/// half way), it closes the staging connections. The two ends' chunk counts are then
+/// apart for good, so nothing more may move, and the peer's operations fail at once
+/// instead of waiting for chunks or releases that never come. (Copies the abandoned
+/// operation left on a GPU stream are not waited for: no waiting in a drop.)
+struct Abandoned<'a>(Option<&'a Staging>);
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if let Some(staging) = self.0 {
+            staging.notes.close();
+            staging.releases.close();
+        }
+    }
+}
+
 fn abandoned() -> ChannelError {
     ChannelError::protocol("cuda_basic: an earlier operation was abandoned half way")
 }
@@ -467,8 +483,11 @@ impl Staging {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         let mut st = taken.ok_or_else(abandoned)?;
+        let mut guard = Abandoned(Some(self));
         let mut copies = FuturesOrdered::new();
-        if let Err(e) = self.send_chunks(&mut st, &src, len, &mut copies).await {
+        let r = self.send_chunks(&mut st, &src, len, &mut copies).await;
+        guard.0 = None;
+        if let Err(e) = r {
             settle(copies).await;
             return Err(e);
         }
@@ -562,8 +581,11 @@ impl Staging {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         let mut seq = taken.ok_or_else(abandoned)?;
+        let mut guard = Abandoned(Some(self));
         let mut copies = FuturesOrdered::new();
-        if let Err(e) = self.recv_chunks(seq, &mut dst, len, &mut copies).await {
+        let r = self.recv_chunks(seq, &mut dst, len, &mut copies).await;
+        guard.0 = None;
+        if let Err(e) = r {
             settle(copies).await;
             return Err(e);
         }
@@ -904,6 +926,22 @@ pub(super) mod tests {
         assert!(err.to_string().contains("never announced"), "{err}");
         Staging::released(&mut st, [RELEASED], 1).unwrap();
         assert!(Staging::released(&mut st, [7], 9).is_err());
+    }
+
+    #[test]
+    fn an_operation_abandoned_half_way_fails_both_ends_instead_of_hanging() {
+        let (a, b) = block_on(staged(true, want(1, 4096), want(1, 4096)));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let bytes = pattern(3 * 4096, 4);
+        {
+            // Staged one chunk, then waits for a release: dropped there.
+            let mut send = Box::pin(a.send(Src::Cpu(&bytes), bytes.len()));
+            assert!(send.as_mut().now_or_never().is_none());
+        }
+        let mut got = vec![0u8; bytes.len()];
+        assert!(block_on(b.recv(Dst::Cpu(&mut got), bytes.len())).is_err());
+        let err = block_on(a.send(Src::Cpu(&bytes), bytes.len())).unwrap_err();
+        assert!(err.to_string().contains("abandoned"), "{err}");
     }
 
     #[test]
