@@ -282,7 +282,11 @@ impl LazyStaging {
             ));
         }
         *tried = true;
-        let s = negotiate(self.conns.clone(), self.want).await?;
+        let [a, b] = &self.conns;
+        let mut guard = Abandoned(Some([a, b]));
+        let s = negotiate(self.conns.clone(), self.want).await;
+        guard.0 = None;
+        let s = s?;
         Ok(self.staging.get_or_init(|| s).as_ref())
     }
 
@@ -454,18 +458,18 @@ fn short() -> ChannelError {
     ChannelError::protocol("cuda_basic: a buffer shorter than its length")
 }
 
-/// Armed while an operation runs: dropped armed (the operation's future was dropped
-/// half way), it closes the staging connections. The two ends' chunk counts are then
-/// apart for good, so nothing more may move, and the peer's operations fail at once
-/// instead of waiting for chunks or releases that never come. (Copies the abandoned
-/// operation left on a GPU stream are not waited for: no waiting in a drop.)
-struct Abandoned<'a>(Option<&'a Staging>);
+/// Armed while the setup or an operation runs: dropped armed (its future was dropped
+/// half way), it closes the staging connections. The two ends are then apart for good
+/// (a setup half done, chunk counts that differ), so nothing more may move, and the
+/// peer fails at once instead of waiting for frames, chunks or releases that never
+/// come. (Copies an abandoned operation left on a GPU stream are not waited for: no
+/// waiting in a drop.)
+struct Abandoned<'a>(Option<[&'a Arc<dyn Connection>; 2]>);
 
 impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
-        if let Some(staging) = self.0 {
-            staging.notes.close();
-            staging.releases.close();
+        for conn in self.0.iter().flatten() {
+            conn.close();
         }
     }
 }
@@ -483,7 +487,7 @@ impl Staging {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         let mut st = taken.ok_or_else(abandoned)?;
-        let mut guard = Abandoned(Some(self));
+        let mut guard = Abandoned(Some([&self.notes, &self.releases]));
         let mut copies = FuturesOrdered::new();
         let r = self.send_chunks(&mut st, &src, len, &mut copies).await;
         guard.0 = None;
@@ -581,7 +585,7 @@ impl Staging {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         let mut seq = taken.ok_or_else(abandoned)?;
-        let mut guard = Abandoned(Some(self));
+        let mut guard = Abandoned(Some([&self.notes, &self.releases]));
         let mut copies = FuturesOrdered::new();
         let r = self.recv_chunks(seq, &mut dst, len, &mut copies).await;
         guard.0 = None;
@@ -942,6 +946,22 @@ pub(super) mod tests {
         assert!(block_on(b.recv(Dst::Cpu(&mut got), bytes.len())).is_err());
         let err = block_on(a.send(Src::Cpu(&bytes), bytes.len())).unwrap_err();
         assert!(err.to_string().contains("abandoned"), "{err}");
+    }
+
+    #[test]
+    fn a_setup_abandoned_half_way_fails_the_peer_instead_of_hanging() {
+        let (ca, cb) = block_on(conns(true));
+        let (a, b) = (
+            LazyStaging::new(ca, want(1, 4096)),
+            LazyStaging::new(cb, want(1, 4096)),
+        );
+        {
+            // Wrote its offer, waits for the peer's: dropped there.
+            let mut setup = Box::pin(a.get());
+            assert!(setup.as_mut().now_or_never().is_none());
+        }
+        assert!(block_on(b.get()).is_err());
+        assert!(block_on(a.get()).is_err());
     }
 
     #[test]
