@@ -24,8 +24,9 @@ pub struct Segment {
     fd: OwnedFd,
 }
 
-// SAFETY: the mapping is plain shared memory; every access to it goes through the ring,
-// whose protocol makes concurrent use sound.
+// SAFETY: the mapping is plain shared memory that `Segment` itself never reads or
+// writes; every access goes through `base()` in unsafe code that answers for it (the
+// ring's protocol here, cuda_basic's slot ownership in tp-cuda).
 unsafe impl Send for Segment {}
 // SAFETY: as above.
 unsafe impl Sync for Segment {}
