@@ -272,16 +272,21 @@ mod tests {
                 .output()
                 .unwrap();
             let text = String::from_utf8_lossy(&out.stdout);
-            assert!(out.status.success(), "the child failed: {text}");
+            let errors = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "the child failed: {text}{errors}");
             assert!(text.contains("1 passed"), "the child ran no test: {text}");
             return;
         }
-        // The best of a few attempts; without the early look each takes about `ROUNDS`
-        // tries or more.
-        let best = (0..5).map(|_| tries_until_readable()).min().unwrap();
+        // The best of a few attempts. With the early look the event arrives after two
+        // looks, 8 tries, in most attempts, and after a few more looks (15–39 tries) when
+        // a look races async-io's own helper thread for the reactor; session 21 saw the
+        // best of five at 15 in about one run in five, so the bound is not 2 looks.
+        // Without the early look, the loop looks only after `ROUNDS` (64) tries.
+        let tries: Vec<u64> = (0..5).map(|_| tries_until_readable()).collect();
+        let best = tries.iter().copied().min().unwrap_or(u64::MAX);
         assert!(
-            best <= 2 * u64::from(IO_ROUNDS) + 2,
-            "the reactor looked only after {best} tries of the spinner"
+            best < u64::from(ROUNDS),
+            "the reactor looked only after {best} tries of the spinner (attempts: {tries:?})"
         );
     }
 
