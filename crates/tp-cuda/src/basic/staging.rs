@@ -102,13 +102,17 @@ impl StagingSetup {
     /// The longest encoding: the limit a side reads the peer's frame under.
     pub const MAX_LEN: u64 = (Self::FIXED + MAX_HOST) as u64;
 
-    /// The bytes. A host longer than [`MAX_HOST`] is cut (the peer then finds it
-    /// differs and does not map).
+    /// The bytes. A host longer than [`MAX_HOST`] bytes is cut at a character boundary
+    /// (the peer then finds it differs and does not map).
     #[must_use]
     pub fn encode(&self) -> Vec<u8> {
         match self {
             Self::Offer(o) => {
-                let host = &o.host.as_bytes()[..o.host.len().min(MAX_HOST)];
+                let mut end = o.host.len().min(MAX_HOST);
+                while !o.host.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let host = &o.host.as_bytes()[..end];
                 let mut d = Vec::with_capacity(Self::FIXED + host.len());
                 d.push(Self::OFFER);
                 d.extend_from_slice(&o.pid.to_le_bytes());
@@ -762,6 +766,15 @@ pub(super) mod tests {
             let bytes = s.encode();
             assert!(bytes.len() as u64 <= StagingSetup::MAX_LEN);
             assert_eq!(StagingSetup::decode(&bytes).unwrap(), s);
+        }
+        // A host too long is cut, never inside a character: it still decodes.
+        let long = StagingOffer {
+            host: format!("{}é", "h".repeat(MAX_HOST - 1)),
+            ..offer
+        };
+        match StagingSetup::decode(&StagingSetup::Offer(long).encode()).unwrap() {
+            StagingSetup::Offer(o) => assert_eq!(o.host, "h".repeat(MAX_HOST - 1)),
+            StagingSetup::None => panic!("an offer decoded as none"),
         }
         let good = StagingSetup::Offer(offer.clone()).encode();
         let bad = |o: StagingOffer| StagingSetup::decode(&StagingSetup::Offer(o).encode());
