@@ -483,24 +483,38 @@ fn abandoned() -> ChannelError {
 }
 
 impl Staging {
-    /// Stages `len` bytes from `src` into our outbox, chunk by chunk.
-    pub(super) async fn send(&self, src: Src<'_>, len: usize) -> Result<(), ChannelError> {
-        let taken = self
-            .send
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        let mut st = taken.ok_or_else(abandoned)?;
-        let mut guard = Abandoned(Some([&self.notes, &self.releases]));
-        let mut copies = FuturesOrdered::new();
-        let r = self.send_chunks(&mut st, &src, len, &mut copies).await;
+    /// Starts an operation on the direction state `slot` holds: takes the state for
+    /// the operation's life (gone for good if the operation is abandoned, see
+    /// [`Abandoned`], whose armed guard comes with it).
+    fn begin<S>(&self, slot: &Mutex<Option<S>>) -> Result<(S, Abandoned<'_>), ChannelError> {
+        let taken = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let state = taken.ok_or_else(abandoned)?;
+        Ok((state, Abandoned(Some([&self.notes, &self.releases]))))
+    }
+
+    /// Ends an operation [`Staging::begin`] started, with its result `r`: puts the
+    /// state back when it succeeded; a failed one waits out the copies it enqueued.
+    async fn end<S>(
+        slot: &Mutex<Option<S>>,
+        (state, mut guard): (S, Abandoned<'_>),
+        copies: FuturesOrdered<Copied>,
+        r: Result<(), ChannelError>,
+    ) -> Result<(), ChannelError> {
         guard.0 = None;
         if let Err(e) = r {
             settle(copies).await;
             return Err(e);
         }
-        *self.send.lock().unwrap_or_else(PoisonError::into_inner) = Some(st);
+        *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(state);
         Ok(())
+    }
+
+    /// Stages `len` bytes from `src` into our outbox, chunk by chunk.
+    pub(super) async fn send(&self, src: Src<'_>, len: usize) -> Result<(), ChannelError> {
+        let (mut st, guard) = self.begin(&self.send)?;
+        let mut copies = FuturesOrdered::new();
+        let r = self.send_chunks(&mut st, &src, len, &mut copies).await;
+        Self::end(&self.send, (st, guard), copies, r).await
     }
 
     async fn send_chunks(
@@ -583,28 +597,15 @@ impl Staging {
 
     /// Copies `len` bytes into `dst` out of the peer's outbox, chunk by chunk.
     pub(super) async fn recv(&self, mut dst: Dst<'_>, len: usize) -> Result<(), ChannelError> {
-        let taken = self
-            .recv
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        let mut seq = taken.ok_or_else(abandoned)?;
-        let mut guard = Abandoned(Some([&self.notes, &self.releases]));
+        let (mut seq, guard) = self.begin(&self.recv)?;
         let mut copies = FuturesOrdered::new();
-        let r = self.recv_chunks(seq, &mut dst, len, &mut copies).await;
-        guard.0 = None;
-        if let Err(e) = r {
-            settle(copies).await;
-            return Err(e);
-        }
-        seq += len.div_ceil(self.inbox.slot_len()) as u64;
-        *self.recv.lock().unwrap_or_else(PoisonError::into_inner) = Some(seq);
-        Ok(())
+        let r = self.recv_chunks(&mut seq, &mut dst, len, &mut copies).await;
+        Self::end(&self.recv, (seq, guard), copies, r).await
     }
 
     async fn recv_chunks(
         &self,
-        seq: u64,
+        seq: &mut u64,
         dst: &mut Dst<'_>,
         len: usize,
         copies: &mut FuturesOrdered<Copied>,
@@ -626,7 +627,7 @@ impl Staging {
                 match first {
                     Ok(copied) => copied,
                     Err(r) => {
-                        copies.push_back(self.land(dst, seq + announced, announced, r?, len)?);
+                        copies.push_back(self.land(dst, *seq + announced, announced, r?, len)?);
                         announced += 1;
                         continue;
                     }
@@ -634,7 +635,7 @@ impl Staging {
             };
             let Some(copied) = copied else {
                 let r = next_read(&mut notice, &self.notes).await;
-                copies.push_back(self.land(dst, seq + announced, announced, r?, len)?);
+                copies.push_back(self.land(dst, *seq + announced, announced, r?, len)?);
                 announced += 1;
                 continue;
             };
@@ -642,6 +643,7 @@ impl Staging {
             self.releases.write(&[&[RELEASED]]).await?;
             released += 1;
         }
+        *seq += count;
         Ok(())
     }
 
