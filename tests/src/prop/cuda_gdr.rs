@@ -1,20 +1,61 @@
 //! Property tests for what cuda_gdr trusts from a peer and how it splits reads: the
-//! per-tensor descriptor round-trips and refuses anything else cleanly; a read plan
+//! per-tensor descriptor and the channel setup's queue pair mesh round-trip and refuse
+//! anything else cleanly; a read plan
 //! covers its span exactly once, in order, never exceeds its window, and accepts only
 //! the completion that is due.
 
 use std::collections::VecDeque;
 
 use proptest::prelude::*;
-use tp_cuda::gdr::GdrDescriptor;
+use tp_cuda::gdr::{GdrDescriptor, MAX_NICS, MeshSetup};
+use tp_transport::ibv::proto::{SETUP_LEN, SetupInfo};
 use tp_transport::ibv::read::{ReadError, ReadPlan};
 
 fn descriptor() -> impl Strategy<Value = GdrDescriptor> {
     prop_oneof![
-        (any::<u64>(), any::<u64>(), any::<u32>())
-            .prop_map(|(addr, len, rkey)| GdrDescriptor::Readable { addr, len, rkey }),
+        (any::<u8>(), any::<u64>(), any::<u64>(), any::<u32>()).prop_map(
+            |(nic, addr, len, rkey)| GdrDescriptor::Readable {
+                nic,
+                addr,
+                len,
+                rkey
+            }
+        ),
         Just(GdrDescriptor::Unavailable),
     ]
+}
+
+/// A valid queue pair record, as `SetupInfo::decode` accepts it.
+fn record() -> impl Strategy<Value = SetupInfo> {
+    (
+        any::<u16>(),
+        any::<u8>(),
+        0u32..(1 << 24),
+        any::<[u8; 16]>(),
+        0u32..(1 << 24),
+        any::<u32>(),
+    )
+        .prop_map(|(lid, mtu, qpn, gid, psn, max_message)| SetupInfo {
+            lid,
+            mtu,
+            qpn,
+            gid,
+            inbox_addr: 0,
+            inbox_rkey: 0,
+            psn,
+            inbox_capacity: 1,
+            max_message,
+        })
+}
+
+fn mesh() -> impl Strategy<Value = MeshSetup> {
+    (1..=MAX_NICS, 1..=MAX_NICS).prop_flat_map(|(nics, peer_nics)| {
+        prop::collection::vec(record(), nics * peer_nics).prop_map(move |records| MeshSetup {
+            nics,
+            peer_nics,
+            records,
+        })
+    })
 }
 
 proptest! {
@@ -42,6 +83,33 @@ proptest! {
         let at = cut.index(bytes.len());
         prop_assert!(GdrDescriptor::decode(&bytes[..at]).is_err());
         prop_assert!(GdrDescriptor::decode(&[&bytes[..], &extra[..]].concat()).is_err());
+    }
+
+    #[test]
+    fn mesh_setups_round_trip(m in mesh()) {
+        prop_assert_eq!(
+            MeshSetup::decode_count(&MeshSetup::encode_count(m.nics)).unwrap(),
+            m.nics
+        );
+        let frame = m.encode_records();
+        prop_assert_eq!(frame.len(), MeshSetup::records_len(m.nics, m.peer_nics));
+        prop_assert_eq!(MeshSetup::decode_records(&frame, m.nics, m.peer_nics).unwrap(), m);
+    }
+
+    /// A records frame is taken only at the length the two counts give, and any
+    /// count frame other than one byte in 1..=MAX_NICS is refused.
+    #[test]
+    fn mesh_frames_of_another_shape_are_refused(
+        m in mesh(),
+        nics in 1..=MAX_NICS,
+        peer_nics in 1..=MAX_NICS,
+        count in prop::collection::vec(any::<u8>(), 0..3),
+    ) {
+        let frame = m.encode_records();
+        let fits = frame.len() == nics * peer_nics * SETUP_LEN;
+        prop_assert_eq!(MeshSetup::decode_records(&frame, nics, peer_nics).is_ok(), fits);
+        let good = count.len() == 1 && (1..=MAX_NICS).contains(&usize::from(count[0]));
+        prop_assert_eq!(MeshSetup::decode_count(&count).is_ok(), good);
     }
 
     /// Drives a plan against an in-order queue pair that completes a random number of

@@ -1,8 +1,9 @@
-//! cuda_gdr's data path over libibverbs (the `ibv` feature): the context's device and
-//! registration cache, the per-channel queue pair setup, and the handoff fetch that
+//! cuda_gdr's data path over libibverbs (the `ibv` feature): the context's NICs and
+//! registration cache, the per-channel mesh of queue pairs, and the handoff fetch that
 //! reads a tensor with RDMA (see the [parent module](super) for the protocol).
 
 use std::collections::VecDeque;
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::FutureExt;
@@ -10,42 +11,109 @@ use futures::future::BoxFuture;
 use tp_channel::kit::{Fetch, HandoffContext};
 use tp_channel::{BoxChannel, ChannelError, Device, RecvBuf, SendBuf};
 use tp_transport::BoxConnection;
-use tp_transport::ibv::proto::{SETUP_LEN, SetupInfo};
 use tp_transport::ibv::{IbvConfig, MemoryRegion, RdmaDevice, RdmaReader, RemoteSpan};
 use tp_wire::device::DeviceKind;
 
-use super::{CudaGdrConfig, GdrDescriptor};
+use super::{CudaGdrConfig, GdrDescriptor, MAX_NICS, MeshSetup, NicChoice, topology};
 use crate::buffer::{recv_cuda_sized, send_cuda};
 use crate::driver;
+
+/// The RDMA devices this context uses, and which serves which GPU.
+#[derive(Debug)]
+struct Nics {
+    /// Only the NICs some GPU uses, in name order: the indices the setup and the
+    /// descriptors speak of.
+    devices: Vec<RdmaDevice>,
+    /// Per GPU, in CUDA's order, an index into `devices`.
+    of_gpu: Vec<usize>,
+}
+
+impl Nics {
+    /// Pairs every GPU with a NIC (`choice`, see [`topology`]) and opens those used.
+    fn open(choice: &NicChoice, gpus: &[driver::DeviceInfo]) -> Result<Self, String> {
+        let mut names = super::rdma_device_names()?;
+        names.sort();
+        let sysfs = Path::new("/sys");
+        let places: Vec<_> = gpus
+            .iter()
+            .map(|g| topology::gpu_path(sysfs, g.pci))
+            .collect();
+        let nics: Vec<_> = names
+            .iter()
+            .map(|n| (n.clone(), topology::nic_path(sysfs, n)))
+            .collect();
+        let chosen = topology::assign(choice, &places, &nics)?;
+        let mut used = chosen.clone();
+        used.sort_unstable();
+        used.dedup();
+        if used.len() > MAX_NICS {
+            return Err(format!(
+                "the GPUs would use {} NICs; cuda_gdr uses at most {MAX_NICS} (name fewer in TP_CUDA_GDR_NICS)",
+                used.len()
+            ));
+        }
+        let devices = used
+            .iter()
+            .map(|&i| {
+                RdmaDevice::open(&IbvConfig {
+                    device: Some(names[i].clone()),
+                    ..IbvConfig::default()
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let of_gpu = chosen
+            .iter()
+            .map(|c| used.iter().position(|u| u == c).unwrap_or(0))
+            .collect::<Vec<_>>();
+        for (gpu, &nic) in of_gpu.iter().enumerate() {
+            tracing::debug!(
+                channel = "cuda_gdr",
+                gpu,
+                nic = devices[nic].name(),
+                pcie_place_known = places[gpu].is_some(),
+                "GPU paired with a NIC"
+            );
+        }
+        Ok(Self { devices, of_gpu })
+    }
+
+    /// The index and device of the NIC that serves GPU `gpu`.
+    fn of_gpu(&self, gpu: u32) -> Result<(usize, &RdmaDevice), ChannelError> {
+        self.of_gpu
+            .get(gpu as usize)
+            .and_then(|&i| Some((i, self.devices.get(i)?)))
+            .ok_or_else(|| ChannelError::device("cuda_gdr", format!("no NIC serves cuda:{gpu}")))
+    }
+}
 
 /// A context whose machine has everything cuda_gdr needs.
 #[derive(Debug)]
 pub(super) struct Ready {
     core: Arc<HandoffContext>,
-    device: RdmaDevice,
+    nics: Arc<Nics>,
     registrations: Arc<Registrations>,
     config: CudaGdrConfig,
 }
 
 impl Ready {
     pub(super) fn open(config: CudaGdrConfig) -> Result<Self, String> {
-        let gpus = driver::driver()?.devices.len();
-        let device = RdmaDevice::open(&IbvConfig::default())?;
+        let gpus = &driver::driver()?.devices;
+        let nics = Arc::new(Nics::open(&config.nics, gpus)?);
         // Any GPU of ours can read from or be read by any GPU of a peer that has
         // cuda_gdr (the original's "*").
-        let descriptors = (0..gpus)
+        let descriptors = (0..gpus.len())
             .map(|i| (Device::cuda(i as u32), b"*".to_vec()))
             .collect();
         tracing::debug!(
             channel = "cuda_gdr",
-            nic = device.name(),
-            gpus,
+            nics = nics.devices.len(),
+            gpus = gpus.len(),
             "cuda_gdr ready"
         );
         Ok(Self {
             core: Arc::new(HandoffContext::with_devices("cuda_gdr", Ok(descriptors))),
-            registrations: Arc::new(Registrations::new(device.clone(), config.registrations)),
-            device,
+            registrations: Arc::new(Registrations::new(nics.clone(), config.registrations)),
+            nics,
             config,
         })
     }
@@ -63,29 +131,53 @@ impl Ready {
         conns: Vec<BoxConnection>,
     ) -> BoxFuture<'static, Result<BoxChannel, ChannelError>> {
         let core = self.core.clone();
-        let device = self.device.clone();
+        let nics = self.nics.clone();
         let registrations = self.registrations.clone();
         let timeout = self.config.read_timeout;
         async move {
             let conn = conns
                 .first()
                 .ok_or_else(|| ChannelError::protocol("cuda_gdr needs two connections"))?;
-            let reader =
-                RdmaReader::new(&device).map_err(|e| ChannelError::io("create queue pair", e))?;
-            conn.write_frame(&reader.setup().encode()).await?;
-            let theirs = conn.read_frame(SETUP_LEN as u64).await?;
-            let theirs = SetupInfo::decode(&theirs)
-                .map_err(|e| ChannelError::protocol(format!("cuda_gdr setup: {e}")))?;
-            reader
-                .connect(&theirs)
-                .map_err(|e| ChannelError::io("connect queue pair", e))?;
-            // Neither side reads before the other's queue pair can answer.
+            // A queue pair per (our NIC, their NIC): a tensor is read by the NIC of the
+            // GPU it lands on, from the NIC of the GPU it leaves.
+            let ours = nics.devices.len();
+            conn.write_frame(&MeshSetup::encode_count(ours)).await?;
+            let theirs = MeshSetup::decode_count(&conn.read_frame(1).await?)?;
+            let readers = nics
+                .devices
+                .iter()
+                .flat_map(|d| (0..theirs).map(move |_| RdmaReader::new(d)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ChannelError::io("create queue pair", e))?;
+            let mesh = MeshSetup {
+                nics: ours,
+                peer_nics: theirs,
+                records: readers.iter().map(RdmaReader::setup).collect(),
+            };
+            conn.write_frame(&mesh.encode_records()).await?;
+            let frame = conn
+                .read_frame(MeshSetup::records_len(theirs, ours) as u64)
+                .await?;
+            let peer = MeshSetup::decode_records(&frame, theirs, ours)?;
+            for (k, reader) in readers.iter().enumerate() {
+                // Ours on NIC i for their NIC j meets theirs on NIC j for our NIC i.
+                let (i, j) = (k / theirs, k % theirs);
+                let record = peer
+                    .records
+                    .get(j * ours + i)
+                    .ok_or_else(|| ChannelError::protocol("cuda_gdr: setup record missing"))?;
+                reader
+                    .connect(record)
+                    .map_err(|e| ChannelError::io("connect queue pair", e))?;
+            }
+            // Neither side reads before the other's queue pairs can answer.
             conn.write_frame(&[1]).await?;
             if conn.read_frame(1).await? != [1] {
                 return Err(ChannelError::protocol("cuda_gdr: malformed ready frame"));
             }
             let fetch = RdmaRead {
-                reader,
+                readers,
+                peer_nics: theirs,
                 registrations,
                 timeout,
             };
@@ -99,10 +191,10 @@ impl Ready {
     }
 }
 
-/// GPU allocations registered with the NIC, least recently used first.
+/// GPU allocations registered with their GPU's NIC, least recently used first.
 #[derive(Debug)]
 struct Registrations {
-    device: RdmaDevice,
+    nics: Arc<Nics>,
     capacity: usize,
     entries: Mutex<VecDeque<Entry>>,
 }
@@ -115,16 +207,23 @@ struct Entry {
 }
 
 impl Registrations {
-    fn new(device: RdmaDevice, capacity: usize) -> Self {
+    fn new(nics: Arc<Nics>, capacity: usize) -> Self {
         Self {
-            device,
+            nics,
             capacity: capacity.max(1),
             entries: Mutex::default(),
         }
     }
 
-    /// The registration of the allocation holding `addr..addr + len` on GPU `gpu`.
-    fn get(&self, gpu: u32, addr: u64, len: usize) -> Result<Arc<MemoryRegion>, ChannelError> {
+    /// The registration of the allocation holding `addr..addr + len` on GPU `gpu`, with
+    /// the index of the NIC it is registered with (each GPU has one).
+    fn get(
+        &self,
+        gpu: u32,
+        addr: u64,
+        len: usize,
+    ) -> Result<(usize, Arc<MemoryRegion>), ChannelError> {
+        let (nic, device) = self.nics.of_gpu(gpu)?;
         let alloc = driver::allocation_of(gpu, addr)?;
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         let hit = entries
@@ -132,7 +231,7 @@ impl Registrations {
             .position(|e| e.gpu == gpu && e.buffer_id == alloc.buffer_id);
         let region = match hit.and_then(|i| entries.remove(i)) {
             Some(e) => e.region,
-            None => Arc::new(self.register(alloc)?),
+            None => Arc::new(register(device, alloc)?),
         };
         if !region.covers(addr, len as u64) {
             return Err(ChannelError::protocol(format!(
@@ -148,25 +247,27 @@ impl Registrations {
             // A transfer still using an evicted region holds its own `Arc`.
             entries.pop_front();
         }
-        Ok(region)
+        Ok((nic, region))
     }
+}
 
-    #[allow(unsafe_code)]
-    fn register(&self, alloc: driver::Allocation) -> Result<MemoryRegion, ChannelError> {
-        // SAFETY: the span is a whole GPU allocation the driver just reported; the CPU
-        // never dereferences it through the region, and the NIC only writes into it
-        // for reads this process posts into a receive buffer it holds. An allocation
-        // freed while registered is invalidated by the peer-memory module (further
-        // accesses fail), and the cache never hands its entry out again: lookups go by
-        // buffer id, which the driver never reuses.
-        unsafe { MemoryRegion::register(&self.device, alloc.base, alloc.size) }
-            .map_err(|e| ChannelError::io("register GPU memory with the NIC", e))
-    }
+#[allow(unsafe_code)]
+fn register(device: &RdmaDevice, alloc: driver::Allocation) -> Result<MemoryRegion, ChannelError> {
+    // SAFETY: the span is a whole GPU allocation the driver just reported; the CPU
+    // never dereferences it through the region, and the NIC only writes into it
+    // for reads this process posts into a receive buffer it holds. An allocation
+    // freed while registered is invalidated by the peer-memory module (further
+    // accesses fail), and the cache never hands its entry out again: lookups go by
+    // buffer id, which the driver never reuses.
+    unsafe { MemoryRegion::register(device, alloc.base, alloc.size) }
+        .map_err(|e| ChannelError::io("register GPU memory with the NIC", e))
 }
 
 /// The handoff fetch: the receiver reads the sender's GPU memory.
 struct RdmaRead {
-    reader: RdmaReader,
+    /// Ours on NIC `i` for the peer's NIC `j` at `i * peer_nics + j`.
+    readers: Vec<RdmaReader>,
+    peer_nics: usize,
     registrations: Arc<Registrations>,
     timeout: std::time::Duration,
 }
@@ -189,10 +290,11 @@ impl RdmaRead {
         })?;
         // The NIC reads outside any stream: the producer's work must be done first.
         driver::synchronize(b.device_index(), b.stream())?;
-        let region = self
+        let (nic, region) = self
             .registrations
             .get(b.device_index(), b.addr(), b.len())?;
         let d = GdrDescriptor::Readable {
+            nic: u8::try_from(nic).unwrap_or(u8::MAX),
             addr: b.addr(),
             len: b.len() as u64,
             rkey: region.rkey(),
@@ -203,7 +305,9 @@ impl RdmaRead {
 
 impl Drop for RdmaRead {
     fn drop(&mut self) {
-        self.reader.close();
+        for reader in &self.readers {
+            reader.close();
+        }
     }
 }
 
@@ -248,8 +352,13 @@ impl Fetch for RdmaRead {
     }
 
     fn fetch(&self, d: &[u8], dst: &mut dyn RecvBuf) -> Result<(), ChannelError> {
-        let (addr, len, rkey) = match GdrDescriptor::decode(d)? {
-            GdrDescriptor::Readable { addr, len, rkey } => (addr, len, rkey),
+        let (theirs, addr, len, rkey) = match GdrDescriptor::decode(d)? {
+            GdrDescriptor::Readable {
+                nic,
+                addr,
+                len,
+                rkey,
+            } => (usize::from(nic), addr, len, rkey),
             GdrDescriptor::Unavailable => {
                 return Err(ChannelError::device(
                     "cuda_gdr",
@@ -257,14 +366,24 @@ impl Fetch for RdmaRead {
                 ));
             }
         };
+        if theirs >= self.peer_nics {
+            return Err(ChannelError::protocol(format!(
+                "cuda_gdr: a descriptor names the peer's NIC {theirs} of {}",
+                self.peer_nics
+            )));
+        }
         let dst = recv_cuda_sized("cuda_gdr", dst, len)?;
         // The NIC writes outside any stream: the consumer's earlier work on the
         // destination must be done first.
         driver::synchronize(dst.device_index(), dst.stream())?;
-        let region = self
+        let (ours, region) = self
             .registrations
             .get(dst.device_index(), dst.addr(), dst.len())?;
-        self.reader
+        let reader = self
+            .readers
+            .get(ours * self.peer_nics + theirs)
+            .ok_or_else(|| ChannelError::device("cuda_gdr", "no queue pair for this NIC pair"))?;
+        reader
             .read(
                 &region,
                 dst.addr() - region.addr(),
