@@ -69,6 +69,11 @@ pub(crate) struct DeviceInfo {
     pub(crate) total_mem: usize,
     /// The product name (`cuDeviceGetName`).
     pub(crate) name: String,
+    /// Whether this process's contexts on it are shared through the MPS daemon
+    /// (`CU_DEVICE_ATTRIBUTE_MPS_ENABLED`); `None` where the driver does not say.
+    /// Without MPS, the GPU switches between processes' contexts, which cuda_ipc's
+    /// transfers pay for (BENCHMARKS.md).
+    pub(crate) mps: Option<bool>,
     ctx: OnceLock<Result<Handle, CudaError>>,
 }
 
@@ -156,6 +161,9 @@ fn device_info(ordinal: i32) -> Result<DeviceInfo, CudaError> {
         ),
         total_mem: total,
         name: String::from_utf8_lossy(&name).into_owned(),
+        mps: attribute(dev, A::CU_DEVICE_ATTRIBUTE_MPS_ENABLED)
+            .ok()
+            .map(|v| v == 1),
         ctx: OnceLock::new(),
     })
 }

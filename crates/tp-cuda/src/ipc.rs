@@ -289,6 +289,30 @@ impl CudaIpcContext {
     }
 }
 
+/// Tells the user, once per process and where it applies, what a GPU without MPS costs
+/// cuda_ipc: the two processes' contexts take turns on the GPU, and every transfer
+/// waits for a switch (BENCHMARKS.md: ~0.4 ms per round trip on an H200 at any size,
+/// 0.03 ms with the daemon).
+fn say_once_if_mps_is_off() {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        let Ok(drv) = driver::driver() else { return };
+        let off: Vec<String> = (0..drv.devices.len())
+            .filter(|&i| drv.devices[i].mps == Some(false))
+            .map(|i| format!("cuda:{i}"))
+            .collect();
+        if !off.is_empty() {
+            tracing::info!(
+                channel = "cuda_ipc",
+                gpus = %off.join(","),
+                "no MPS daemon serves these GPUs: each cuda_ipc transfer waits for the GPU to \
+                 switch between the two processes' contexts (hundreds of µs); start \
+                 `nvidia-cuda-mps-control -d` where processes exchange tensors on a GPU"
+            );
+        }
+    });
+}
+
 impl ChannelContext for CudaIpcContext {
     fn name(&self) -> &'static str {
         "cuda_ipc"
@@ -331,6 +355,7 @@ impl ChannelContext for CudaIpcContext {
             if children.is_closed() {
                 return Err(ChannelError::Closed);
             }
+            say_once_if_mps_is_off();
             let [descriptors, acks]: [BoxConnection; 2] =
                 conns.try_into().map_err(|c: Vec<_>| {
                     ChannelError::protocol(format!("cuda_ipc needs 2 connections, got {}", c.len()))

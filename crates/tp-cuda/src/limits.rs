@@ -56,7 +56,7 @@ pub fn copy_gbps(device: u32, copy: Copy, size: usize, reps: usize) -> Result<f6
     Ok((size * reps) as f64 / t.elapsed().as_secs_f64().max(1e-12) / 1e9)
 }
 
-/// The GPU's name and driver version, for benchmark records.
+/// The GPU's name, driver version and whether MPS serves it, for benchmark records.
 ///
 /// # Errors
 /// No driver or no such device.
@@ -66,8 +66,13 @@ pub fn describe(device: u32) -> Result<String, String> {
         .devices
         .get(device as usize)
         .ok_or_else(|| format!("no cuda:{device} (the driver sees {})", d.devices.len()))?;
+    let mps = match info.mps {
+        Some(true) => "MPS on",
+        Some(false) => "MPS off",
+        None => "MPS unknown",
+    };
     Ok(format!(
-        "cuda:{device} {} ({} MiB), driver supports CUDA {}.{}",
+        "cuda:{device} {} ({} MiB), driver supports CUDA {}.{}, {mps}",
         info.name,
         info.total_mem >> 20,
         d.version / 1000,
