@@ -37,6 +37,10 @@
 //!   the consumer's stream afterwards sees them, and acknowledges on connection 1; the
 //!   sender then has its buffer back.
 //!
+//! The mesh costs a channel between two machines with eight NICs in use each 64 queue
+//! pairs per side, each with its own completion queue and channel (a file descriptor);
+//! naming fewer NICs (`TP_CUDA_GDR_NICS`) holds fewer.
+//!
 //! **Registrations** are cached per GPU allocation, keyed by the driver's buffer id
 //! (never reused, so a freed allocation's stale entry is never taken for a new one at
 //! the same address), at most [`CudaGdrConfig::registrations`] of them, the least
