@@ -198,7 +198,7 @@ impl MeshSetup {
     /// Length of the records frame between `nics` and `peer_nics` NICs: the bound a
     /// receiver reads it under.
     pub const fn records_len(nics: usize, peer_nics: usize) -> usize {
-        nics * peer_nics * SETUP_LEN
+        nics.saturating_mul(peer_nics).saturating_mul(SETUP_LEN)
     }
 
     /// The records frame.
@@ -207,15 +207,22 @@ impl MeshSetup {
     }
 
     /// Decodes a peer's records frame, the peer having announced `nics` NICs and we
-    /// `peer_nics` (both already checked against [`MAX_NICS`]).
+    /// `peer_nics`.
     ///
     /// # Errors
-    /// [`ChannelError::Protocol`] for a frame of another length or a malformed record.
+    /// [`ChannelError::Protocol`] for a count outside 1..=[`MAX_NICS`], a frame of
+    /// another length than the counts give, or a malformed record.
     pub fn decode_records(
         frame: &[u8],
         nics: usize,
         peer_nics: usize,
     ) -> Result<Self, ChannelError> {
+        let counts = 1..=MAX_NICS;
+        if !counts.contains(&nics) || !counts.contains(&peer_nics) {
+            return Err(ChannelError::protocol(format!(
+                "cuda_gdr: queue pair records for {nics} × {peer_nics} NICs (1 to {MAX_NICS} each)"
+            )));
+        }
         if frame.len() != Self::records_len(nics, peer_nics) {
             return Err(ChannelError::protocol(format!(
                 "cuda_gdr: {} bytes of queue pair records for {nics} × {peer_nics} NICs",
@@ -520,6 +527,10 @@ mod tests {
                 "{} bytes as {nics} × {peer}",
                 bytes.len()
             );
+        }
+        // Counts outside the limits are refused, however long the frame.
+        for (nics, peer) in [(0, 3), (2, 0), (MAX_NICS + 1, 1), (usize::MAX, usize::MAX)] {
+            assert!(MeshSetup::decode_records(&frame, nics, peer).is_err());
         }
         // A malformed record anywhere fails the frame.
         let mut broken = frame;
