@@ -44,7 +44,8 @@
 //! **Registrations** are cached per GPU allocation, keyed by the driver's buffer id
 //! (never reused, so a freed allocation's stale entry is never taken for a new one at
 //! the same address), at most [`CudaGdrConfig::registrations`] of them, the least
-//! recently used dropped first. The original cached every allocation it ever saw.
+//! recently used dropped first; a registration (which can take milliseconds) runs
+//! outside the cache's lock. The original cached every allocation it ever saw.
 //!
 //! **Trust.** A peer that has a remote key can read the whole registered allocation,
 //! not only the tensor it was offered, for as long as the registration is cached (read
@@ -74,6 +75,8 @@ use tp_transport::ibv::proto::{SETUP_LEN, SetupInfo};
 
 use crate::driver;
 
+#[cfg_attr(not(feature = "ibv"), allow(dead_code))]
+mod cache;
 #[cfg_attr(not(feature = "ibv"), allow(dead_code))]
 mod topology;
 pub use topology::NicChoice;

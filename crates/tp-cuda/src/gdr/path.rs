@@ -2,9 +2,8 @@
 //! registration cache, the per-channel mesh of queue pairs, and the handoff fetch that
 //! reads a tensor with RDMA (see the [parent module](super) for the protocol).
 
-use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -14,7 +13,7 @@ use tp_transport::BoxConnection;
 use tp_transport::ibv::{IbvConfig, MemoryRegion, RdmaDevice, RdmaReader, RemoteSpan};
 use tp_wire::device::DeviceKind;
 
-use super::{CudaGdrConfig, GdrDescriptor, MAX_NICS, MeshSetup, NicChoice, topology};
+use super::{CudaGdrConfig, GdrDescriptor, MAX_NICS, MeshSetup, NicChoice, cache, topology};
 use crate::buffer::{recv_cuda_sized, send_cuda};
 use crate::driver;
 
@@ -191,27 +190,18 @@ impl Ready {
     }
 }
 
-/// GPU allocations registered with their GPU's NIC, least recently used first.
+/// GPU allocations registered with their GPU's NIC ([`cache::Lru`]).
 #[derive(Debug)]
 struct Registrations {
     nics: Arc<Nics>,
-    capacity: usize,
-    entries: Mutex<VecDeque<Entry>>,
-}
-
-#[derive(Debug)]
-struct Entry {
-    gpu: u32,
-    buffer_id: u64,
-    region: Arc<MemoryRegion>,
+    cache: cache::Lru<MemoryRegion>,
 }
 
 impl Registrations {
     fn new(nics: Arc<Nics>, capacity: usize) -> Self {
         Self {
             nics,
-            capacity: capacity.max(1),
-            entries: Mutex::default(),
+            cache: cache::Lru::new(capacity),
         }
     }
 
@@ -225,27 +215,13 @@ impl Registrations {
     ) -> Result<(usize, Arc<MemoryRegion>), ChannelError> {
         let (nic, device) = self.nics.of_gpu(gpu)?;
         let alloc = driver::allocation_of(gpu, addr)?;
-        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        let hit = entries
-            .iter()
-            .position(|e| e.gpu == gpu && e.buffer_id == alloc.buffer_id);
-        let region = match hit.and_then(|i| entries.remove(i)) {
-            Some(e) => e.region,
-            None => Arc::new(register(device, alloc)?),
-        };
+        let region = self
+            .cache
+            .get((gpu, alloc.buffer_id), || register(device, alloc))?;
         if !region.covers(addr, len as u64) {
             return Err(ChannelError::protocol(format!(
                 "cuda_gdr: {len} bytes at {addr:#x} overrun their allocation"
             )));
-        }
-        entries.push_back(Entry {
-            gpu,
-            buffer_id: alloc.buffer_id,
-            region: region.clone(),
-        });
-        while entries.len() > self.capacity {
-            // A transfer still using an evicted region holds its own `Arc`.
-            entries.pop_front();
         }
         Ok((nic, region))
     }
