@@ -42,33 +42,32 @@ impl<R> Lru<R> {
         key: Key,
         register: impl FnOnce() -> Result<R, E>,
     ) -> Result<Arc<R>, E> {
-        if let Some(hit) = self.take(key) {
-            return Ok(self.put(key, hit));
+        if let Some(hit) = self.settle(key, None) {
+            return Ok(hit);
         }
         let made = Arc::new(register()?);
-        // Someone else may have registered it meanwhile: keep theirs, drop ours.
-        let kept = self.take(key).unwrap_or(made);
-        Ok(self.put(key, kept))
+        // Someone else may have registered it meanwhile: theirs is kept, and ours is
+        // released here, once the lock is no longer held.
+        Ok(self.settle(key, Some(made.clone())).unwrap_or(made))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(Key, Arc<R>)>> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn take(&self, key: Key) -> Option<Arc<R>> {
+    /// Under one lock: makes `key`'s entry, or else `new`, the most recently used and
+    /// returns it, evicting beyond the capacity; `None` if there is neither.
+    fn settle(&self, key: Key, new: Option<Arc<R>>) -> Option<Arc<R>> {
         let mut entries = self.lock();
-        let at = entries.iter().position(|(k, _)| *k == key)?;
-        entries.remove(at).map(|(_, r)| r)
-    }
-
-    /// Puts `r` back as the most recently used, evicting beyond the capacity.
-    fn put(&self, key: Key, r: Arc<R>) -> Arc<R> {
-        let mut entries = self.lock();
+        let r = match entries.iter().position(|(k, _)| *k == key) {
+            Some(at) => entries.remove(at).map(|(_, r)| r),
+            None => new,
+        }?;
         entries.push_back((key, r.clone()));
         while entries.len() > self.capacity {
             entries.pop_front();
         }
-        r
+        Some(r)
     }
 
     #[cfg(test)]
