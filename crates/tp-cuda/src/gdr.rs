@@ -5,7 +5,7 @@
 //! 1. the CUDA driver and at least one GPU;
 //! 2. NVIDIA's peer-memory kernel module (`/sys/kernel/mm/memory_peers/nv_mem/version`
 //!    or `/sys/module/nvidia_peermem/version`);
-//! 3. an RDMA device (`ibverbs`, with this crate's `ibv` feature), then, for every
+//! 3. an RDMA device (libibverbs, with this crate's `ibv` feature), then, for every
 //!    GPU, a NIC that opens (see *Which NIC* below);
 //! 4. every GPU's BAR1 window (`resource1` of its PCI device) spans its whole memory,
 //!    or registering large tensors with the NIC fails.
@@ -281,11 +281,7 @@ fn peer_memory_module() -> bool {
 /// The RDMA devices' names.
 #[cfg(feature = "ibv")]
 fn rdma_device_names() -> Result<Vec<String>, String> {
-    let list = ibverbs::devices().map_err(|e| format!("no RDMA devices: {e}"))?;
-    Ok(list
-        .iter()
-        .filter_map(|d| Some(d.name()?.to_string_lossy().into_owned()))
-        .collect())
+    tp_transport::ibv::RdmaDevice::names().map_err(|e| format!("no RDMA devices: {e}"))
 }
 
 #[cfg(not(feature = "ibv"))]

@@ -45,6 +45,14 @@ impl RdmaDevice {
         Ok(Self { dev: Arc::new(dev) })
     }
 
+    /// The names of this machine's RDMA devices, as [`IbvConfig::device`] takes them.
+    ///
+    /// # Errors
+    /// No RDMA support (the kernel's or libibverbs').
+    pub fn names() -> io::Result<Vec<String>> {
+        super::verbs::device_names()
+    }
+
     /// The device's name.
     pub fn name(&self) -> &str {
         &self.dev.name
